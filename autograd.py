@@ -1,0 +1,131 @@
+"""Backprop by hand: layers whose backward sits next to their forward, Adam, and a gradient checker.
+
+Every layer follows one contract (the CS231n one, with the cache kept on the layer):
+    y = layer.forward(x)       keeps exactly what backward needs
+    dx = layer.backward(dy)    returns dL/dx and stores dL/dparam in layer.grads
+Shapes: x is (B, n_in), y is (B, n_out); B is the batch size.
+"""
+import numpy as np
+
+
+class Linear:
+    """y = x @ W + b, with W (n_in, n_out) and b (n_out,)."""
+
+    def __init__(self, n_in, n_out, rng, dtype=np.float32):
+        # The reference recipe's (PyTorch nn.Linear) initialization: W, b ~ U(-1/sqrt(n_in), +1/sqrt(n_in)).
+        bound = 1.0 / np.sqrt(n_in)
+        self.params = {"W": rng.uniform(-bound, bound, (n_in, n_out)).astype(dtype),
+                       "b": rng.uniform(-bound, bound, n_out).astype(dtype)}
+        self.grads = {"W": np.zeros_like(self.params["W"]), "b": np.zeros_like(self.params["b"])}
+
+    def forward(self, x):
+        self.x = x                                  # backward needs x for dW
+        y = x @ self.params["W"]
+        y += self.params["b"]                       # y = x W + b, the bias added in place
+        return y
+
+    def backward(self, dy, need_dx=True):
+        np.matmul(self.x.T, dy, out=self.grads["W"])  # dL/dW = x^T dy      (n_in, n_out)
+        np.sum(dy, axis=0, out=self.grads["b"])       # dL/db = sum_batch dy (n_out,)
+        if need_dx:                                   # the first layer's dL/dx (the image) is never used
+            return dy @ self.params["W"].T            # dL/dx = dy W^T       (B, n_in)
+
+
+class ReLU:
+    """y = max(x, 0); no parameters."""
+    params = grads = {}
+
+    def forward(self, x):
+        self.positive = x > 0                       # backward needs only where x > 0
+        return np.maximum(x, 0, out=x)              # in place: x is the fresh output of a Linear
+
+    def backward(self, dy):
+        return np.multiply(dy, self.positive, out=dy)  # dL/dx = dy * 1[x > 0], in place: dy is ours
+
+
+class MLP:
+    """Layers applied in order; backward runs them in reverse."""
+
+    def __init__(self, sizes, rng, dtype=np.float32):
+        # sizes = [n_in, h1, ..., n_out]: Linear, ReLU, Linear, ReLU, ..., Linear (no activation at the end).
+        self.layers = []
+        for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+            self.layers += [Linear(n_in, n_out, rng, dtype), ReLU()]
+        self.layers.pop()                           # the output is linear: mu/log_var or logits
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    def backward(self, dy, need_dx=True):
+        for layer in reversed(self.layers[1:]):
+            dy = layer.backward(dy)
+        return self.layers[0].backward(dy, need_dx)
+
+    def named(self, what, prefix):
+        """{'prefix.i.W': array, ...} of params (what='params') or grads (what='grads'), by reference."""
+        return {f"{prefix}.{i}.{k}": v for i, layer in enumerate(self.layers)
+                for k, v in getattr(layer, what).items()}
+
+
+class Adam:
+    """Adam (Kingma & Ba 2015, Algorithm 1), updating the parameter arrays in place.
+
+    m <- beta1 m + (1 - beta1) g;  v <- beta2 v + (1 - beta2) g^2
+    theta <- theta - lr * m_hat / (sqrt(v_hat) + eps), with m_hat = m / (1 - beta1^t), v_hat = v / (1 - beta2^t)
+    """
+
+    def __init__(self, params, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8):
+        self.params = params                        # {name: array}, updated in place
+        self.lr, self.beta1, self.beta2, self.eps = lr, beta1, beta2, eps
+        self.m = {k: np.zeros_like(p) for k, p in params.items()}
+        self.v = {k: np.zeros_like(p) for k, p in params.items()}
+        self.t = 0
+
+    def step(self, grads):
+        self.t += 1
+        # Fold both bias corrections into one scalar step size and the eps (Kingma & Ba, end of section 2):
+        # lr * m_hat / (sqrt(v_hat) + eps) = a_t * m / (sqrt(v) + eps * sqrt(1 - beta2^t)),
+        # a_t = lr * sqrt(1 - beta2^t) / (1 - beta1^t). Exactly the same update, with no per-element division
+        # by the corrections.
+        c2 = np.sqrt(1.0 - self.beta2 ** self.t)
+        a_t = self.lr * c2 / (1.0 - self.beta1 ** self.t)
+        eps_t = self.eps * c2
+        for k, p in self.params.items():
+            g, m, v = grads[k], self.m[k], self.v[k]
+            m *= self.beta1; m += (1.0 - self.beta1) * g             # m = beta1 m + (1 - beta1) g
+            v *= self.beta2; v += (1.0 - self.beta2) * g * g         # v = beta2 v + (1 - beta2) g^2
+            p -= a_t * m / (np.sqrt(v) + eps_t)                      # theta -= a_t m / (sqrt(v) + eps_t)
+
+    def state(self):
+        return {"t": self.t, "m": self.m, "v": self.v}
+
+
+def grad_check(loss_fn, params, analytic, h=1e-5, n_checks=None, rng=None):
+    """Max relative error between analytic gradients and central differences, per parameter name.
+
+    loss_fn() -> float must read the float64 arrays in `params` ({name: array}), which are perturbed in place
+    and restored. analytic: {name: dL/dparam}. For each entry (or n_checks random entries per array):
+        numeric = (L(p + h) - L(p - h)) / (2h)
+        rel_err = |analytic - numeric| / max(|analytic| + |numeric|, 1e-12)
+    h = 1e-5 balances the two errors of the estimate in float64: truncation ~ h^2 and rounding ~ 1e-16 * |L| / h
+    (the best h is near 1e-16^(1/3) ~ 5e-6).
+    """
+    rng = rng or np.random.default_rng(0)
+    errors = {}
+    for name, p in params.items():
+        assert p.dtype == np.float64, f"grad_check needs float64 arrays, {name} is {p.dtype}"
+        flat, g = p.reshape(-1), analytic[name].reshape(-1)
+        idx = np.arange(flat.size) if n_checks is None or n_checks >= flat.size else \
+            rng.choice(flat.size, n_checks, replace=False)
+        worst = 0.0
+        for i in idx:
+            old = flat[i]
+            flat[i] = old + h; plus = loss_fn()
+            flat[i] = old - h; minus = loss_fn()
+            flat[i] = old
+            numeric = (plus - minus) / (2 * h)
+            worst = max(worst, abs(g[i] - numeric) / max(abs(g[i]) + abs(numeric), 1e-12))
+        errors[name] = worst
+    return errors

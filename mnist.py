@@ -1,0 +1,142 @@
+"""MNIST and Fashion-MNIST: download (checksummed, cached), parse IDX (validated), keep images as uint8.
+
+IDX format (LeCun et al.): big-endian int32 magic, then one int32 per dimension, then the raw uint8 data.
+    images: magic 2051 = 0x00000803 (uint8, 3 dims), then N, 28, 28, then N*28*28 bytes
+    labels: magic 2049 = 0x00000801 (uint8, 1 dim),  then N,         then N bytes, each 0-9
+"""
+import gzip
+import hashlib
+import os
+import struct
+import urllib.error
+import urllib.request
+
+import numpy as np
+
+FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+         "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+
+# Mirrors in the order tried, and the checksums of the published archives: (algorithm, hex digest) per file.
+DATASETS = {
+    "mnist": {
+        "mirrors": ["https://ossci-datasets.s3.amazonaws.com/mnist/",
+                    "https://storage.googleapis.com/cvdf-datasets/mnist/"],
+        "checksums": dict(zip(FILES, [
+            ("sha256", "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"),
+            ("sha256", "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c"),
+            ("sha256", "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"),
+            ("sha256", "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6")])),
+    },
+    "fashion": {
+        "mirrors": ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
+        "checksums": dict(zip(FILES, [
+            ("md5", "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
+            ("md5", "25c81989df183df01b3e8a0aad5dffbe"),
+            ("md5", "bef4ecab320f06d8554ea6380940ec79"),
+            ("md5", "bb300cfdad3c16e7a12a480ee83cd310")])),
+    },
+}
+
+
+class DataError(Exception):
+    """Data that cannot be had or cannot be trusted; the message says which file and what to do."""
+
+
+def download(name, mirrors, dest, checksum, timeout=30):
+    """Fetch `name` from the first mirror that serves it with the right checksum, into `dest`.
+
+    The bytes go to dest + '.part' and are renamed to dest only after the checksum matches, so the cache
+    never holds a partial or unverified archive."""
+    algo, expected = checksum
+    tried = []
+    part = dest + ".part"
+    for mirror in mirrors:
+        url = mirror.rstrip("/") + "/" + name
+        h = hashlib.new(algo)
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response, open(part, "wb") as f:
+                while chunk := response.read(1 << 16):
+                    h.update(chunk)
+                    f.write(chunk)
+        except (urllib.error.URLError, OSError, ValueError) as err:
+            tried.append(f"{url} ({getattr(err, 'reason', err)})")
+        else:
+            if h.hexdigest() == expected:
+                os.replace(part, dest)
+                return
+            tried.append(f"{url} ({algo} {h.hexdigest()}, expected {expected})")
+        finally:
+            if os.path.exists(part):
+                os.remove(part)                     # failed or wrong: nothing of it stays in the cache
+    raise DataError(f"could not download {name}; tried: " + "; ".join(tried) +
+                    f". Put the archive in {os.path.dirname(dest) or '.'} yourself, or pass --mirror URL")
+
+
+def parse_idx(path, magic):
+    """The array in an IDX archive (gzip or raw), checked against its header. Raises DataError."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        if raw[:2] == b"\x1f\x8b":                  # the gzip magic number
+            raw = gzip.decompress(raw)
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing")
+    except (OSError, EOFError, gzip.BadGzipFile) as err:
+        raise DataError(f"{path}: not a valid gzip archive ({err}); delete it to download it again")
+    if len(raw) < 8 or struct.unpack(">i", raw[:4])[0] != magic:
+        found = struct.unpack(">i", raw[:4])[0] if len(raw) >= 4 else None
+        raise DataError(f"{path}: IDX magic is {found}, expected {magic}; wrong or corrupt file, delete it")
+    ndim = raw[3]                                   # the magic's last byte is the number of dimensions
+    shape = struct.unpack(f">{ndim}i", raw[4:4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise DataError(f"{path}: header says {shape} = {int(np.prod(shape))} bytes, file has {data.size}; "
+                        f"truncated or corrupt, delete it")
+    return data.reshape(shape)
+
+
+def write_idx(path, array):
+    """Write a uint8 array as a gzipped IDX file (the inverse of parse_idx; used by the tests)."""
+    array = np.asarray(array, dtype=np.uint8)
+    header = struct.pack(">i", 0x800 + array.ndim) + struct.pack(f">{array.ndim}i", *array.shape)
+    with open(path, "wb") as f:
+        f.write(gzip.compress(header + array.tobytes()))
+
+
+def load_split(images_path, labels_path):
+    """(images (N, 784) uint8, labels (N,) uint8) from one pair of archives, validated by structure."""
+    images = parse_idx(images_path, 2051)
+    labels = parse_idx(labels_path, 2049)
+    if images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise DataError(f"{images_path}: images are {images.shape[1:]}, expected 28x28")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise DataError(f"{labels_path}: {labels.shape} labels for {len(images)} images in {images_path}")
+    if labels.size and labels.max() > 9:
+        raise DataError(f"{labels_path}: label {labels.max()} is outside 0-9")
+    return images.reshape(len(images), 28 * 28), labels
+
+
+def load(dataset="mnist", data_dir=None, mirror=None, checksums=None, log=print):
+    """(x_train, y_train, x_test, y_test) of the dataset, images (N, 784) uint8, labels (N,) uint8.
+
+    Archives already in data_dir are used as they are, validated by structure (re-compressed copies, such as
+    Debian's, have other archive checksums); missing ones are downloaded from `mirror` (or the defaults) and
+    kept only if their checksum matches."""
+    if dataset not in DATASETS:
+        raise DataError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}")
+    data_dir = data_dir or os.path.join("data", dataset)
+    mirrors = [mirror] if mirror else DATASETS[dataset]["mirrors"]
+    checksums = checksums or DATASETS[dataset]["checksums"]
+    missing = [n for n in FILES if not os.path.exists(os.path.join(data_dir, n))]
+    created = missing and not os.path.isdir(data_dir)
+    os.makedirs(data_dir, exist_ok=True)
+    try:
+        for name in missing:
+            log(f"downloading {name} into {data_dir}")
+            download(name, mirrors, os.path.join(data_dir, name), checksums[name])
+    except BaseException:
+        if created and not os.listdir(data_dir):
+            os.rmdir(data_dir)                      # leave no empty cache folder behind a failed first download
+        raise
+    paths = [os.path.join(data_dir, n) for n in FILES]
+    return (*load_split(paths[0], paths[1]), *load_split(paths[2], paths[3]))

@@ -1,0 +1,295 @@
+"""Train the VAE on MNIST (or Fashion-MNIST) and write the model, metrics and figures.
+
+    python train.py                       # the reference recipe: 784-400-20-400-784, Adam 1e-3, batch 128, 10 epochs
+    python train.py --dataset fashion --data-dir /usr/share/datasets/fashion-mnist
+    python train.py --resume runs/mnist-h400-z20-s0/checkpoint.npz --epochs 20
+"""
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+
+import mnist
+import vae
+from autograd import Adam
+
+TRAINING_OPTIONS = ("dataset", "hidden", "latent", "batch_size", "lr", "seed")  # fixed for the life of a run
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+def positive(kind):
+    def parse(text):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Training options default to None so that --resume can tell "not given" (take the checkpoint's) from
+    # "given" (must agree with the checkpoint's); DEFAULTS below holds the recipe.
+    p.add_argument("--dataset", choices=sorted(mnist.DATASETS), help="default: mnist")
+    p.add_argument("--data-dir", help="where the archives are looked for and downloaded to (default: data/<dataset>)")
+    p.add_argument("--mirror", help="download from this URL instead of the default mirrors")
+    p.add_argument("--epochs", type=non_negative_int, default=10, help="total epochs (default: 10)")
+    p.add_argument("--batch-size", type=positive(int), help="default: 128")
+    p.add_argument("--lr", type=positive(float), help="Adam learning rate (default: 1e-3)")
+    p.add_argument("--hidden", type=positive(int), help="hidden units in encoder and decoder (default: 400)")
+    p.add_argument("--latent", type=positive(int), help="latent dimensions Z (default: 20)")
+    p.add_argument("--seed", type=int, help="default: 0")
+    p.add_argument("--out", help="output folder (default: runs/<dataset>-h<hidden>-z<latent>-s<seed>)")
+    p.add_argument("--resume", metavar="CHECKPOINT", help="continue the run saved in this checkpoint.npz")
+    return p.parse_args(argv)
+
+
+DEFAULTS = {"dataset": "mnist", "hidden": 400, "latent": 20, "batch_size": 128, "lr": 1e-3, "seed": 0}
+
+
+# ---- the training loop -------------------------------------------------------------------------------------
+
+def new_state(cfg):
+    """Everything that, with the parameters, makes a run resumable to the same numbers."""
+    return {"epoch": 0, "step": 0, "perm": None, "rng": np.random.default_rng(cfg["seed"]),
+            "sums": np.zeros(3), "train_loss": [], "train_recon": [], "train_kl": [], "test_loss_curve": [],
+            "epoch_seconds": [], "elapsed": 0.0}
+
+
+@np.errstate(over="ignore", invalid="ignore")  # a diverging run overflows: the finite-loss check says so once
+def train_epoch(model, opt, x_train, state, batch_size, stop, progress):
+    """One pass over the shuffled training set, from state['step'] on (a resumed epoch continues mid-way).
+    Returns False if a stop was requested (Ctrl-C) before the epoch finished."""
+    rng = state["rng"]
+    if state["perm"] is None:                       # a new epoch: a new order
+        state["perm"], state["step"], state["sums"] = rng.permutation(len(x_train)), 0, np.zeros(3)
+    perm, n_steps = state["perm"], math.ceil(len(x_train) / batch_size)
+    grads = model.grads()
+    t0 = time.perf_counter()
+    for step in range(state["step"], n_steps):
+        idx = perm[step * batch_size:(step + 1) * batch_size]
+        x = x_train[idx].astype(np.float32) * np.float32(1 / 255)      # uint8 -> [0, 1], one batch at a time
+        eps = rng.standard_normal((len(idx), model.latent), dtype=np.float32)  # eps ~ N(0, I)
+        loss, recon, kl = model.forward(x, eps)
+        if not np.isfinite(loss):
+            raise NonFiniteLoss(f"the loss became {loss} at epoch {state['epoch'] + 1}, step {step + 1} "
+                                f"(global step {state['epoch'] * n_steps + step + 1})")
+        model.backward()
+        opt.step(grads)
+        state["step"] = step + 1
+        state["sums"] += (loss * len(idx), recon * len(idx), kl * len(idx))
+        progress(state, n_steps, len(x_train))
+        if stop["requested"]:
+            state["elapsed"] += time.perf_counter() - t0
+            return False
+    state["elapsed"] += time.perf_counter() - t0
+    loss, recon, kl = state["sums"] / len(x_train)
+    state["train_loss"].append(loss); state["train_recon"].append(recon); state["train_kl"].append(kl)
+    state["epoch_seconds"].append(state["elapsed"])
+    state["epoch"], state["perm"], state["elapsed"] = state["epoch"] + 1, None, 0.0
+    return True
+
+
+def evaluate(model, x, seed, batch_size=1000):
+    """Test negative ELBO (loss, recon, kl) in nats per example, one z per image, with the same eps every
+    time it is called (so epochs and runs compare)."""
+    rng = np.random.default_rng([seed, 1])          # a stream of its own: evaluating never moves training's
+    sums = np.zeros(3)
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size].astype(model.dtype) / 255
+        eps = rng.standard_normal((len(xb), model.latent)).astype(model.dtype)
+        sums += np.array(model.forward(xb, eps)) * len(xb)
+    return sums / len(x)
+
+
+def progress_bar(state, n_steps, n_examples):
+    """An in-epoch progress line, only when stderr is a terminal (logs stay one line per epoch)."""
+    if sys.stderr.isatty() and (state["step"] % 10 == 0 or state["step"] == n_steps):
+        done = state["step"] / n_steps
+        seen = min(state["step"] * len(state["perm"]) // n_steps, n_examples)
+        sys.stderr.write(f"\r  epoch {state['epoch'] + 1} [{'#' * int(30 * done):<30}] {100 * done:3.0f}%  "
+                         f"train loss {state['sums'][0] / max(seen, 1):7.2f}")
+        sys.stderr.write("\r" + " " * 72 + "\r" if state["step"] == n_steps else "")
+        sys.stderr.flush()
+
+
+# ---- checkpoints -------------------------------------------------------------------------------------------
+
+def save_checkpoint(path, model, opt, state, cfg):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    extra = {"cfg": np.array(json.dumps(cfg)), "adam_t": np.array(opt.t),
+             "rng": np.array(json.dumps(state["rng"].bit_generator.state)),
+             "scalars": np.array(json.dumps({k: state[k] for k in ("epoch", "step", "elapsed", "train_loss",
+                                                                      "train_recon", "train_kl", "test_loss_curve",
+                                                                      "epoch_seconds")})),
+             "sums": state["sums"], "perm": state["perm"] if state["perm"] is not None else np.zeros(0, int)}
+    extra.update({f"adam_m.{k}": v for k, v in opt.m.items()})
+    extra.update({f"adam_v.{k}": v for k, v in opt.v.items()})
+    vae.save(model, path, **extra)
+
+
+def load_checkpoint(path, args):
+    """(model, opt, state, cfg) from a checkpoint; options given on the command line must agree with it."""
+    model, extra = vae.load(path)
+    try:
+        cfg = json.loads(str(extra["cfg"]))
+        scalars = json.loads(str(extra["scalars"]))
+        rng = np.random.default_rng()
+        rng.bit_generator.state = json.loads(str(extra["rng"]))
+        opt = Adam(model.params(), lr=cfg["lr"])
+        opt.t = int(extra["adam_t"])
+        for k in opt.m:
+            opt.m[k][...] = extra[f"adam_m.{k}"]
+            opt.v[k][...] = extra[f"adam_v.{k}"]
+    except (KeyError, ValueError, TypeError) as err:
+        raise vae.CheckpointError(f"{path}: not a training checkpoint or corrupt ({err}); use model.npz "
+                                  f"files for inference only, or start a new run")
+    for k in TRAINING_OPTIONS:
+        given = getattr(args, k)
+        if given is not None and given != cfg[k]:
+            what = "of another architecture" if k in ("hidden", "latent") else "from another run"
+            raise vae.CheckpointError(f"{path}: checkpoint is {what}: it has --{k.replace('_', '-')} {cfg[k]}, "
+                                      f"you asked for {given}; drop the flag or start a new run")
+    state = {**scalars, "rng": rng, "sums": extra["sums"], "perm": extra["perm"] if extra["perm"].size else None}
+    return model, opt, state, cfg
+
+
+# ---- figures -----------------------------------------------------------------------------------------------
+
+def save_figure(fig, path):
+    import matplotlib.pyplot as plt
+    with vae.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80, bbox_inches="tight")
+    plt.close(fig)
+
+
+def image_grid(ax, images, rows, title=None):
+    """Tile (n, 784) images in [0, 1] into `rows` rows on one axis."""
+    cols = math.ceil(len(images) / rows)
+    grid = np.ones((rows * 29 + 1, cols * 29 + 1))
+    for i, img in enumerate(images):
+        r, c = divmod(i, cols)
+        grid[1 + 29 * r:29 * (r + 1), 1 + 29 * c:29 * (c + 1)] = img.reshape(28, 28)
+    ax.imshow(grid, cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=10)
+
+
+def write_figures(out, model, x_test, state, seed):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    x = x_test[:16].astype(model.dtype) / 255
+    fig, ax = plt.subplots(figsize=(8, 1.3))
+    image_grid(ax, np.concatenate([x, model.reconstruct(x)]), rows=2,
+               title="test images (top) and their reconstructions at z = mu(x) (bottom)")
+    save_figure(fig, os.path.join(out, "reconstructions.png"))
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    image_grid(ax, model.sample_prior(64, np.random.default_rng([seed, 2])), rows=8,
+               title="decoded prior samples, z ~ N(0, I)")
+    save_figure(fig, os.path.join(out, "samples_prior.png"))
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    epochs = np.arange(1, len(state["train_loss"]) + 1)
+    ax.plot(epochs, state["train_loss"], "o-", label="train (mean over the epoch)")
+    ax.plot(epochs, state["test_loss_curve"], "s-", label="test (end of epoch)")
+    ax.set_xlabel("epoch"); ax.set_ylabel("negative ELBO (nats / example)"); ax.legend(); ax.grid(alpha=0.3)
+    save_figure(fig, os.path.join(out, "loss_curves.png"))
+
+
+def write_json(path, obj):
+    with vae.atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+# ---- main --------------------------------------------------------------------------------------------------
+
+def run(args):
+    if args.resume:
+        model, opt, state, cfg = load_checkpoint(args.resume, args)
+        out = args.out or os.path.dirname(args.resume) or "."
+    else:
+        cfg = {k: getattr(args, k) if getattr(args, k) is not None else DEFAULTS[k] for k in TRAINING_OPTIONS}
+        out = args.out or os.path.join("runs", f"{cfg['dataset']}-h{cfg['hidden']}-z{cfg['latent']}-s{cfg['seed']}")
+    x_train, _, x_test, y_test = mnist.load(cfg["dataset"], args.data_dir, args.mirror)
+    if not args.resume:
+        model = vae.VAE(x_train.shape[1], cfg["hidden"], cfg["latent"], seed=cfg["seed"])
+        opt = Adam(model.params(), lr=cfg["lr"])
+        state = new_state(cfg)
+    cfg = {**cfg, "epochs": args.epochs}
+    checkpoint = os.path.join(out, "checkpoint.npz")
+    print(f"{cfg['dataset']}: {len(x_train)} train, {len(x_test)} test images; VAE {model.n_in}-{cfg['hidden']}-"
+          f"{cfg['latent']}-{cfg['hidden']}-{model.n_in}, Adam lr {cfg['lr']}, batch {cfg['batch_size']}; "
+          f"writing to {out}" + (f" (resuming at epoch {state['epoch'] + 1}, step {state['step']})"
+                                 if args.resume else ""))
+
+    # Ctrl-C: finish the step in flight, save a checkpoint, exit. A second Ctrl-C stops at once.
+    stop = {"requested": False}
+    def on_sigint(signum, frame):
+        stop["requested"] = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous_handler = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        while state["epoch"] < args.epochs:
+            if not train_epoch(model, opt, x_train, state, cfg["batch_size"], stop, progress_bar):
+                save_checkpoint(checkpoint, model, opt, state, cfg)
+                print(f"\ninterrupted: saved {checkpoint} at epoch {state['epoch'] + 1}, step {state['step']}; "
+                      f"continue with: python train.py --resume {checkpoint}" +
+                      (f" --epochs {args.epochs}" if args.epochs != 10 else ""))
+                return 130
+            test = evaluate(model, x_test, cfg["seed"])
+            state["test_loss_curve"].append(float(test[0]))
+            save_checkpoint(checkpoint, model, opt, state, cfg)
+            print(f"epoch {state['epoch']:3d}  train {state['train_loss'][-1]:8.2f}  test {test[0]:8.2f} "
+                  f"(recon {test[1]:7.2f} + kl {test[2]:6.2f})  {len(x_train) / state['epoch_seconds'][-1]:7.0f} "
+                  f"ex/s  {state['epoch_seconds'][-1]:5.2f} s", flush=True)
+    except NonFiniteLoss as err:
+        kept = f"the last good checkpoint is {checkpoint}" if os.path.exists(checkpoint) else \
+            "no checkpoint was written"
+        raise NonFiniteLoss(f"{err}; stopped, {kept}. Try a smaller --lr")
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+
+    test = evaluate(model, x_test, cfg["seed"])
+    os.makedirs(out, exist_ok=True)
+    vae.save(model, os.path.join(out, "model.npz"))
+    write_figures(out, model, x_test, state, cfg["seed"])
+    metrics = {"config": cfg, "train_loss": state["train_loss"], "train_recon": state["train_recon"],
+               "train_kl": state["train_kl"], "test_loss_curve": state["test_loss_curve"],
+               "epoch_seconds": state["epoch_seconds"], "test_loss": float(test[0]), "test_recon": float(test[1]),
+               "test_kl": float(test[2]),
+               "examples_per_second": len(x_train) * len(state["epoch_seconds"]) / max(sum(state["epoch_seconds"]), 1e-9)}
+    write_json(os.path.join(out, "metrics.json"), metrics)
+    print(f"test negative ELBO {test[0]:.2f} nats (recon {test[1]:.2f} + kl {test[2]:.2f}); wrote model.npz, "
+          f"metrics.json and figures to {out}")
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (mnist.DataError, vae.CheckpointError, NonFiniteLoss) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
