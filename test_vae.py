@@ -321,7 +321,7 @@ def test_model_save_load_round_trip(tmp_path):
 def test_ctrl_c_saves_a_checkpoint_and_resume_gives_the_uninterrupted_numbers(tmp_path, data_dir, monkeypatch):
     assert run_cli("--data-dir", data_dir, *SMALL, "--epochs", "2", "--out", str(tmp_path / "straight")) == 0
 
-    def interrupt_at_step_7_of_epoch_2(state, n_steps, n_examples):
+    def interrupt_at_step_7_of_epoch_2(state, n_steps, seen):
         if state["epoch"] == 1 and state["step"] == 7:
             signal.raise_signal(signal.SIGINT)              # a real Ctrl-C, through train.py's handler
     monkeypatch.setattr(train, "progress_bar", interrupt_at_step_7_of_epoch_2)

@@ -93,7 +93,7 @@ def train_epoch(model, opt, x_train, state, batch_size, stop, progress):
         opt.step(grads)
         state["step"] = step + 1
         state["sums"] += (loss * len(idx), recon * len(idx), kl * len(idx))
-        progress(state, n_steps, len(x_train))
+        progress(state, n_steps, seen=min(state["step"] * batch_size, len(x_train)))
         if stop["requested"]:
             state["elapsed"] += time.perf_counter() - t0
             return False
@@ -117,13 +117,12 @@ def evaluate(model, x, seed, batch_size=1000):
     return sums / len(x)
 
 
-def progress_bar(state, n_steps, n_examples):
+def progress_bar(state, n_steps, seen):
     """An in-epoch progress line, only when stderr is a terminal (logs stay one line per epoch)."""
     if sys.stderr.isatty() and (state["step"] % 10 == 0 or state["step"] == n_steps):
         done = state["step"] / n_steps
-        seen = min(state["step"] * len(state["perm"]) // n_steps, n_examples)
         sys.stderr.write(f"\r  epoch {state['epoch'] + 1} [{'#' * int(30 * done):<30}] {100 * done:3.0f}%  "
-                         f"train loss {state['sums'][0] / max(seen, 1):7.2f}")
+                         f"train loss {state['sums'][0] / seen:7.2f}")
         sys.stderr.write("\r" + " " * 72 + "\r" if state["step"] == n_steps else "")
         sys.stderr.flush()
 
