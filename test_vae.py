@@ -275,7 +275,7 @@ def test_no_network_and_no_data_names_the_urls_tried(tmp_path):
 
 # ---- training, checkpoints, the CLI ------------------------------------------------------------------------
 
-SMALL = ["--hidden", "32", "--latent", "4", "--batch-size", "50"]
+SMALL = ["--hidden", "32", "--latent", "4", "--batch-size", "50", "--iw-samples", "10"]
 
 
 @pytest.fixture(scope="module")
@@ -394,3 +394,138 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
                              "--mirror", "http://127.0.0.1:9/"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1 and "http://127.0.0.1:9/train-images-idx3-ubyte.gz" in result.stderr
+
+
+# ---- prior, posterior, aggregated posterior ----------------------------------------------------------------
+
+@pytest.mark.parametrize("covariance", ["full", "diag"])
+def test_em_recovers_well_separated_clusters_and_its_likelihood_never_decreases(covariance):
+    rng = np.random.default_rng(6)
+    means, weights = np.array([[-6.0, 0.0], [0.0, 6.0], [6.0, -3.0]]), np.array([0.5, 0.3, 0.2])
+    labels = rng.choice(3, 6000, p=weights)
+    z = means[labels] + rng.standard_normal((6000, 2)) * np.array([[0.5, 1.0], [1.0, 0.3], [0.7, 0.7]])[labels]
+    gmm = vae.fit_gmm(z, 3, covariance, rng=np.random.default_rng(0))
+    order = [int(np.argmin(((gmm["means"] - m) ** 2).sum(1))) for m in means]
+    assert sorted(order) == [0, 1, 2], gmm["means"]
+    np.testing.assert_allclose(gmm["means"][order], means, atol=0.1)
+    np.testing.assert_allclose(np.exp(gmm["log_pi"][order]), weights, atol=0.02)
+    ll = np.array(gmm["log_likelihood"])
+    assert np.all(np.diff(ll) >= -1e-10), np.diff(ll).min()
+
+
+@pytest.mark.parametrize("covariance", ["full", "diag"])
+def test_mixture_density_matches_a_direct_computation(covariance):
+    rng = np.random.default_rng(7)
+    gmm = vae.fit_gmm(rng.standard_normal((500, 3)) * [1, 2, 0.5], 4, covariance, iters=5)
+    z = rng.standard_normal((20, 3))
+    direct = np.zeros(20)
+    for log_pi, m, cov in zip(gmm["log_pi"], gmm["means"], gmm["covs"]):
+        cov = cov if cov.ndim == 2 else np.diag(cov)
+        diff = z - m
+        maha = np.einsum("ni,ij,nj->n", diff, np.linalg.inv(cov), diff)
+        direct += np.exp(log_pi) * np.exp(-0.5 * maha) / np.sqrt(np.linalg.det(2 * np.pi * cov))
+    np.testing.assert_allclose(vae.gmm_log_density(gmm, z), np.log(direct), rtol=1e-10)
+
+
+def test_mixture_samples_have_the_mixture_moments():
+    gmm = {"log_pi": np.log([0.25, 0.75]), "means": np.array([[2.0, 0.0], [-1.0, 1.0]]),
+           "covs": np.array([[[1.0, 0.5], [0.5, 1.0]], [[0.2, 0.0], [0.0, 0.4]]])}
+    z = vae.gmm_sample(gmm, 200_000, np.random.default_rng(8))
+    mean = 0.25 * gmm["means"][0] + 0.75 * gmm["means"][1]
+    second = sum(w * (c + np.outer(m, m)) for w, m, c in zip([0.25, 0.75], gmm["means"], gmm["covs"]))
+    np.testing.assert_allclose(z.mean(0), mean, atol=0.01)
+    np.testing.assert_allclose(np.cov(z.T), second - np.outer(mean, mean), atol=0.02)
+
+
+def test_aggregate_posterior_moments_match_a_hand_computation():
+    mu = np.array([[1.0, 0.0], [3.0, 0.0]])
+    log_var = np.log(np.array([[1.0, 4.0], [3.0, 4.0]]))
+    got = vae.aggregate_posterior_moments(mu, log_var)
+    # dim 0: E[z] = 2, E[z^2] = mean(1 + 1, 9 + 3) = 7, Var = 7 - 4 = 3, Var(mu) = 1 (active)
+    # dim 1: E[z] = 0, Var = 4, Var(mu) = 0 (inactive)
+    np.testing.assert_allclose(got["mean"], [2.0, 0.0])
+    np.testing.assert_allclose(got["variance"], [3.0, 4.0])
+    assert got["active_units"] == 1 and got["activity"] == [1.0, 0.0]
+
+
+def test_elbo_surgery_adds_up_and_is_zero_information_for_identical_posteriors():
+    rng = np.random.default_rng(9)
+    mu, log_var = rng.standard_normal((2000, 3)) * 1.5, rng.uniform(-3, 0, (2000, 3))
+    s = vae.elbo_surgery(mu, log_var, np.random.default_rng(1))
+    assert 0 < s["mutual_information"] <= np.log(2000) and s["kl_aggregate_prior"] > 0
+    assert s["mutual_information_plus_kl_aggregate_prior"] == pytest.approx(s["average_kl"], abs=0.15)
+    same = vae.elbo_surgery(np.tile([0.5, -1.0, 0.0], (300, 1)), np.tile([-1.0, 0.0, 0.5], (300, 1)),
+                            np.random.default_rng(2))
+    assert abs(same["mutual_information"]) < 1e-9       # every q(z|x) the same: z says nothing about x
+
+
+def test_prior_hole_fraction_is_one_percent_when_codes_fill_the_prior_and_all_when_they_miss_it():
+    rng = np.random.default_rng(10)
+    z_prior = rng.standard_normal((20000, 2))
+    covering = rng.standard_normal((20000, 2))
+    gmm = vae.fit_gmm(covering, 3, "full", rng=rng)
+    assert vae.prior_hole_fraction(gmm, covering, z_prior)[0] == pytest.approx(0.01, abs=0.004)
+    far = rng.standard_normal((20000, 2)) * 0.3 + 5
+    gmm = vae.fit_gmm(far, 3, "full", rng=rng)
+    assert vae.prior_hole_fraction(gmm, far, z_prior)[0] > 0.99
+
+
+def negative_elbo_single_sample(model, x, eps):
+    """-ELBO per example with the KL also estimated at the one z: -log p(x|z) + log q(z|x) - log p(z).
+    (model.forward uses the closed-form KL instead; both have the same expectation over eps.)"""
+    _, recon, _ = model.forward(x, eps)
+    mu, log_var = model.encode(x)
+    z = mu + np.exp(0.5 * log_var) * eps
+    log_q = (-0.5 * eps ** 2 - 0.5 * log_var - 0.5 * np.log(2 * np.pi)).sum(1)
+    log_p = (-0.5 * z ** 2 - 0.5 * np.log(2 * np.pi)).sum(1)
+    return recon + (log_q - log_p).mean()
+
+
+def test_iw_nll_with_one_sample_is_the_negative_elbo_for_the_same_eps():
+    model, x, eps = small_vae_batch()
+    iw = vae.iw_nll(model, x, 1, rng=None, eps=eps[None])
+    assert iw.mean() == pytest.approx(negative_elbo_single_sample(model, x, eps), rel=1e-12)
+
+
+def test_iw_nll_never_exceeds_the_negative_elbo_and_falls_as_k_grows():
+    model, x, _ = small_vae_batch(batch=40)
+    eps = np.random.default_rng(11).standard_normal((1000, len(x), model.latent))
+    elbo_k = np.array([negative_elbo_single_sample(model, x, eps[k]) for k in range(1000)])
+    previous = np.inf
+    for k in (1, 10, 100, 1000):
+        iw = vae.iw_nll(model, x, k, rng=None, eps=eps[:k]).mean()
+        assert iw <= elbo_k[:k].mean() + 1e-9, (k, iw, elbo_k[:k].mean())   # Jensen, for the same draws
+        assert iw <= previous + 1e-9, (k, iw, previous)
+        previous = iw
+    assert iw < model.forward(x, eps[0])[0]             # and below the closed-form-KL estimate the training reports
+
+
+def test_latent_2d_run_draws_the_latent_space_and_records_the_aggregate_measurements(tmp_path, data_dir):
+    out = tmp_path / "z2"
+    assert run_cli("--data-dir", data_dir, "--hidden", "32", "--latent", "2", "--batch-size", "50", "--epochs",
+                   "2", "--iw-samples", "20", "--gmm-components", "3", "--out", str(out)) == 0
+    for f in ("samples_three_ways.png", "prior_vs_aggregate.png", "latent_space.png", "latent_manifold.png"):
+        assert (out / f).stat().st_size > 0, f
+    m = json.loads((out / "metrics.json").read_text())
+    a = m["aggregate_posterior"]
+    assert len(a["mean"]) == len(a["variance"]) == 2 and 0 <= a["active_units"] <= 2
+    assert 0 <= a["prior_hole_fraction"] <= 1
+    assert a["mutual_information_plus_kl_aggregate_prior"] == pytest.approx(a["average_kl"], abs=0.2)
+    assert a["average_kl"] == pytest.approx(m["test_kl"], rel=1e-5)
+    assert m["iw_nll"] < m["test_loss"] and m["iw_samples"] == 20
+
+    before = (out / "latent_space.png").stat().st_mtime_ns
+    os.remove(out / "samples_three_ways.png")
+    assert run_cli("--data-dir", data_dir, "--analyze", str(out / "model.npz"), "--iw-samples", "5",
+                   "--gmm-components", "2", "--gmm-covariance", "diag", "--posterior-image", "3") == 0
+    m2 = json.loads((out / "metrics.json").read_text())
+    assert m2["train_loss"] == m["train_loss"] and m2["iw_samples"] == 5           # merged, not replaced
+    assert m2["aggregate_posterior"]["gmm"]["covariance"] == "diag"
+    assert (out / "samples_three_ways.png").exists() and (out / "latent_space.png").stat().st_mtime_ns >= before
+
+
+def test_analyze_refuses_an_out_of_range_posterior_image(tmp_path, data_dir, capsys):
+    vae.save(vae.VAE(784, 8, 2), str(tmp_path / "model.npz"))
+    assert run_cli("--data-dir", data_dir, "--analyze", str(tmp_path / "model.npz"), "--posterior-image",
+                   "100000") == 1
+    assert "out of range" in capsys.readouterr().err

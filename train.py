@@ -56,6 +56,15 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, help="default: 0")
     p.add_argument("--out", help="output folder (default: runs/<dataset>-h<hidden>-z<latent>-s<seed>)")
     p.add_argument("--resume", metavar="CHECKPOINT", help="continue the run saved in this checkpoint.npz")
+    p.add_argument("--analyze", metavar="MODEL", help="no training: measure and draw the latent space of this "
+                   "model.npz (figures and metrics.json go beside it, or to --out)")
+    p.add_argument("--iw-samples", type=positive(int), default=100,
+                   help="K importance samples per test image for iw_nll (default: 100; Burda et al. use 5000)")
+    p.add_argument("--gmm-components", type=positive(int), default=10,
+                   help="components of the mixture fitted to the aggregated posterior (default: 10)")
+    p.add_argument("--gmm-covariance", choices=("full", "diag"), default="full", help="default: full")
+    p.add_argument("--posterior-image", type=non_negative_int, default=0,
+                   help="index of the test image whose posterior is sampled (default: 0)")
     return p.parse_args(argv)
 
 
@@ -170,11 +179,17 @@ def load_checkpoint(path, args):
 
 # ---- figures -----------------------------------------------------------------------------------------------
 
-def save_figure(fig, path):
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")                           # files only, no window: works on a machine with no screen
     import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path):
     with vae.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=80, bbox_inches="tight")
-    plt.close(fig)
+    pyplot().close(fig)
 
 
 def image_grid(ax, images, rows, title=None):
@@ -191,9 +206,7 @@ def image_grid(ax, images, rows, title=None):
 
 
 def write_figures(out, model, x_test, state, seed):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     x = x_test[:16].astype(model.dtype) / 255
     fig, ax = plt.subplots(figsize=(8, 1.3))
     image_grid(ax, np.concatenate([x, model.reconstruct(x)]), rows=2,
@@ -213,6 +226,121 @@ def write_figures(out, model, x_test, state, seed):
     save_figure(fig, os.path.join(out, "loss_curves.png"))
 
 
+# ---- after training: prior, posterior and aggregated posterior -------------------------------------------
+
+def encode_all(model, x_uint8, batch_size=1000):
+    """mu, log_var (N, Z) of every image, a batch at a time (no float copy of the whole set)."""
+    parts = [model.encode(x_uint8[i:i + batch_size].astype(model.dtype) / 255) for i in range(0, len(x_uint8), batch_size)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def analyze(model, x_train, x_test, y_test, cfg, out, iw_samples, gmm_components, gmm_covariance, image_index):
+    """The aggregated posterior against the prior, measured and drawn; returns the metrics to record."""
+    rng = np.random.default_rng([cfg["seed"], 3])
+    log = lambda msg: print(msg, flush=True)
+    # q(z) = (1/N) sum_n q(z|x_n): one draw z_n ~ q(z|x_n) per training image is one draw from q(z).
+    mu_train, log_var_train = encode_all(model, x_train)
+    z_train = mu_train + np.exp(0.5 * log_var_train) * rng.standard_normal(mu_train.shape, dtype=model.dtype)
+    fit_on = z_train[rng.choice(len(z_train), min(len(z_train), 20000), replace=False)]
+    t0 = time.perf_counter()
+    gmm = vae.fit_gmm(fit_on, gmm_components, gmm_covariance, rng=rng)
+    log(f"aggregated posterior: {gmm_components}-component {gmm_covariance} Gaussian mixture fitted to "
+        f"{len(fit_on)} training codes, {len(gmm['log_likelihood'])} EM iterations, {time.perf_counter() - t0:.1f} s")
+    z_prior = rng.standard_normal((10000, model.latent))
+    hole_fraction, threshold, in_hole = vae.prior_hole_fraction(gmm, z_train, z_prior)
+    agg_hole_fraction = vae.prior_hole_fraction(gmm, z_train, vae.gmm_sample(gmm, 10000, rng))[0]
+
+    # On the test set: moments of q(z), active units, ELBO surgery, and the KL to the fitted q(z) instead of N(0, I).
+    mu, log_var = encode_all(model, x_test)
+    moments = vae.aggregate_posterior_moments(mu, log_var)
+    surgery = vae.elbo_surgery(mu, log_var, rng)
+    eps = rng.standard_normal(mu.shape)
+    z = mu + np.exp(0.5 * log_var) * eps
+    log_q = -0.5 * (eps * eps + log_var + vae.LOG_2PI).sum(1)                 # log q(z|x) at z = mu + sigma eps
+    kl_fitted = float((log_q - vae.gmm_log_density(gmm, z)).mean())        # E[log q(z|x) - log q_fit(z)]
+    t0 = time.perf_counter()
+    iw = float(np.mean([vae.iw_nll(model, x_test[i:i + 1000].astype(model.dtype) / 255, iw_samples, rng)
+                        for i in range(0, len(x_test), 1000)]))
+    log(f"importance-weighted -log p(x), K={iw_samples}: {iw:.2f} nats ({time.perf_counter() - t0:.1f} s); "
+        f"average KL {surgery['average_kl']:.2f} = I(x;z) {surgery['mutual_information']:.2f} + "
+        f"KL(q(z)||p(z)) {surgery['kl_aggregate_prior']:.2f}; {moments['active_units']} active units; "
+        f"{100 * hole_fraction:.1f}% of prior draws fall in holes")
+
+    write_analysis_figures(out, model, x_test, y_test, gmm, z_train, z_prior, in_hole, moments, image_index,
+                           cfg["seed"])
+    return {"iw_nll": iw, "iw_samples": iw_samples, "aggregate_posterior": {
+        **moments, **surgery, "kl_to_fitted_aggregate": kl_fitted, "prior_hole_fraction": hole_fraction,
+        "aggregate_sample_hole_fraction": agg_hole_fraction, "hole_log_density_threshold": threshold,
+        "gmm": {"components": gmm_components, "covariance": gmm_covariance, "fitted_on": len(fit_on),
+                "em_iterations": len(gmm["log_likelihood"]), "log_likelihood": gmm["log_likelihood"][-1]}}}
+
+
+def write_analysis_figures(out, model, x_test, y_test, gmm, z_train, z_prior, in_hole, moments, image_index, seed):
+    plt = pyplot()
+    rng = np.random.default_rng([seed, 5])
+    x = x_test[image_index:image_index + 1].astype(model.dtype) / 255
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.8))
+    image_grid(axes[0], model.sample_prior(64, rng), rows=8, title="prior: z ~ N(0, I)")
+    image_grid(axes[1], np.concatenate([x, model.sample_posterior(x, 63, rng)[0]]), rows=8,
+               title=f"posterior of test image {image_index} (top left):\nz ~ N(mu(x), sigma(x)^2)")
+    axes[1].add_patch(plt.Rectangle((0.5, 0.5), 28, 28, fill=False, edgecolor="tab:red", linewidth=2))
+    image_grid(axes[2], vae.sample_aggregate(model, gmm, 64, rng), rows=8,
+               title="aggregated posterior: z ~ mixture\nfitted to the training codes")
+    save_figure(fig, os.path.join(out, "samples_three_ways.png"))
+
+    # Marginals per dimension: the aggregated posterior (histogram of codes, and the fitted mixture) vs N(0, 1).
+    zs = model.latent
+    cols = min(zs, 5)
+    fig, axes = plt.subplots(math.ceil(zs / cols), cols, figsize=(2.6 * cols, 1.9 * math.ceil(zs / cols)),
+                             squeeze=False)
+    grid = np.linspace(-4, 4, 200)
+    pi = np.exp(gmm["log_pi"])
+    for d, ax in enumerate(axes.flat):
+        if d >= zs:
+            ax.set_axis_off(); continue
+        var_d = gmm["covs"][:, d, d] if gmm["covs"].ndim == 3 else gmm["covs"][:, d]
+        mix = (pi[:, None] * np.exp(-0.5 * (grid - gmm["means"][:, d, None]) ** 2 / var_d[:, None])
+               / np.sqrt(2 * np.pi * var_d[:, None])).sum(0)
+        ax.hist(z_train[:, d], bins=60, range=(-4, 4), density=True, color="tab:blue", alpha=0.4)
+        ax.plot(grid, mix, color="tab:blue", lw=1.2)
+        ax.plot(grid, np.exp(-0.5 * grid ** 2) / np.sqrt(2 * np.pi), "k--", lw=1)
+        active = moments["activity"][d] > 0.01
+        ax.set_title(f"z{d}: var {moments['variance'][d]:.2f}" + ("" if active else " (inactive)"), fontsize=8)
+        ax.set_yticks([]); ax.tick_params(labelsize=7)
+    fig.suptitle("per dimension: aggregated posterior (histogram of codes; line: fitted mixture) vs prior "
+                 "N(0, 1) (dashed)", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, os.path.join(out, "prior_vs_aggregate.png"))
+
+    if zs == 2:
+        write_latent_2d_figures(out, model, x_test, y_test, z_prior, in_hole)
+
+
+def write_latent_2d_figures(out, model, x_test, y_test, z_prior, in_hole):
+    plt = pyplot()
+    from statistics import NormalDist
+    mu, _ = encode_all(model, x_test)
+    fig, ax = plt.subplots(figsize=(6.5, 6))
+    sc = ax.scatter(mu[:, 0], mu[:, 1], c=y_test, cmap="tab10", s=2, alpha=0.6)
+    fig.colorbar(sc, ax=ax, ticks=range(10), label="label")
+    for r in (1, 2, 3):
+        ax.add_patch(plt.Circle((0, 0), r, fill=False, ls="--", color="k", lw=0.8))
+    shown = slice(0, 1000)
+    ax.scatter(*z_prior[shown][in_hole[shown]].T, marker="x", color="red", s=14,
+               label=f"prior draws in holes ({100 * in_hole.mean():.1f}% of all)")
+    ax.set_aspect("equal"); ax.set_xlim(-4, 4); ax.set_ylim(-4, 4); ax.legend(loc="upper right", fontsize=8)
+    ax.set_title("test posterior means by label; prior 1, 2, 3 sigma circles", fontsize=10)
+    save_figure(fig, os.path.join(out, "latent_space.png"))
+
+    n = 20                                          # decode a grid of prior quantiles: equal prior mass per cell
+    q = np.array([NormalDist().inv_cdf(p) for p in np.linspace(0.5 / n, 1 - 0.5 / n, n)])
+    z = np.stack(np.meshgrid(q, q[::-1]), -1).reshape(-1, 2).astype(model.dtype)
+    fig, ax = plt.subplots(figsize=(7, 7))
+    image_grid(ax, vae.sigmoid(model.decode(z)), rows=n,
+               title=f"decoded grid of prior quantiles ({50 / n:.1f}% .. {100 - 50 / n:.1f}% per axis)")
+    save_figure(fig, os.path.join(out, "latent_manifold.png"))
+
+
 def write_json(path, obj):
     with vae.atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
@@ -221,6 +349,8 @@ def write_json(path, obj):
 # ---- main --------------------------------------------------------------------------------------------------
 
 def run(args):
+    if args.analyze:
+        return run_analysis(args)
     if args.resume:
         model, opt, state, cfg = load_checkpoint(args.resume, args)
         out = args.out or os.path.dirname(args.resume) or "."
@@ -275,9 +405,45 @@ def run(args):
                "epoch_seconds": state["epoch_seconds"], "test_loss": float(test[0]), "test_recon": float(test[1]),
                "test_kl": float(test[2]),
                "examples_per_second": len(x_train) * len(state["epoch_seconds"]) / max(sum(state["epoch_seconds"]), 1e-9)}
+    print(f"test negative ELBO {test[0]:.2f} nats (recon {test[1]:.2f} + kl {test[2]:.2f})")
+    metrics.update(analyze(model, x_train, x_test, y_test, cfg, out, args.iw_samples, args.gmm_components,
+                           args.gmm_covariance, check_image_index(args.posterior_image, x_test)))
     write_json(os.path.join(out, "metrics.json"), metrics)
-    print(f"test negative ELBO {test[0]:.2f} nats (recon {test[1]:.2f} + kl {test[2]:.2f}); wrote model.npz, "
-          f"metrics.json and figures to {out}")
+    print(f"wrote model.npz, metrics.json and figures to {out}")
+    return 0
+
+
+def check_image_index(index, x_test):
+    if index >= len(x_test):
+        raise mnist.DataError(f"--posterior-image {index} is out of range: the test set has {len(x_test)} images")
+    return index
+
+
+def run_analysis(args):
+    """--analyze MODEL: the after-training measurements and figures of a saved model, merged into the
+    metrics.json beside it (or in --out)."""
+    model, _ = vae.load(args.analyze)
+    out = args.out or os.path.dirname(args.analyze) or "."
+    metrics_path = os.path.join(out, "metrics.json")
+    metrics = {}
+    if os.path.exists(metrics_path):
+        try:
+            with open(metrics_path) as f:
+                metrics = json.load(f)
+        except (OSError, ValueError) as err:
+            raise vae.CheckpointError(f"{metrics_path}: unreadable ({err}); move it away or pass --out")
+    cfg = {**DEFAULTS, **metrics.get("config", {}),
+           **{k: getattr(args, k) for k in ("dataset", "seed") if getattr(args, k) is not None}}
+    x_train, _, x_test, y_test = mnist.load(cfg["dataset"], args.data_dir, args.mirror)
+    if x_train.shape[1] != model.n_in:
+        raise vae.CheckpointError(f"{args.analyze}: the model takes {model.n_in} inputs, {cfg['dataset']} has "
+                                  f"{x_train.shape[1]}")
+    index = check_image_index(args.posterior_image, x_test)
+    os.makedirs(out, exist_ok=True)
+    metrics.update(analyze(model, x_train, x_test, y_test, cfg, out, args.iw_samples, args.gmm_components,
+                           args.gmm_covariance, index))
+    write_json(metrics_path, metrics)
+    print(f"wrote metrics.json and figures to {out}")
     return 0
 
 

@@ -162,3 +162,168 @@ def load(path, expect_arch=None):
         p[...] = arrays[name]
     extra = {k[len("extra."):]: v for k, v in arrays.items() if k.startswith("extra.")}
     return model, extra
+
+
+# ---- after training: the prior, the aggregated posterior, and the likelihood -------------------------------
+
+LOG_2PI = np.log(2 * np.pi)
+
+
+def log_standard_normal(z):
+    """log N(z; 0, I), summed over the last axis: the prior p(z)."""
+    return -0.5 * (z * z).sum(-1) - 0.5 * z.shape[-1] * LOG_2PI
+
+
+def log_bernoulli(x, logits):
+    """log p(x|z) = sum_j x_j l_j - softplus(l_j), summed over the last axis (stable for any logit)."""
+    return (x * logits - np.maximum(logits, 0) - np.log1p(np.exp(-np.abs(logits)))).sum(-1)
+
+
+def logsumexp(a, axis):
+    """log sum_i exp(a_i) = m + log sum_i exp(a_i - m), m = max_i a_i: no overflow, no log(0) for finite a."""
+    m = a.max(axis=axis, keepdims=True)
+    return (m + np.log(np.exp(a - m).sum(axis=axis, keepdims=True))).squeeze(axis)
+
+
+def iw_nll(model, x, k, rng, eps=None, batch_size=100):
+    """Importance-weighted estimate of -log p(x) per example (Burda et al. 2015), with K draws from q(z|x):
+
+        -log p(x) ~ -log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x),   z_k = mu + sigma * eps_k
+
+    For K = 1 it is the single-sample negative ELBO, its KL term estimated at the same z; by Jensen it is never above the negative ELBO averaged
+    over the same draws, and it falls towards -log p(x) as K grows. eps (K, len(x), Z) may be given."""
+    out = np.empty(len(x))
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size]
+        mu, log_var = (a.astype(np.float64) for a in model.encode(xb))
+        e = rng.standard_normal((k, len(xb), model.latent)) if eps is None else eps[:, i:i + batch_size]
+        z = mu + np.exp(0.5 * log_var) * e                                       # (K, B, Z)
+        logits = model.decode(z.reshape(-1, model.latent).astype(model.dtype)).reshape(k, len(xb), -1)
+        # log q(z|x) = sum_d log N(z_d; mu_d, sigma_d^2), and (z - mu) / sigma = eps.
+        log_q = -0.5 * (e * e).sum(-1) - 0.5 * log_var.sum(-1) - 0.5 * model.latent * LOG_2PI
+        log_w = log_bernoulli(xb, logits.astype(np.float64)) + log_standard_normal(z) - log_q   # (K, B)
+        out[i:i + batch_size] = -(logsumexp(log_w, axis=0) - np.log(k))
+    return out
+
+
+
+def fit_gmm(z, k=10, covariance="full", iters=200, tol=1e-5, rng=None):
+    """A mixture of k Gaussians fitted to the rows of z (N, D) by EM (Dempster et al. 1977).
+
+    E-step: r_nk = pi_k N(z_n; m_k, S_k) / sum_j pi_j N(z_n; m_j, S_j), in log space with log-sum-exp.
+    M-step: N_k = sum_n r_nk, pi_k = N_k / N, m_k = sum_n r_nk z_n / N_k,
+            S_k = sum_n r_nk (z_n - m_k)(z_n - m_k)^T / N_k (+ 1e-6 I), or only its diagonal.
+    Stops when the mean log-likelihood gains less than tol. Returns {'log_pi', 'means', 'covs', 'log_likelihood'
+    (one value per iteration, never decreasing)}; covs are (k, D, D) or, for 'diag', (k, D)."""
+    rng = rng or np.random.default_rng(0)
+    z = np.asarray(z, dtype=np.float64)
+    n, d = z.shape
+    var = z.var(axis=0)
+    gmm = {"log_pi": np.full(k, -np.log(k)), "means": z[rng.choice(n, k, replace=False)],
+           "covs": np.tile(np.diag(var), (k, 1, 1)) if covariance == "full" else np.tile(var, (k, 1))}
+    history = []
+    for _ in range(iters):
+        log_joint = gmm["log_pi"] + gmm_component_log_density(gmm, z)       # (N, k): log pi_k N(z_n; m_k, S_k)
+        log_p = logsumexp(log_joint, axis=1)                                 # log p(z_n)
+        history.append(float(log_p.mean()))
+        if len(history) > 1 and history[-1] - history[-2] < tol:
+            break
+        r = np.exp(log_joint - log_p[:, None])                              # responsibilities r_nk
+        n_k = r.sum(axis=0) + 1e-12                                         # N_k
+        means = (r.T @ z) / n_k[:, None]                                    # m_k
+        if covariance == "full":                                            # S_k = E_r[z z^T] - m_k m_k^T
+            second = (r.T[:, :, None] * z).transpose(0, 2, 1) @ z / n_k[:, None, None]     # (k, D, D)
+            covs = second - means[:, :, None] * means[:, None, :] + 1e-6 * np.eye(d)
+        else:                                                               # diag S_k = E_r[z^2] - m_k^2
+            covs = (r.T @ (z * z)) / n_k[:, None] - means ** 2 + 1e-6
+        gmm = {"log_pi": np.log(n_k / n), "means": means, "covs": covs}
+    gmm["log_likelihood"] = history
+    return gmm
+
+
+def gmm_component_log_density(gmm, z):
+    """log N(z_n; m_k, S_k) for every row n and component k: (N, k)."""
+    z = np.asarray(z, dtype=np.float64)
+    d = z.shape[1]
+    if gmm["covs"].ndim == 2:                                               # diagonal: S_k = diag(s_k^2)
+        s2 = gmm["covs"]
+        # sum_d (z_d - m_d)^2 / s2_d, expanded into products: z^2 (1/s2)^T - 2 z (m/s2)^T + sum m^2/s2
+        maha = (z * z) @ (1 / s2).T - 2 * z @ (gmm["means"] / s2).T + (gmm["means"] ** 2 / s2).sum(1)
+        return -0.5 * (maha + np.log(s2).sum(1) + d * LOG_2PI)
+    # Full: with S_k = L_k L_k^T (Cholesky), the Mahalanobis term is |L_k^-1 (z - m_k)|^2, and
+    # log|S_k| / 2 = sum_i log (L_k)_ii. All k components in one product: y = z A - m A, A_k = L_k^-T.
+    k = len(gmm["means"])
+    chol_inv = np.linalg.inv(np.linalg.cholesky(gmm["covs"]))                # (k, D, D): L_k^-1
+    a = chol_inv.transpose(0, 2, 1)                                         # A_k = L_k^-T
+    y = (z @ a.transpose(1, 0, 2).reshape(d, k * d)).reshape(len(z), k, d)  # z A_k, all k at once
+    y -= np.einsum("kd,kde->ke", gmm["means"], a)                           # - m_k A_k
+    log_det_half = -np.log(np.diagonal(chol_inv, axis1=1, axis2=2)).sum(1)  # sum log L_ii = -sum log (L^-1)_ii
+    return -0.5 * ((y * y).sum(2) + d * LOG_2PI) - log_det_half
+
+
+def gmm_log_density(gmm, z):
+    """log q(z) under the fitted mixture: log sum_k pi_k N(z; m_k, S_k), per row of z."""
+    return logsumexp(gmm["log_pi"] + gmm_component_log_density(gmm, z), axis=1)
+
+
+def gmm_sample(gmm, n, rng):
+    """n draws from the mixture: a component k ~ pi, then z = m_k + L_k eps (S_k = L_k L_k^T)."""
+    ks = rng.choice(len(gmm["means"]), size=n, p=np.exp(gmm["log_pi"]) / np.exp(gmm["log_pi"]).sum())
+    eps = rng.standard_normal((n, gmm["means"].shape[1]))
+    if gmm["covs"].ndim == 2:
+        return gmm["means"][ks] + np.sqrt(gmm["covs"][ks]) * eps
+    return gmm["means"][ks] + np.einsum("nij,nj->ni", np.linalg.cholesky(gmm["covs"])[ks], eps)
+
+
+def sample_aggregate(model, gmm, n, rng):
+    """n images decoded from z ~ the fitted aggregated posterior, the remedy for the prior's holes."""
+    return sigmoid(model.decode(gmm_sample(gmm, n, rng).astype(model.dtype)))
+
+
+def aggregate_posterior_moments(mu, log_var, threshold=0.01):
+    """Per-dimension mean and variance of q(z) = (1/N) sum_n N(mu_n, sigma_n^2), and the active units.
+
+    E[z] = mean_n mu_n;  Var[z] = mean_n (mu_n^2 + sigma_n^2) - E[z]^2  (the law of total variance)
+    active: Cov_x(E_q[z|x]) = Var_n(mu_n) > threshold (Burda et al. 2015)."""
+    mu, var = np.asarray(mu, np.float64), np.exp(np.asarray(log_var, np.float64))
+    mean = mu.mean(axis=0)
+    activity = mu.var(axis=0)
+    return {"mean": mean.tolist(), "variance": ((mu * mu + var).mean(axis=0) - mean ** 2).tolist(),
+            "activity": activity.tolist(), "active_units": int((activity > threshold).sum())}
+
+
+def elbo_surgery(mu, log_var, rng, chunk=500):
+    """Split the average KL term as Hoffman & Johnson (2016): with q(z) = (1/N) sum_n q(z|x_n),
+
+        mean_n KL(q(z|x_n) || p(z)) = I(x; z) + KL(q(z) || p(z)),
+        I(x; z) = E_n E_q(z|x_n)[log q(z|x_n) - log q(z)],  KL(q(z)||p(z)) = E_q(z)[log q(z) - log p(z)],
+
+    each estimated with one z_n ~ q(z|x_n) per data point; log q(z) sums over all N components (log-sum-exp),
+    the Gaussian exponents expanded into matrix products. Returns the three terms (nats) and the check
+    sum I + KL_agg, which equals the Monte Carlo average KL for the same draws exactly."""
+    mu, log_var = np.asarray(mu, np.float64), np.asarray(log_var, np.float64)
+    n, d = mu.shape
+    var = np.exp(log_var)
+    eps = rng.standard_normal((n, d))
+    z = mu + np.sqrt(var) * eps
+    log_q_own = -0.5 * (eps * eps + log_var + LOG_2PI).sum(1)               # log q(z_n | x_n)
+    # log N(z_i; mu_n, var_n) = -1/2 [z_i^2 . (1/var_n) - 2 z_i . (mu_n/var_n) + sum mu_n^2/var_n + sum log var_n + D log 2pi]
+    const = (mu * mu / var).sum(1) + log_var.sum(1) + d * LOG_2PI
+    log_q_agg = np.empty(n)
+    for i in range(0, n, chunk):
+        zi = z[i:i + chunk]
+        log_comp = -0.5 * ((zi * zi) @ (1 / var).T - 2 * zi @ (mu / var).T + const)   # (chunk, N)
+        log_q_agg[i:i + chunk] = logsumexp(log_comp, axis=1) - np.log(n)     # log q(z_i)
+    log_p = log_standard_normal(z)
+    mi, kl_agg = float((log_q_own - log_q_agg).mean()), float((log_q_agg - log_p).mean())
+    avg_kl = float((0.5 * (mu * mu + var - 1 - log_var).sum(1)).mean())    # closed form, per data point
+    return {"average_kl": avg_kl, "mutual_information": mi, "kl_aggregate_prior": kl_agg,
+            "mutual_information_plus_kl_aggregate_prior": mi + kl_agg}
+
+
+def prior_hole_fraction(gmm, z_train, z_prior, quantile=0.01):
+    """Share of prior draws whose density under the fitted aggregated posterior is below that of 99% of the
+    training codes: they land where (almost) no training image encodes. Also returns the threshold and mask."""
+    threshold = np.quantile(gmm_log_density(gmm, z_train), quantile)
+    in_hole = gmm_log_density(gmm, z_prior) < threshold
+    return float(in_hole.mean()), float(threshold), in_hole
