@@ -5,6 +5,8 @@ Every layer follows one contract (the CS231n one, with the cache kept on the lay
     dx = layer.backward(dy)    returns dL/dx and stores dL/dparam in layer.grads
 Shapes: x is (B, n_in), y is (B, n_out); B is the batch size.
 """
+import math
+
 import numpy as np
 
 
@@ -81,22 +83,24 @@ class Adam:
         self.lr, self.beta1, self.beta2, self.eps = lr, beta1, beta2, eps
         self.m = {k: np.zeros_like(p) for k, p in params.items()}
         self.v = {k: np.zeros_like(p) for k, p in params.items()}
+        self.tmp = {k: np.empty_like(p) for k, p in params.items()}   # scratch: no allocation per step
         self.t = 0
 
     def step(self, grads):
         self.t += 1
-        # Fold both bias corrections into one scalar step size and the eps (Kingma & Ba, end of section 2):
-        # lr * m_hat / (sqrt(v_hat) + eps) = a_t * m / (sqrt(v) + eps * sqrt(1 - beta2^t)),
-        # a_t = lr * sqrt(1 - beta2^t) / (1 - beta1^t). Exactly the same update, with no per-element division
-        # by the corrections.
-        c2 = np.sqrt(1.0 - self.beta2 ** self.t)
-        a_t = self.lr * c2 / (1.0 - self.beta1 ** self.t)
-        eps_t = self.eps * c2
+        b1, b2 = self.beta1, self.beta2
+        # Both bias corrections folded into one scalar step size and eps (Kingma & Ba, end of section 2):
+        # lr * m_hat / (sqrt(v_hat) + eps) = a_t * m / (sqrt(v) + eps_t), with
+        # a_t = lr * sqrt(1 - beta2^t) / (1 - beta1^t) and eps_t = eps * sqrt(1 - beta2^t).
+        # Python floats, so that the float32 arrays stay float32 (a NumPy float64 scalar would promote them).
+        c2 = math.sqrt(1.0 - b2 ** self.t)
+        a_t, eps_t = self.lr * c2 / (1.0 - b1 ** self.t), self.eps * c2
         for k, p in self.params.items():
-            g, m, v = grads[k], self.m[k], self.v[k]
-            m *= self.beta1; m += (1.0 - self.beta1) * g             # m = beta1 m + (1 - beta1) g
-            v *= self.beta2; v += (1.0 - self.beta2) * g * g         # v = beta2 v + (1 - beta2) g^2
-            p -= a_t * m / (np.sqrt(v) + eps_t)                      # theta -= a_t m / (sqrt(v) + eps_t)
+            g, m, v, tmp = grads[k], self.m[k], self.v[k], self.tmp[k]
+            np.multiply(g, 1.0 - b1, out=tmp); m *= b1; m += tmp        # m = beta1 m + (1 - beta1) g
+            np.multiply(g, g, out=tmp); tmp *= 1.0 - b2; v *= b2; v += tmp  # v = beta2 v + (1 - beta2) g^2
+            np.sqrt(v, out=tmp); tmp += eps_t                             # sqrt(v) + eps_t
+            np.divide(m, tmp, out=tmp); tmp *= a_t; p -= tmp              # theta -= a_t m / (sqrt(v) + eps_t)
 
     def state(self):
         return {"t": self.t, "m": self.m, "v": self.v}

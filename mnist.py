@@ -73,24 +73,31 @@ def download(name, mirrors, dest, checksum, timeout=30):
 
 
 def parse_idx(path, magic):
-    """The array in an IDX archive (gzip or raw), checked against its header. Raises DataError."""
+    """The array in an IDX archive (gzip or raw), checked against its header. Raises DataError.
+
+    The data is read straight into its final uint8 array: memory holds one copy of the images, no more."""
     try:
         with open(path, "rb") as f:
-            raw = f.read()
-        if raw[:2] == b"\x1f\x8b":                  # the gzip magic number
-            raw = gzip.decompress(raw)
+            is_gzip = f.read(2) == b"\x1f\x8b"       # the gzip magic number
+        with (gzip.open if is_gzip else open)(path, "rb") as f:
+            header = f.read(4)
+            found = struct.unpack(">i", header)[0] if len(header) == 4 else None
+            if found != magic:
+                raise DataError(f"{path}: IDX magic is {found}, expected {magic}; wrong or corrupt file, delete it")
+            ndim = header[3]                        # the magic's last byte is the number of dimensions
+            dims = f.read(4 * ndim)
+            shape = struct.unpack(f">{ndim}i", dims) if len(dims) == 4 * ndim else None
+            data = np.empty(int(np.prod(shape)) if shape else 0, dtype=np.uint8)
+            got, view = 0, memoryview(data)
+            while got < data.size and (n := f.readinto(view[got:got + (1 << 20)])):   # 1 MiB at a time: gzip's
+                got += n                                                          # readinto copies via a buffer
+            trailing = len(f.read(1))
     except FileNotFoundError:
         raise DataError(f"{path}: missing")
     except (OSError, EOFError, gzip.BadGzipFile) as err:
         raise DataError(f"{path}: not a valid gzip archive ({err}); delete it to download it again")
-    if len(raw) < 8 or struct.unpack(">i", raw[:4])[0] != magic:
-        found = struct.unpack(">i", raw[:4])[0] if len(raw) >= 4 else None
-        raise DataError(f"{path}: IDX magic is {found}, expected {magic}; wrong or corrupt file, delete it")
-    ndim = raw[3]                                   # the magic's last byte is the number of dimensions
-    shape = struct.unpack(f">{ndim}i", raw[4:4 + 4 * ndim])
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if data.size != int(np.prod(shape)):
-        raise DataError(f"{path}: header says {shape} = {int(np.prod(shape))} bytes, file has {data.size}; "
+    if shape is None or got != data.size or trailing:
+        raise DataError(f"{path}: header says {shape}, but the file holds {'more' if trailing else 'fewer'} bytes; "
                         f"truncated or corrupt, delete it")
     return data.reshape(shape)
 

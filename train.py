@@ -48,7 +48,7 @@ def parse_args(argv):
     p.add_argument("--dataset", choices=sorted(mnist.DATASETS), help="default: mnist")
     p.add_argument("--data-dir", help="where the archives are looked for and downloaded to (default: data/<dataset>)")
     p.add_argument("--mirror", help="download from this URL instead of the default mirrors")
-    p.add_argument("--epochs", type=non_negative_int, default=10, help="total epochs (default: 10)")
+    p.add_argument("--epochs", type=non_negative_int, help="total epochs (default: 10; 3 with --benchmark)")
     p.add_argument("--batch-size", type=positive(int), help="default: 128")
     p.add_argument("--lr", type=positive(float), help="Adam learning rate (default: 1e-3)")
     p.add_argument("--hidden", type=positive(int), help="hidden units in encoder and decoder (default: 400)")
@@ -58,6 +58,8 @@ def parse_args(argv):
     p.add_argument("--resume", metavar="CHECKPOINT", help="continue the run saved in this checkpoint.npz")
     p.add_argument("--analyze", metavar="MODEL", help="no training: measure and draw the latent space of this "
                    "model.npz (figures and metrics.json go beside it, or to --out)")
+    p.add_argument("--benchmark", action="store_true", help="time a few epochs of training against the "
+                   "matrix-product floor measured in the same run; writes nothing")
     p.add_argument("--iw-samples", type=positive(int), default=100,
                    help="K importance samples per test image for iw_nll (default: 100; Burda et al. use 5000)")
     p.add_argument("--gmm-components", type=positive(int), default=10,
@@ -114,7 +116,7 @@ def train_epoch(model, opt, x_train, state, batch_size, stop, progress):
     return True
 
 
-def evaluate(model, x, seed, batch_size=1000):
+def evaluate(model, x, seed, batch_size=500):
     """Test negative ELBO (loss, recon, kl) in nats per example, one z per image, with the same eps every
     time it is called (so epochs and runs compare)."""
     rng = np.random.default_rng([seed, 1])          # a stream of its own: evaluating never moves training's
@@ -346,6 +348,67 @@ def write_json(path, obj):
         json.dump(obj, f, indent=2)
 
 
+# ---- benchmark ---------------------------------------------------------------------------------------------
+
+def matmul_floor(model, batch_size, reps=50):
+    """Seconds per training step spent in the step's matrix products alone: the same shapes, timed here.
+    For each Linear, W (n_in, n_out): forward x W, backward x^T dy and dy W^T (not for the image layer)."""
+    rng = np.random.default_rng(0)
+    layers = [layer for mlp in (model.encoder, model.decoder) for layer in mlp.layers if "W" in layer.params]
+    work = [(rng.random((batch_size, l.params["W"].shape[0]), dtype=model.dtype), l.params["W"].copy(),
+             l is not model.encoder.layers[0]) for l in layers]
+    flops = sum(2 * batch_size * w.size * (3 if needs_dx else 2) for _, w, needs_dx in work)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for x, w, needs_dx in work:
+            y = x @ w                               # forward
+            x.T @ y                                 # dL/dW (y stands in for dy: same shape)
+            if needs_dx:
+                y @ w.T                             # dL/dx
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)), flops
+
+
+def benchmark(model, opt, x_train, cfg, epochs):
+    """Train `epochs` epochs as train.py does and print where the time goes. Nothing is written to disk."""
+    import resource
+    n_steps = math.ceil(len(x_train) / cfg["batch_size"])
+    state, stop = new_state(cfg), {"requested": False}
+    print(f"benchmark: {epochs} epochs, {len(x_train)} images, batch {cfg['batch_size']}, {model.dtype}, "
+          f"{os.cpu_count()} cores, OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}")
+    for _ in range(epochs):
+        train_epoch(model, opt, x_train, state, cfg["batch_size"], stop, lambda *a, **k: None)
+        print(f"  epoch {state['epoch']}: {state['epoch_seconds'][-1]:.3f} s, train loss {state['train_loss'][-1]:.2f}",
+              flush=True)
+    epoch_s = float(np.median(state["epoch_seconds"]))
+    # Where a step's time goes: the same work as train_epoch, one phase at a time, median over 100 steps.
+    phases = {"batching": [], "forward": [], "backward": [], "adam": []}
+    grads, rng, perm = model.grads(), state["rng"], state["rng"].permutation(len(x_train))
+    for step in range(100):
+        t0 = time.perf_counter()
+        idx = perm[step * cfg["batch_size"]:(step + 1) * cfg["batch_size"]]
+        x = x_train[idx].astype(np.float32) * np.float32(1 / 255)
+        eps = rng.standard_normal((len(idx), model.latent), dtype=np.float32)
+        t1 = time.perf_counter(); model.forward(x, eps)
+        t2 = time.perf_counter(); model.backward()
+        t3 = time.perf_counter(); opt.step(grads)
+        t4 = time.perf_counter()
+        for name, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            phases[name].append(dt)
+    step_ms = {k: 1e3 * float(np.median(v)) for k, v in phases.items()}
+    floor_s, flops = matmul_floor(model, cfg["batch_size"])
+    floor_epoch = floor_s * n_steps
+    print(f"median epoch {epoch_s:.3f} s = {len(x_train) / epoch_s:,.0f} examples/s")
+    print("per step (median of 100): " + ", ".join(f"{k} {v:.3f} ms" for k, v in step_ms.items()))
+    print(f"matrix products alone (same shapes, this run): {1e3 * floor_s:.3f} ms/step = {floor_epoch:.3f} s/epoch, "
+          f"{flops * n_steps / 1e9:.0f} GFLOP/epoch at {flops / floor_s / 1e9:.0f} GFLOP/s")
+    print(f"epoch / floor = {epoch_s / floor_epoch:.2f}; outside the matrix products: "
+          f"{epoch_s - floor_epoch:.3f} s/epoch (elementwise work, optimizer, batching)")
+    print(f"peak memory (max RSS of this process): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    return 0
+
+
 # ---- main --------------------------------------------------------------------------------------------------
 
 def run(args):
@@ -362,6 +425,9 @@ def run(args):
         model = vae.VAE(x_train.shape[1], cfg["hidden"], cfg["latent"], seed=cfg["seed"])
         opt = Adam(model.params(), lr=cfg["lr"])
         state = new_state(cfg)
+    if args.benchmark:
+        return benchmark(model, opt, x_train, cfg, 3 if args.epochs is None else args.epochs)
+    args.epochs = 10 if args.epochs is None else args.epochs
     cfg = {**cfg, "epochs": args.epochs}
     checkpoint = os.path.join(out, "checkpoint.npz")
     print(f"{cfg['dataset']}: {len(x_train)} train, {len(x_test)} test images; VAE {model.n_in}-{cfg['hidden']}-"

@@ -19,9 +19,8 @@ class CheckpointError(Exception):
 
 
 def sigmoid(logits):
-    # 1 / (1 + exp(-l)), written with e = exp(-|l|) <= 1 so that no exp overflows for any l.
-    e = np.exp(-np.abs(logits))
-    return np.where(logits >= 0, 1.0, e) / (1.0 + e)
+    # 1 / (1 + exp(-l)) = (1 + tanh(l / 2)) / 2: the same function, with no exp to overflow for any l.
+    return 0.5 + 0.5 * np.tanh(0.5 * logits)
 
 
 class VAE:
@@ -66,16 +65,16 @@ class VAE:
         # KL(N(mu, sigma^2) || N(0, 1)) summed over dimensions (Kingma & Welling, Appendix B):
         # KL = -1/2 * sum(1 + log_var - mu^2 - exp(log_var))
         kl = -0.5 * (1.0 + log_var - mu * mu - sigma * sigma).sum(axis=1)
-        self.cache = (x, mu, log_var, sigma, eps, logits, e)
+        self.cache = (x, mu, log_var, sigma, eps, logits)
         recon, kl = float(recon.mean()), float(kl.mean())
         return recon + kl, recon, kl
 
     def backward(self):
         """Gradients of the last forward()'s loss into self.grads(), every path written out."""
-        x, mu, log_var, sigma, eps, logits, e = self.cache
+        x, mu, log_var, sigma, eps, logits = self.cache
         B = x.shape[0]                                                  # the loss is a mean over the batch
         # Reconstruction -> logits: d/dl [softplus(l) - x l] = sigmoid(l) - x.
-        dlogits = (np.where(logits >= 0, 1.0, e) / (1.0 + e) - x) / B  # sigmoid(l) - x, per example / B
+        dlogits = (sigmoid(logits) - x) / B                             # sigmoid(l) - x, per example / B
         # Logits -> z, through the decoder's layers: dL_rec/dz (B, Z).
         dz = self.decoder.backward(dlogits)
         # z = mu + sigma * eps reaches mu directly (dz/dmu = 1); the KL adds d/dmu[mu^2 / 2] = mu.
@@ -185,7 +184,7 @@ def logsumexp(a, axis):
     return (m + np.log(np.exp(a - m).sum(axis=axis, keepdims=True))).squeeze(axis)
 
 
-def iw_nll(model, x, k, rng, eps=None, batch_size=100):
+def iw_nll(model, x, k, rng, eps=None, batch_size=25):
     """Importance-weighted estimate of -log p(x) per example (Burda et al. 2015), with K draws from q(z|x):
 
         -log p(x) ~ -log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x),   z_k = mu + sigma * eps_k
@@ -201,7 +200,8 @@ def iw_nll(model, x, k, rng, eps=None, batch_size=100):
         logits = model.decode(z.reshape(-1, model.latent).astype(model.dtype)).reshape(k, len(xb), -1)
         # log q(z|x) = sum_d log N(z_d; mu_d, sigma_d^2), and (z - mu) / sigma = eps.
         log_q = -0.5 * (e * e).sum(-1) - 0.5 * log_var.sum(-1) - 0.5 * model.latent * LOG_2PI
-        log_w = log_bernoulli(xb, logits.astype(np.float64)) + log_standard_normal(z) - log_q   # (K, B)
+        # log w = log p(x|z) + log p(z) - log q(z|x), (K, B); the pixel sum in the model's dtype, the rest float64.
+        log_w = log_bernoulli(xb, logits).astype(np.float64) + log_standard_normal(z) - log_q
         out[i:i + batch_size] = -(logsumexp(log_w, axis=0) - np.log(k))
     return out
 
@@ -232,7 +232,7 @@ def fit_gmm(z, k=10, covariance="full", iters=200, tol=1e-5, rng=None):
         n_k = r.sum(axis=0) + 1e-12                                         # N_k
         means = (r.T @ z) / n_k[:, None]                                    # m_k
         if covariance == "full":                                            # S_k = E_r[z z^T] - m_k m_k^T
-            second = (r.T[:, :, None] * z).transpose(0, 2, 1) @ z / n_k[:, None, None]     # (k, D, D)
+            second = np.stack([(r[:, j, None] * z).T @ z for j in range(k)]) / n_k[:, None, None]  # E_r[z z^T]
             covs = second - means[:, :, None] * means[:, None, :] + 1e-6 * np.eye(d)
         else:                                                               # diag S_k = E_r[z^2] - m_k^2
             covs = (r.T @ (z * z)) / n_k[:, None] - means ** 2 + 1e-6
@@ -241,7 +241,7 @@ def fit_gmm(z, k=10, covariance="full", iters=200, tol=1e-5, rng=None):
     return gmm
 
 
-def gmm_component_log_density(gmm, z):
+def gmm_component_log_density(gmm, z, chunk=4096):
     """log N(z_n; m_k, S_k) for every row n and component k: (N, k)."""
     z = np.asarray(z, dtype=np.float64)
     d = z.shape[1]
@@ -255,10 +255,13 @@ def gmm_component_log_density(gmm, z):
     k = len(gmm["means"])
     chol_inv = np.linalg.inv(np.linalg.cholesky(gmm["covs"]))                # (k, D, D): L_k^-1
     a = chol_inv.transpose(0, 2, 1)                                         # A_k = L_k^-T
-    y = (z @ a.transpose(1, 0, 2).reshape(d, k * d)).reshape(len(z), k, d)  # z A_k, all k at once
-    y -= np.einsum("kd,kde->ke", gmm["means"], a)                           # - m_k A_k
+    a_all, m_a = a.transpose(1, 0, 2).reshape(d, k * d), np.einsum("kd,kde->ke", gmm["means"], a)
     log_det_half = -np.log(np.diagonal(chol_inv, axis1=1, axis2=2)).sum(1)  # sum log L_ii = -sum log (L^-1)_ii
-    return -0.5 * ((y * y).sum(2) + d * LOG_2PI) - log_det_half
+    out = np.empty((len(z), k))
+    for i in range(0, len(z), chunk):                                       # rows in chunks: (chunk, k, D) at most
+        y = (z[i:i + chunk] @ a_all).reshape(-1, k, d) - m_a                # y = z A_k - m_k A_k, all k at once
+        out[i:i + chunk] = -0.5 * (np.einsum("nkd,nkd->nk", y, y) + d * LOG_2PI) - log_det_half
+    return out
 
 
 def gmm_log_density(gmm, z):
@@ -292,7 +295,7 @@ def aggregate_posterior_moments(mu, log_var, threshold=0.01):
             "activity": activity.tolist(), "active_units": int((activity > threshold).sum())}
 
 
-def elbo_surgery(mu, log_var, rng, chunk=500):
+def elbo_surgery(mu, log_var, rng, chunk=128):
     """Split the average KL term as Hoffman & Johnson (2016): with q(z) = (1/N) sum_n q(z|x_n),
 
         mean_n KL(q(z|x_n) || p(z)) = I(x; z) + KL(q(z) || p(z)),
@@ -308,11 +311,15 @@ def elbo_surgery(mu, log_var, rng, chunk=500):
     z = mu + np.sqrt(var) * eps
     log_q_own = -0.5 * (eps * eps + log_var + LOG_2PI).sum(1)               # log q(z_n | x_n)
     # log N(z_i; mu_n, var_n) = -1/2 [z_i^2 . (1/var_n) - 2 z_i . (mu_n/var_n) + sum mu_n^2/var_n + sum log var_n + D log 2pi]
+    inv_var_t, mu_over_var_t = (1 / var).T, (mu / var).T
     const = (mu * mu / var).sum(1) + log_var.sum(1) + d * LOG_2PI
     log_q_agg = np.empty(n)
     for i in range(0, n, chunk):
         zi = z[i:i + chunk]
-        log_comp = -0.5 * ((zi * zi) @ (1 / var).T - 2 * zi @ (mu / var).T + const)   # (chunk, N)
+        log_comp = (zi * zi) @ inv_var_t                                    # (chunk, N), built in place:
+        log_comp -= 2 * zi @ mu_over_var_t
+        log_comp += const
+        log_comp *= -0.5                                                    # log N(z_i; mu_n, var_n)
         log_q_agg[i:i + chunk] = logsumexp(log_comp, axis=1) - np.log(n)     # log q(z_i)
     log_p = log_standard_normal(z)
     mi, kl_agg = float((log_q_own - log_q_agg).mean()), float((log_q_agg - log_p).mean())
