@@ -76,34 +76,34 @@ class Adam:
 
     m <- beta1 m + (1 - beta1) g;  v <- beta2 v + (1 - beta2) g^2
     theta <- theta - lr * m_hat / (sqrt(v_hat) + eps), with m_hat = m / (1 - beta1^t), v_hat = v / (1 - beta2^t)
+
+    Stored scaled, m' = m / (1 - beta1) and v' = v / (1 - beta2), the same recursions need one pass less each:
+    m' <- beta1 m' + g and v' <- beta2 v' + g^2. Every constant then folds into two scalars per step:
+    theta <- theta - a_t m' / (sqrt(v') + eps_t), with c_t = sqrt((1 - beta2^t) / (1 - beta2)),
+    a_t = lr (1 - beta1) / (1 - beta1^t) * c_t and eps_t = eps * c_t. Exactly the update above, in 10 passes
+    over the parameters instead of 12 (measured in the README's benchmark section).
     """
 
     def __init__(self, params, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8):
         self.params = params                        # {name: array}, updated in place
         self.lr, self.beta1, self.beta2, self.eps = lr, beta1, beta2, eps
-        self.m = {k: np.zeros_like(p) for k, p in params.items()}
-        self.v = {k: np.zeros_like(p) for k, p in params.items()}
+        self.m = {k: np.zeros_like(p) for k, p in params.items()}     # m' = m / (1 - beta1)
+        self.v = {k: np.zeros_like(p) for k, p in params.items()}     # v' = v / (1 - beta2)
         self.tmp = {k: np.empty_like(p) for k, p in params.items()}   # scratch: no allocation per step
         self.t = 0
 
     def step(self, grads):
         self.t += 1
         b1, b2 = self.beta1, self.beta2
-        # Both bias corrections folded into one scalar step size and eps (Kingma & Ba, end of section 2):
-        # lr * m_hat / (sqrt(v_hat) + eps) = a_t * m / (sqrt(v) + eps_t), with
-        # a_t = lr * sqrt(1 - beta2^t) / (1 - beta1^t) and eps_t = eps * sqrt(1 - beta2^t).
         # Python floats, so that the float32 arrays stay float32 (a NumPy float64 scalar would promote them).
-        c2 = math.sqrt(1.0 - b2 ** self.t)
-        a_t, eps_t = self.lr * c2 / (1.0 - b1 ** self.t), self.eps * c2
+        c_t = math.sqrt((1.0 - b2 ** self.t) / (1.0 - b2))
+        a_t, eps_t = self.lr * (1.0 - b1) / (1.0 - b1 ** self.t) * c_t, self.eps * c_t
         for k, p in self.params.items():
             g, m, v, tmp = grads[k], self.m[k], self.v[k], self.tmp[k]
-            np.multiply(g, 1.0 - b1, out=tmp); m *= b1; m += tmp        # m = beta1 m + (1 - beta1) g
-            np.multiply(g, g, out=tmp); tmp *= 1.0 - b2; v *= b2; v += tmp  # v = beta2 v + (1 - beta2) g^2
-            np.sqrt(v, out=tmp); tmp += eps_t                             # sqrt(v) + eps_t
-            np.divide(m, tmp, out=tmp); tmp *= a_t; p -= tmp              # theta -= a_t m / (sqrt(v) + eps_t)
-
-    def state(self):
-        return {"t": self.t, "m": self.m, "v": self.v}
+            m *= b1; m += g                                               # m' = beta1 m' + g
+            np.multiply(g, g, out=tmp); v *= b2; v += tmp                 # v' = beta2 v' + g^2
+            np.sqrt(v, out=tmp); tmp += eps_t                             # sqrt(v') + eps_t
+            np.divide(m, tmp, out=tmp); tmp *= a_t; p -= tmp              # theta -= a_t m' / (sqrt(v') + eps_t)
 
 
 def grad_check(loss_fn, params, analytic, h=1e-5, n_checks=None, rng=None):

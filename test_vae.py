@@ -161,6 +161,19 @@ def test_reparameterized_gradient_of_expectation_matches_analytic_value():
     np.testing.assert_allclose(dlog_var, sigma2 + 0.5 * (sigma2 - 1), atol=0.02)
 
 
+def test_a_training_step_stays_in_float32():
+    rng = np.random.default_rng(12)
+    model = vae.VAE(784, 16, 4, seed=0)                 # float32, as train.py builds it
+    opt = Adam(model.params())
+    x = rng.integers(0, 256, (8, 784)).astype(np.uint8) * np.float32(1 / 255)
+    model.forward(x, rng.standard_normal((8, 4), dtype=np.float32))
+    model.backward()
+    opt.step(model.grads())
+    arrays = {**{f"cache{i}": a for i, a in enumerate(model.cache)}, **model.params(), **model.grads(),
+              **{f"m.{k}": a for k, a in opt.m.items()}, **{f"v.{k}": a for k, a in opt.v.items()}}
+    assert {k: a.dtype for k, a in arrays.items() if a.dtype != np.float32} == {}
+
+
 def test_adam_matches_a_step_computed_by_hand():
     p = np.array([1.0, -2.0, 3.0])
     g1, g2 = np.array([0.1, -0.5, 2.0]), np.array([0.3, 0.2, -1.0])
@@ -387,6 +400,15 @@ def test_a_diverging_run_stops_at_the_first_non_finite_loss(tmp_path, data_dir, 
     err = capsys.readouterr().err
     assert "error: the loss became" in err and "no checkpoint was written" in err and err.count("\n") == 1
     assert not (tmp_path / "r").exists()
+
+
+def test_benchmark_prints_where_the_time_goes_and_writes_nothing(tmp_path, data_dir, capsys):
+    assert run_cli("--data-dir", data_dir, *SMALL, "--benchmark", "--epochs", "2", "--out", str(tmp_path / "b")) == 0
+    out = capsys.readouterr().out
+    for line in ("epoch 2:", "median epoch", "per step (median of 12)", "matrix products alone", "epoch / floor",
+                 "peak memory"):
+        assert line in out, out
+    assert not (tmp_path / "b").exists()
 
 
 def test_cli_errors_are_one_line_without_traceback(tmp_path):

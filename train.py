@@ -82,6 +82,12 @@ def new_state(cfg):
             "epoch_seconds": [], "elapsed": 0.0}
 
 
+def batch(x_train, perm, step, batch_size, rng, latent):
+    """The step-th batch of the epoch's order as float32 in [0, 1] (one pass over uint8), and its eps ~ N(0, I)."""
+    idx = perm[step * batch_size:(step + 1) * batch_size]
+    return x_train[idx] * np.float32(1 / 255), rng.standard_normal((len(idx), latent), dtype=np.float32)
+
+
 @np.errstate(over="ignore", invalid="ignore")  # a diverging run overflows: the finite-loss check says so once
 def train_epoch(model, opt, x_train, state, batch_size, stop, progress):
     """One pass over the shuffled training set, from state['step'] on (a resumed epoch continues mid-way).
@@ -93,9 +99,7 @@ def train_epoch(model, opt, x_train, state, batch_size, stop, progress):
     grads = model.grads()
     t0 = time.perf_counter()
     for step in range(state["step"], n_steps):
-        idx = perm[step * batch_size:(step + 1) * batch_size]
-        x = x_train[idx].astype(np.float32) * np.float32(1 / 255)      # uint8 -> [0, 1], one batch at a time
-        eps = rng.standard_normal((len(idx), model.latent), dtype=np.float32)  # eps ~ N(0, I)
+        x, eps = batch(x_train, perm, step, batch_size, rng, model.latent)
         loss, recon, kl = model.forward(x, eps)
         if not np.isfinite(loss):
             raise NonFiniteLoss(f"the loss became {loss} at epoch {state['epoch'] + 1}, step {step + 1} "
@@ -103,7 +107,7 @@ def train_epoch(model, opt, x_train, state, batch_size, stop, progress):
         model.backward()
         opt.step(grads)
         state["step"] = step + 1
-        state["sums"] += (loss * len(idx), recon * len(idx), kl * len(idx))
+        state["sums"] += (loss * len(x), recon * len(x), kl * len(x))
         progress(state, n_steps, seen=min(state["step"] * batch_size, len(x_train)))
         if stop["requested"]:
             state["elapsed"] += time.perf_counter() - t0
@@ -382,14 +386,11 @@ def benchmark(model, opt, x_train, cfg, epochs):
         print(f"  epoch {state['epoch']}: {state['epoch_seconds'][-1]:.3f} s, train loss {state['train_loss'][-1]:.2f}",
               flush=True)
     epoch_s = float(np.median(state["epoch_seconds"]))
-    # Where a step's time goes: the same work as train_epoch, one phase at a time, median over 100 steps.
+    # Where a step's time goes: the same work as train_epoch, one phase at a time, median over <= 100 steps.
     phases = {"batching": [], "forward": [], "backward": [], "adam": []}
     grads, rng, perm = model.grads(), state["rng"], state["rng"].permutation(len(x_train))
-    for step in range(100):
-        t0 = time.perf_counter()
-        idx = perm[step * cfg["batch_size"]:(step + 1) * cfg["batch_size"]]
-        x = x_train[idx].astype(np.float32) * np.float32(1 / 255)
-        eps = rng.standard_normal((len(idx), model.latent), dtype=np.float32)
+    for step in range(min(100, n_steps)):
+        t0 = time.perf_counter(); x, eps = batch(x_train, perm, step, cfg["batch_size"], rng, model.latent)
         t1 = time.perf_counter(); model.forward(x, eps)
         t2 = time.perf_counter(); model.backward()
         t3 = time.perf_counter(); opt.step(grads)
@@ -400,7 +401,7 @@ def benchmark(model, opt, x_train, cfg, epochs):
     floor_s, flops = matmul_floor(model, cfg["batch_size"])
     floor_epoch = floor_s * n_steps
     print(f"median epoch {epoch_s:.3f} s = {len(x_train) / epoch_s:,.0f} examples/s")
-    print("per step (median of 100): " + ", ".join(f"{k} {v:.3f} ms" for k, v in step_ms.items()))
+    print(f"per step (median of {len(phases['adam'])}): " + ", ".join(f"{k} {v:.3f} ms" for k, v in step_ms.items()))
     print(f"matrix products alone (same shapes, this run): {1e3 * floor_s:.3f} ms/step = {floor_epoch:.3f} s/epoch, "
           f"{flops * n_steps / 1e9:.0f} GFLOP/epoch at {flops / floor_s / 1e9:.0f} GFLOP/s")
     print(f"epoch / floor = {epoch_s / floor_epoch:.2f}; outside the matrix products: "
