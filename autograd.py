@@ -27,10 +27,13 @@ class Linear:
         return y
 
     def backward(self, dy, need_dx=True):
+        """need_dx: True, False (an image's dL/dx is never used), or a slice of the rows whose dL/dx is needed."""
         np.matmul(self.x.T, dy, out=self.grads["W"])  # dL/dW = x^T dy      (n_in, n_out)
         np.sum(dy, axis=0, out=self.grads["b"])       # dL/db = sum_batch dy (n_out,)
-        if need_dx:                                   # the first layer's dL/dx (the image) is never used
+        if need_dx is True:
             return dy @ self.params["W"].T            # dL/dx = dy W^T       (B, n_in)
+        if need_dx:
+            return dy[need_dx] @ self.params["W"].T   # only those rows of dL/dx
 
 
 class ReLU:

@@ -63,21 +63,25 @@ def test_mlp_backward_matches_finite_differences():
                                   {**mlp.named("grads", "mlp"), "x": dx}), 1e-6)
 
 
-def small_vae_batch(seed=3, n_in=12, hidden=7, latent=3, batch=5):
+def small_vae_batch(seed=3, n_in=12, hidden=7, latent=3, batch=5, prior="standard"):
     rng = np.random.default_rng(seed)
-    model = vae.VAE(n_in, hidden, latent, seed=seed, dtype=np.float64)
+    model = vae.VAE(n_in, hidden, latent, seed=seed, dtype=np.float64, prior=prior, components=4)
     x = rng.uniform(0, 1, (batch, n_in))                # intensities in [0, 1], as the images are
     eps = rng.standard_normal((batch, latent))
     return model, x, eps
 
 
-def test_negative_elbo_backward_matches_finite_differences_for_every_parameter():
-    model, x, eps = small_vae_batch()
+@pytest.mark.parametrize("prior, prior_params", [("standard", set()),
+                                                  ("mog", {"prior.means", "prior.log_vars", "prior.logits"}),
+                                                  ("vamp", {"prior.u"})])
+def test_negative_elbo_backward_matches_finite_differences_for_every_parameter(prior, prior_params):
+    model, x, eps = small_vae_batch(prior=prior)
     model.forward(x, eps)
     model.backward()
     analytic = {k: g.copy() for k, g in model.grads().items()}
     errors = grad_check(lambda: model.forward(x, eps)[0], model.params(), analytic)
-    assert set(errors) == {"enc.0.W", "enc.0.b", "enc.2.W", "enc.2.b", "dec.0.W", "dec.0.b", "dec.2.W", "dec.2.b"}
+    assert set(errors) == {"enc.0.W", "enc.0.b", "enc.2.W", "enc.2.b", "dec.0.W", "dec.0.b", "dec.2.W",
+                           "dec.2.b"} | prior_params
     assert_grads_close(errors, 1e-6)
 
 
@@ -551,3 +555,68 @@ def test_analyze_refuses_an_out_of_range_posterior_image(tmp_path, data_dir, cap
     assert run_cli("--data-dir", data_dir, "--analyze", str(tmp_path / "model.npz"), "--posterior-image",
                    "100000") == 1
     assert "out of range" in capsys.readouterr().err
+
+
+# ---- learned priors ----------------------------------------------------------------------------------------
+
+def direct_log_normal(z, mean, var):
+    return (-0.5 * (z - mean) ** 2 / var - 0.5 * np.log(2 * np.pi * var)).sum(-1)
+
+
+def test_mog_prior_kl_is_log_q_minus_log_p_at_the_same_z():
+    model, x, eps = small_vae_batch(prior="mog")
+    p = model.prior_params
+    p["logits"][:] = [0.5, -1.0, 0.0, 2.0]
+    p["log_vars"][:] = np.random.default_rng(0).uniform(-1, 1, p["log_vars"].shape)
+    _, _, kl = model.forward(x, eps)
+    mu, log_var = model.encode(x)
+    z = mu + np.exp(0.5 * log_var) * eps
+    pi = np.exp(p["logits"]) / np.exp(p["logits"]).sum()
+    density = sum(pi[k] * np.exp(direct_log_normal(z, p["means"][k], np.exp(p["log_vars"][k]))) for k in range(4))
+    direct = (direct_log_normal(z, mu, np.exp(log_var)) - np.log(density)).mean()
+    assert kl == pytest.approx(direct, rel=1e-10)
+
+
+def test_vamp_prior_is_the_mean_of_the_pseudo_inputs_posteriors():
+    model, _, _ = small_vae_batch(prior="vamp")
+    z = np.random.default_rng(1).standard_normal((7, 3))
+    mu_u, log_var_u = model.encode(model.prior_params["u"])
+    direct = np.log(np.mean([np.exp(direct_log_normal(z, m, np.exp(lv))) for m, lv in zip(mu_u, log_var_u)], 0))
+    np.testing.assert_allclose(model.log_prior(z), direct, rtol=1e-10)
+
+
+@pytest.mark.parametrize("prior", ["mog", "vamp"])
+def test_learned_prior_samples_have_the_mixture_mean_and_iw_nll_k1_is_its_elbo(prior):
+    model, x, eps = small_vae_batch(prior=prior)
+    means, log_vars, log_pi = model.prior_mixture()
+    z = model.sample_z(200_000, np.random.default_rng(2))
+    np.testing.assert_allclose(z.mean(0), np.exp(log_pi) @ means, atol=0.02)
+    # The training loss already estimates the KL at the one z: iw_nll with K = 1 is exactly it.
+    assert vae.iw_nll(model, x, 1, rng=None, eps=eps[None]).mean() == pytest.approx(model.forward(x, eps)[0],
+                                                                                       rel=1e-12)
+
+
+@pytest.mark.parametrize("prior", ["mog", "vamp"])
+def test_learned_prior_model_save_load_round_trip(tmp_path, prior):
+    model, x, eps = small_vae_batch(prior=prior)
+    vae.save(model, str(tmp_path / "m.npz"))
+    loaded, _ = vae.load(str(tmp_path / "m.npz"))
+    assert loaded.arch == model.arch and loaded.arch["prior"] == prior and loaded.components == 4
+    assert loaded.forward(x, eps) == model.forward(x, eps)
+
+
+@pytest.mark.parametrize("prior", ["mog", "vamp"])
+def test_learned_prior_trains_and_is_measured_against_itself(tmp_path, data_dir, prior, capsys):
+    out = tmp_path / prior
+    assert run_cli("--data-dir", data_dir, *SMALL, "--prior", prior, "--prior-components", "5", "--epochs", "2",
+                   "--gmm-components", "3", "--out", str(out)) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["config"]["prior"] == prior and m["config"]["prior_components"] == 5
+    assert m["train_loss"][-1] < m["train_loss"][0]
+    a = m["aggregate_posterior"]
+    # With a learned prior the average KL is estimated on the same draws, so the surgery adds up exactly.
+    assert a["mutual_information_plus_kl_aggregate_prior"] == pytest.approx(a["average_kl"], rel=1e-9)
+    assert 0 <= a["prior_hole_fraction"] <= 1 and np.isfinite(m["iw_nll"])
+    capsys.readouterr()
+    assert run_cli("--data-dir", data_dir, "--prior", "standard", "--resume", str(out / "checkpoint.npz")) == 1
+    assert "another architecture" in capsys.readouterr().err

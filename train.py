@@ -18,11 +18,16 @@ import mnist
 import vae
 from autograd import Adam
 
-TRAINING_OPTIONS = ("dataset", "hidden", "latent", "batch_size", "lr", "seed")  # fixed for the life of a run
+TRAINING_OPTIONS = ("dataset", "hidden", "latent", "prior", "prior_components", "batch_size", "lr", "seed")
+ARCHITECTURE = ("hidden", "latent", "prior", "prior_components")   # of the training options, those of the model
 
 
 class NonFiniteLoss(Exception):
     pass
+
+
+def prior_name(model):
+    return "N(0, I)" if model.prior == "standard" else f"learned {model.prior} (K={model.components})"
 
 
 def positive(kind):
@@ -53,6 +58,10 @@ def parse_args(argv):
     p.add_argument("--lr", type=positive(float), help="Adam learning rate (default: 1e-3)")
     p.add_argument("--hidden", type=positive(int), help="hidden units in encoder and decoder (default: 400)")
     p.add_argument("--latent", type=positive(int), help="latent dimensions Z (default: 20)")
+    p.add_argument("--prior", choices=sorted(vae.PRIORS), help="p(z): standard N(0, I) (default), a learned "
+                   "mixture of Gaussians (mog), or the VampPrior (vamp)")
+    p.add_argument("--prior-components", type=positive(int), help="K of a learned prior (default: "
+                   + ", ".join(f"{k} {n}" for k, n in vae.PRIORS.items() if n) + ")")
     p.add_argument("--seed", type=int, help="default: 0")
     p.add_argument("--out", help="output folder (default: runs/<dataset>-h<hidden>-z<latent>-s<seed>)")
     p.add_argument("--resume", metavar="CHECKPOINT", help="continue the run saved in this checkpoint.npz")
@@ -70,7 +79,8 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-DEFAULTS = {"dataset": "mnist", "hidden": 400, "latent": 20, "batch_size": 128, "lr": 1e-3, "seed": 0}
+DEFAULTS = {"dataset": "mnist", "hidden": 400, "latent": 20, "prior": "standard", "prior_components": None,
+            "batch_size": 128, "lr": 1e-3, "seed": 0}
 
 
 # ---- the training loop -------------------------------------------------------------------------------------
@@ -173,10 +183,11 @@ def load_checkpoint(path, args):
     except (KeyError, ValueError, TypeError) as err:
         raise vae.CheckpointError(f"{path}: not a training checkpoint or corrupt ({err}); use model.npz "
                                   f"files for inference only, or start a new run")
+    cfg = {**DEFAULTS, **cfg}
     for k in TRAINING_OPTIONS:
         given = getattr(args, k)
         if given is not None and given != cfg[k]:
-            what = "of another architecture" if k in ("hidden", "latent") else "from another run"
+            what = "of another architecture" if k in ARCHITECTURE else "from another run"
             raise vae.CheckpointError(f"{path}: checkpoint is {what}: it has --{k.replace('_', '-')} {cfg[k]}, "
                                       f"you asked for {given}; drop the flag or start a new run")
     state = {**scalars, "rng": rng, "sums": extra["sums"], "perm": extra["perm"] if extra["perm"].size else None}
@@ -252,14 +263,14 @@ def analyze(model, x_train, x_test, y_test, cfg, out, iw_samples, gmm_components
     gmm = vae.fit_gmm(fit_on, gmm_components, gmm_covariance, rng=rng)
     log(f"aggregated posterior: {gmm_components}-component {gmm_covariance} Gaussian mixture fitted to "
         f"{len(fit_on)} training codes, {len(gmm['log_likelihood'])} EM iterations, {time.perf_counter() - t0:.1f} s")
-    z_prior = rng.standard_normal((10000, model.latent))
+    z_prior = model.sample_z(10000, rng)
     hole_fraction, threshold, in_hole = vae.prior_hole_fraction(gmm, z_train, z_prior)
     agg_hole_fraction = vae.prior_hole_fraction(gmm, z_train, vae.gmm_sample(gmm, 10000, rng))[0]
 
     # On the test set: moments of q(z), active units, ELBO surgery, and the KL to the fitted q(z) instead of N(0, I).
     mu, log_var = encode_all(model, x_test)
     moments = vae.aggregate_posterior_moments(mu, log_var)
-    surgery = vae.elbo_surgery(mu, log_var, rng)
+    surgery = vae.elbo_surgery(mu, log_var, rng, None if model.prior == "standard" else model.log_prior)
     eps = rng.standard_normal(mu.shape)
     z = mu + np.exp(0.5 * log_var) * eps
     log_q = -0.5 * (eps * eps + log_var + vae.LOG_2PI).sum(1)                 # log q(z|x) at z = mu + sigma eps
@@ -286,7 +297,7 @@ def write_analysis_figures(out, model, x_test, y_test, gmm, z_train, z_prior, in
     rng = np.random.default_rng([seed, 5])
     x = x_test[image_index:image_index + 1].astype(model.dtype) / 255
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.8))
-    image_grid(axes[0], model.sample_prior(64, rng), rows=8, title="prior: z ~ N(0, I)")
+    image_grid(axes[0], model.sample_prior(64, rng), rows=8, title=f"prior: z ~ {prior_name(model)}")
     image_grid(axes[1], np.concatenate([x, model.sample_posterior(x, 63, rng)[0]]), rows=8,
                title=f"posterior of test image {image_index} (top left):\nz ~ N(mu(x), sigma(x)^2)")
     axes[1].add_patch(plt.Rectangle((0.5, 0.5), 28, 28, fill=False, edgecolor="tab:red", linewidth=2))
@@ -300,26 +311,35 @@ def write_analysis_figures(out, model, x_test, y_test, gmm, z_train, z_prior, in
     fig, axes = plt.subplots(math.ceil(zs / cols), cols, figsize=(2.6 * cols, 1.9 * math.ceil(zs / cols)),
                              squeeze=False)
     grid = np.linspace(-4, 4, 200)
-    pi = np.exp(gmm["log_pi"])
+    gmm_vars = np.diagonal(gmm["covs"], axis1=1, axis2=2) if gmm["covs"].ndim == 3 else gmm["covs"]
+    if model.prior == "standard":
+        prior_pi, prior_means, prior_vars = np.ones(1), np.zeros((1, zs)), np.ones((1, zs))
+    else:
+        means, log_vars, log_pi = (a.astype(np.float64) for a in model.prior_mixture())
+        prior_pi, prior_means, prior_vars = np.exp(log_pi), means, np.exp(log_vars)
     for d, ax in enumerate(axes.flat):
         if d >= zs:
             ax.set_axis_off(); continue
-        var_d = gmm["covs"][:, d, d] if gmm["covs"].ndim == 3 else gmm["covs"][:, d]
-        mix = (pi[:, None] * np.exp(-0.5 * (grid - gmm["means"][:, d, None]) ** 2 / var_d[:, None])
-               / np.sqrt(2 * np.pi * var_d[:, None])).sum(0)
         ax.hist(z_train[:, d], bins=60, range=(-4, 4), density=True, color="tab:blue", alpha=0.4)
-        ax.plot(grid, mix, color="tab:blue", lw=1.2)
-        ax.plot(grid, np.exp(-0.5 * grid ** 2) / np.sqrt(2 * np.pi), "k--", lw=1)
+        ax.plot(grid, mixture_marginal(grid, np.exp(gmm["log_pi"]), gmm["means"][:, d], gmm_vars[:, d]),
+                color="tab:blue", lw=1.2)
+        ax.plot(grid, mixture_marginal(grid, prior_pi, prior_means[:, d], prior_vars[:, d]), "k--", lw=1)
         active = moments["activity"][d] > 0.01
         ax.set_title(f"z{d}: var {moments['variance'][d]:.2f}" + ("" if active else " (inactive)"), fontsize=8)
         ax.set_yticks([]); ax.tick_params(labelsize=7)
     fig.suptitle("per dimension: aggregated posterior (histogram of codes; line: fitted mixture) vs prior "
-                 "N(0, 1) (dashed)", fontsize=9)
+                 f"{prior_name(model)} (dashed)", fontsize=9)
     fig.tight_layout()
     save_figure(fig, os.path.join(out, "prior_vs_aggregate.png"))
 
     if zs == 2:
         write_latent_2d_figures(out, model, x_test, y_test, z_prior, in_hole)
+
+
+def mixture_marginal(grid, pi, means, variances):
+    """sum_k pi_k N(t; m_k, v_k) at each t of grid: one dimension's marginal of a Gaussian mixture."""
+    return (pi[:, None] * np.exp(-0.5 * (grid - means[:, None]) ** 2 / variances[:, None])
+            / np.sqrt(2 * np.pi * variances[:, None])).sum(0)
 
 
 def write_latent_2d_figures(out, model, x_test, y_test, z_prior, in_hole):
@@ -420,10 +440,16 @@ def run(args):
         out = args.out or os.path.dirname(args.resume) or "."
     else:
         cfg = {k: getattr(args, k) if getattr(args, k) is not None else DEFAULTS[k] for k in TRAINING_OPTIONS}
-        out = args.out or os.path.join("runs", f"{cfg['dataset']}-h{cfg['hidden']}-z{cfg['latent']}-s{cfg['seed']}")
+        out = args.out or os.path.join("runs", f"{cfg['dataset']}-h{cfg['hidden']}-z{cfg['latent']}-s{cfg['seed']}"
+                                       + ("" if cfg["prior"] == "standard" else f"-{cfg['prior']}"))
     x_train, _, x_test, y_test = mnist.load(cfg["dataset"], args.data_dir, args.mirror)
     if not args.resume:
-        model = vae.VAE(x_train.shape[1], cfg["hidden"], cfg["latent"], seed=cfg["seed"])
+        model = vae.VAE(x_train.shape[1], cfg["hidden"], cfg["latent"], seed=cfg["seed"], prior=cfg["prior"],
+                        components=cfg["prior_components"])
+        cfg["prior_components"] = model.components
+        if cfg["prior"] == "vamp":  # pseudo-inputs start as K random training images (Tomczak & Welling's option)
+            pick = np.random.default_rng([cfg["seed"], 6]).choice(len(x_train), model.components, replace=False)
+            model.prior_params["u"][...] = x_train[pick] / 255
         opt = Adam(model.params(), lr=cfg["lr"])
         state = new_state(cfg)
     if args.benchmark:
@@ -432,7 +458,7 @@ def run(args):
     cfg = {**cfg, "epochs": args.epochs}
     checkpoint = os.path.join(out, "checkpoint.npz")
     print(f"{cfg['dataset']}: {len(x_train)} train, {len(x_test)} test images; VAE {model.n_in}-{cfg['hidden']}-"
-          f"{cfg['latent']}-{cfg['hidden']}-{model.n_in}, Adam lr {cfg['lr']}, batch {cfg['batch_size']}; "
+          f"{cfg['latent']}-{cfg['hidden']}-{model.n_in}, {prior_name(model)} prior, Adam lr {cfg['lr']}, batch {cfg['batch_size']}; "
           f"writing to {out}" + (f" (resuming at epoch {state['epoch'] + 1}, step {state['step']})"
                                  if args.resume else ""))
 

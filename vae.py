@@ -3,7 +3,9 @@
     encoder:  x (B, D) -> h -> [mu, log_var] (B, 2Z)      q(z|x) = N(mu, diag(sigma^2)), sigma = exp(log_var / 2)
     sample:   z = mu + sigma * eps,  eps ~ N(0, I)         the reparameterization: z is a function of mu, log_var
     decoder:  z (B, Z) -> h -> logits (B, D)               p(x|z) = Bernoulli(sigmoid(logits)), pixel by pixel
-    loss:     -ELBO = -log p(x|z) + KL(q(z|x) || N(0, I)), averaged over the batch, in nats per example
+    loss:     -ELBO = -log p(x|z) + KL(q(z|x) || p(z)), averaged over the batch, in nats per example
+    prior:    p(z) = N(0, I) (the standard VAE), or learned: a mixture of Gaussians ('mog'), or the VampPrior
+              ('vamp', Tomczak & Welling 2018), p(z) = (1/K) sum_k q(z|u_k) with K learned pseudo-inputs u_k
 """
 import contextlib
 import os
@@ -23,22 +25,39 @@ def sigmoid(logits):
     return 0.5 + 0.5 * np.tanh(0.5 * logits)
 
 
+PRIORS = {"standard": 0, "mog": 10, "vamp": 100}   # the priors, with their default number of components K
+
+
 class VAE:
-    def __init__(self, n_in=784, hidden=400, latent=20, seed=0, dtype=np.float32):
+    def __init__(self, n_in=784, hidden=400, latent=20, seed=0, dtype=np.float32, prior="standard",
+                 components=None):
         rng = np.random.default_rng(seed)
         self.n_in, self.hidden, self.latent = n_in, hidden, latent
         # One output layer of 2Z units, split into mu and log_var: the same as two heads of Z units each
         # (the reference recipe's fc21 and fc22), with one matrix product instead of two.
         self.encoder = MLP([n_in, hidden, 2 * latent], rng, dtype)
         self.decoder = MLP([latent, hidden, n_in], rng, dtype)
+        # A learned prior's own parameters, trained with the rest; the standard prior N(0, I) has none.
+        self.prior, self.components = prior, (components or PRIORS[prior]) if prior != "standard" else 0
+        k = self.components
+        if prior == "mog":      # p(z) = sum_k pi_k N(z; m_k, diag(exp(log_vars_k))), pi = softmax(logits)
+            self.prior_params = {"means": rng.standard_normal((k, latent)).astype(dtype),
+                                 "log_vars": np.zeros((k, latent), dtype), "logits": np.zeros(k, dtype)}
+        elif prior == "vamp":   # p(z) = (1/K) sum_k q(z|u_k): K pseudo-images (train.py starts them at real ones)
+            self.prior_params = {"u": rng.uniform(0, 1, (k, n_in)).astype(dtype)}
+        else:
+            self.prior_params = {}
+        self.prior_grads = {name: np.zeros_like(p) for name, p in self.prior_params.items()}
 
     def params(self):
         """{name: array} of every parameter, by reference (updating one updates the model)."""
-        return {**self.encoder.named("params", "enc"), **self.decoder.named("params", "dec")}
+        return {**self.encoder.named("params", "enc"), **self.decoder.named("params", "dec"),
+                **{"prior." + k: v for k, v in self.prior_params.items()}}
 
     def grads(self):
         """{name: dL/dparam}, filled by backward(), by reference."""
-        return {**self.encoder.named("grads", "enc"), **self.decoder.named("grads", "dec")}
+        return {**self.encoder.named("grads", "enc"), **self.decoder.named("grads", "dec"),
+                **{"prior." + k: v for k, v in self.prior_grads.items()}}
 
     def encode(self, x):
         """x (B, D) in [0, 1] -> mu, log_var (B, Z) of q(z|x)."""
@@ -54,7 +73,12 @@ class VAE:
     def forward(self, x, eps):
         """Negative ELBO of the batch x (B, D) for the noise eps (B, Z); returns (loss, recon, kl), each the
         batch mean in nats per example. Loss and gradients are a deterministic function of (params, x, eps)."""
-        mu, log_var = self.encode(x)
+        B = len(x)
+        if self.prior == "vamp":    # the pseudo-inputs u_k go through the same encoder, in the same pass
+            h = self.encoder.forward(np.concatenate([x, self.prior_params["u"]]))
+            mu, log_var, h_u = h[:B, :self.latent], h[:B, self.latent:], h[B:]
+        else:
+            mu, log_var = self.encode(x)
         sigma = np.exp(0.5 * log_var)                                   # sigma = exp(log_var / 2)
         z = mu + sigma * eps                                            # z = mu + sigma * eps
         logits = self.decode(z)
@@ -62,9 +86,17 @@ class VAE:
         # softplus(l) = log(1 + exp(l)) = max(l, 0) + log1p(exp(-|l|)), stable for any l.
         e = np.exp(-np.abs(logits))
         recon = (np.maximum(logits, 0) + np.log1p(e) - x * logits).sum(axis=1)
-        # KL(N(mu, sigma^2) || N(0, 1)) summed over dimensions (Kingma & Welling, Appendix B):
-        # KL = -1/2 * sum(1 + log_var - mu^2 - exp(log_var))
-        kl = -0.5 * (1.0 + log_var - mu * mu - sigma * sigma).sum(axis=1)
+        if self.prior == "standard":
+            # KL(N(mu, sigma^2) || N(0, 1)) summed over dimensions (Kingma & Welling, Appendix B):
+            # KL = -1/2 * sum(1 + log_var - mu^2 - exp(log_var))
+            kl = -0.5 * (1.0 + log_var - mu * mu - sigma * sigma).sum(axis=1)
+        else:
+            # A learned prior has no closed-form KL: estimate it at the same z, KL ~ log q(z|x) - log p(z), with
+            # log q(z|x) = sum_d log N(z_d; mu_d, sigma_d^2) = sum_d -eps_d^2/2 - log_var_d/2 - log(2 pi)/2.
+            log_q = -0.5 * (eps * eps + log_var + LOG_2PI).sum(axis=1)
+            log_p, self.prior_cache = mixture_log_density(z, *self.prior_mixture(h_u if self.prior == "vamp"
+                                                                                    else None))
+            kl = log_q - log_p
         self.cache = (x, mu, log_var, sigma, eps, logits)
         recon, kl = float(recon.mean()), float(kl.mean())
         return recon + kl, recon, kl
@@ -77,6 +109,8 @@ class VAE:
         dlogits = (sigmoid(logits) - x) / B                             # sigmoid(l) - x, per example / B
         # Logits -> z, through the decoder's layers: dL_rec/dz (B, Z).
         dz = self.decoder.backward(dlogits)
+        if self.prior != "standard":
+            return self.backward_learned_prior(dz)
         # z = mu + sigma * eps reaches mu directly (dz/dmu = 1); the KL adds d/dmu[mu^2 / 2] = mu.
         dmu = dz + mu / B                                               # dL/dmu = dL/dz + mu
         # z reaches log_var through sigma: dz/dsigma = eps, dsigma/dlog_var = sigma / 2.
@@ -87,6 +121,36 @@ class VAE:
         # [mu, log_var] -> encoder weights. dL/dx is not needed: x is data.
         self.encoder.backward(np.concatenate([dmu, dlog_var], axis=1), need_dx=False)
 
+    def backward_learned_prior(self, dz):
+        """The backward pass when the KL term is log q(z|x) - log p(z) with a learned mixture prior.
+        dz (B, Z) holds the reconstruction's dL/dz; every other path is added here."""
+        x, mu, log_var, sigma, eps, logits = self.cache
+        B = x.shape[0]
+        r, scaled, diff = self.prior_cache   # r_bk = pi_k N(z_b; m_k, s_k^2) / p(z_b); scaled = (z_b - m_k) / s_k^2
+        # -log p(z) = -log sum_k pi_k N(z; m_k, s_k^2), so d/dz = sum_k r_k (z - m_k) / s_k^2: the KL pushes z
+        # towards the components that claim it. It joins the reconstruction's dL/dz before z splits.
+        dz += np.einsum("bk,bkz->bz", r, scaled) / B                    # KL path through z
+        dmu = dz                                                        # dz/dmu = 1; log q has no mu at fixed eps
+        dlog_var = dz * eps * 0.5 * sigma                               # through sigma, as for the standard prior
+        dlog_var -= 0.5 / B                                             # log q(z|x) = ... - log_var/2 at fixed eps
+        # The prior's parameters, from -log p(z) (each summed over the batch, / B):
+        # d/dm_k = -r_k (z - m_k) / s_k^2;  d/dlog s_k^2 = -r_k ((z - m_k)^2 / s_k^2 - 1) / 2
+        dm = -np.einsum("bk,bkz->kz", r, scaled) / B
+        dlv = -0.5 * np.einsum("bk,bkz->kz", r, scaled * diff - 1.0) / B
+        dh = np.concatenate([dmu, dlog_var], axis=1)
+        if self.prior == "mog":
+            self.prior_grads["means"][...] = dm
+            self.prior_grads["log_vars"][...] = dlv
+            # log pi = logits - logsumexp(logits): d/dlogit_k of -log p(z) = -(r_k - pi_k)
+            pi = np.exp(self.prior_mixture()[2])
+            self.prior_grads["logits"][...] = -(r.sum(axis=0) - B * pi) / B
+            self.encoder.backward(dh, need_dx=False)
+        else:
+            # VampPrior: m_k, log s_k^2 are the encoder's outputs for u_k, so dm, dlv join the batch's rows and go
+            # back through the same encoder, into its weights and on to the pseudo-inputs themselves.
+            dh = np.concatenate([dh, np.concatenate([dm, dlv], axis=1)])
+            self.prior_grads["u"][...] = self.encoder.backward(dh, need_dx=slice(B, None))   # dL/du_k
+
     # ---- using a trained model -----------------------------------------------------------------------------
 
     def reconstruct(self, x):
@@ -94,9 +158,35 @@ class VAE:
         mu, _ = self.encode(x)
         return sigmoid(self.decode(mu))
 
+    def prior_mixture(self, h_u=None):
+        """A learned prior as a diagonal Gaussian mixture: means (K, Z), log-variances (K, Z), log weights (K,).
+        For the VampPrior these are the encoder's outputs for the pseudo-inputs (h_u, if already computed)."""
+        if self.prior == "mog":
+            logits = self.prior_params["logits"]
+            return self.prior_params["means"], self.prior_params["log_vars"], logits - logsumexp(logits, axis=0)
+        h_u = self.encoder.forward(self.prior_params["u"]) if h_u is None else h_u
+        k = self.components
+        return h_u[:, :self.latent], h_u[:, self.latent:], np.full(k, -np.log(k), dtype=h_u.dtype)
+
+    def sample_z(self, n, rng):
+        """n draws (float64) from the prior p(z): N(0, I), or a component k ~ pi, then z ~ N(m_k, s_k^2)."""
+        if self.prior == "standard":
+            return rng.standard_normal((n, self.latent))
+        means, log_vars, log_pi = (a.astype(np.float64) for a in self.prior_mixture())
+        k = rng.choice(len(log_pi), size=n, p=np.exp(log_pi) / np.exp(log_pi).sum())
+        return means[k] + np.exp(0.5 * log_vars[k]) * rng.standard_normal((n, self.latent))
+
+    def log_prior(self, z, chunk=1000):
+        """log p(z) per row of z (float64, no gradient)."""
+        if self.prior == "standard":
+            return log_standard_normal(z)
+        mixture = [a.astype(np.float64) for a in self.prior_mixture()]
+        return np.concatenate([mixture_log_density(np.asarray(z[i:i + chunk], np.float64), *mixture)[0]
+                               for i in range(0, len(z), chunk)])
+
     def sample_prior(self, n, rng):
-        """n images decoded from z ~ N(0, I), the prior: draws from the whole data distribution."""
-        z = rng.standard_normal((n, self.latent)).astype(self.dtype)
+        """n images decoded from z ~ p(z), the prior: draws from the whole data distribution."""
+        z = self.sample_z(n, rng).astype(self.dtype)
         return sigmoid(self.decode(z))
 
     def sample_posterior(self, x, n, rng):
@@ -113,7 +203,8 @@ class VAE:
 
     @property
     def arch(self):
-        return {"n_in": self.n_in, "hidden": self.hidden, "latent": self.latent}
+        return {"n_in": self.n_in, "hidden": self.hidden, "latent": self.latent, "prior": self.prior,
+                "components": self.components}
 
 
 @contextlib.contextmanager
@@ -131,13 +222,14 @@ def atomic_path(path):
 
 def save(model, path, **extra):
     """One .npz: the architecture, every parameter, and any extra arrays (a training checkpoint's state)."""
-    arrays = {"arch": np.array([model.n_in, model.hidden, model.latent]), **model.params(),
+    arrays = {"arch": np.array([model.n_in, model.hidden, model.latent]), "prior": np.array(model.prior),
+              "components": np.array(model.components), **model.params(),
               **{"extra." + k: v for k, v in extra.items()}}
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
 
 
-def load(path, expect_arch=None):
+def load(path):
     """(model, extra) from a file written by save(). Raises CheckpointError with a one-line reason."""
     try:
         with np.load(path, allow_pickle=False) as f:
@@ -149,12 +241,11 @@ def load(path, expect_arch=None):
     if "arch" not in arrays or arrays["arch"].shape != (3,):
         raise CheckpointError(f"{path}: no architecture record; not a model saved by this project")
     n_in, hidden, latent = (int(v) for v in arrays["arch"])
-    arch = {"n_in": n_in, "hidden": hidden, "latent": latent}
-    if expect_arch is not None and arch != expect_arch:
-        raise CheckpointError(f"{path}: architecture {arch} differs from the requested {expect_arch}; "
-                              f"pass the same --hidden/--latent or start a new run")
+    prior, components = str(arrays.get("prior", "standard")), int(arrays.get("components", 0))
+    if prior not in PRIORS:
+        raise CheckpointError(f"{path}: unknown prior {prior!r}; not a model saved by this project")
     dtype = arrays["enc.0.W"].dtype if "enc.0.W" in arrays else np.float32
-    model = VAE(n_in, hidden, latent, dtype=dtype)
+    model = VAE(n_in, hidden, latent, dtype=dtype, prior=prior, components=components)
     for name, p in model.params().items():
         if name not in arrays or arrays[name].shape != p.shape:
             raise CheckpointError(f"{path}: parameter {name} is missing or has the wrong shape; corrupt file")
@@ -184,6 +275,19 @@ def logsumexp(a, axis):
     return (m + np.log(np.exp(a - m).sum(axis=axis, keepdims=True))).squeeze(axis)
 
 
+def mixture_log_density(z, means, log_vars, log_pi):
+    """log p(z) = log sum_k pi_k N(z; m_k, diag(s_k^2)) per row of z (B, Z), s_k^2 = exp(log_vars_k), and what its
+    gradient needs: the responsibilities r_bk = pi_k N(z_b; m_k, s_k^2) / p(z_b) (rows sum to 1), the scaled
+    differences (z_b - m_k) / s_k^2 and the differences z_b - m_k, each (B, K, Z) but r."""
+    inv_var = np.exp(-log_vars)                                             # 1 / s_k^2, (K, Z)
+    diff = z[:, None, :] - means[None, :, :]                                # z_b - m_k
+    scaled = diff * inv_var
+    log_comp = -0.5 * ((scaled * diff).sum(2) + log_vars.sum(1) + z.shape[1] * LOG_2PI)   # log N(z_b; m_k, s_k^2)
+    a = log_pi + log_comp
+    log_p = logsumexp(a, axis=1)
+    return log_p, (np.exp(a - log_p[:, None]), scaled, diff)
+
+
 def iw_nll(model, x, k, rng, eps=None, batch_size=25):
     """Importance-weighted estimate of -log p(x) per example (Burda et al. 2015), with K draws from q(z|x):
 
@@ -201,7 +305,8 @@ def iw_nll(model, x, k, rng, eps=None, batch_size=25):
         # log q(z|x) = sum_d log N(z_d; mu_d, sigma_d^2), and (z - mu) / sigma = eps.
         log_q = -0.5 * (e * e).sum(-1) - 0.5 * log_var.sum(-1) - 0.5 * model.latent * LOG_2PI
         # log w = log p(x|z) + log p(z) - log q(z|x), (K, B); the pixel sum in the model's dtype, the rest float64.
-        log_w = log_bernoulli(xb, logits).astype(np.float64) + log_standard_normal(z) - log_q
+        log_p = model.log_prior(z.reshape(-1, model.latent)).reshape(k, len(xb))                # log p(z)
+        log_w = log_bernoulli(xb, logits).astype(np.float64) + log_p - log_q
         out[i:i + batch_size] = -(logsumexp(log_w, axis=0) - np.log(k))
     return out
 
@@ -295,13 +400,13 @@ def aggregate_posterior_moments(mu, log_var, threshold=0.01):
             "activity": activity.tolist(), "active_units": int((activity > threshold).sum())}
 
 
-def elbo_surgery(mu, log_var, rng, chunk=128):
+def elbo_surgery(mu, log_var, rng, log_prior=None, chunk=128):
     """Split the average KL term as Hoffman & Johnson (2016): with q(z) = (1/N) sum_n q(z|x_n),
 
         mean_n KL(q(z|x_n) || p(z)) = I(x; z) + KL(q(z) || p(z)),
         I(x; z) = E_n E_q(z|x_n)[log q(z|x_n) - log q(z)],  KL(q(z)||p(z)) = E_q(z)[log q(z) - log p(z)],
 
-    each estimated with one z_n ~ q(z|x_n) per data point; log q(z) sums over all N components (log-sum-exp),
+    p(z) = N(0, I) unless log_prior (a function of z) is given. Each is estimated with one z_n ~ q(z|x_n) per data point; log q(z) sums over all N components (log-sum-exp),
     the Gaussian exponents expanded into matrix products. Returns the three terms (nats) and the check
     sum I + KL_agg, which equals the Monte Carlo average KL for the same draws exactly."""
     mu, log_var = np.asarray(mu, np.float64), np.asarray(log_var, np.float64)
@@ -321,9 +426,12 @@ def elbo_surgery(mu, log_var, rng, chunk=128):
         log_comp += const
         log_comp *= -0.5                                                    # log N(z_i; mu_n, var_n)
         log_q_agg[i:i + chunk] = logsumexp(log_comp, axis=1) - np.log(n)     # log q(z_i)
-    log_p = log_standard_normal(z)
+    log_p = log_standard_normal(z) if log_prior is None else log_prior(z)
     mi, kl_agg = float((log_q_own - log_q_agg).mean()), float((log_q_agg - log_p).mean())
-    avg_kl = float((0.5 * (mu * mu + var - 1 - log_var).sum(1)).mean())    # closed form, per data point
+    if log_prior is None:                                                   # N(0, I): closed form per data point
+        avg_kl = float((0.5 * (mu * mu + var - 1 - log_var).sum(1)).mean())
+    else:                                                                   # a learned prior: the same draws
+        avg_kl = float((log_q_own - log_p).mean())
     return {"average_kl": avg_kl, "mutual_information": mi, "kl_aggregate_prior": kl_agg,
             "mutual_information_plus_kl_aggregate_prior": mi + kl_agg}
 
