@@ -232,7 +232,7 @@ def write_figures(out, model, x_test, state, seed):
 
     fig, ax = plt.subplots(figsize=(5, 5))
     image_grid(ax, model.sample_prior(64, np.random.default_rng([seed, 2])), rows=8,
-               title="decoded prior samples, z ~ N(0, I)")
+               title=f"decoded prior samples, z ~ {prior_name(model)}")
     save_figure(fig, os.path.join(out, "samples_prior.png"))
 
     fig, ax = plt.subplots(figsize=(5, 3.2))
@@ -310,7 +310,6 @@ def write_analysis_figures(out, model, x_test, y_test, gmm, z_train, z_prior, in
     cols = min(zs, 5)
     fig, axes = plt.subplots(math.ceil(zs / cols), cols, figsize=(2.6 * cols, 1.9 * math.ceil(zs / cols)),
                              squeeze=False)
-    grid = np.linspace(-4, 4, 200)
     gmm_vars = np.diagonal(gmm["covs"], axis1=1, axis2=2) if gmm["covs"].ndim == 3 else gmm["covs"]
     if model.prior == "standard":
         prior_pi, prior_means, prior_vars = np.ones(1), np.zeros((1, zs)), np.ones((1, zs))
@@ -320,7 +319,9 @@ def write_analysis_figures(out, model, x_test, y_test, gmm, z_train, z_prior, in
     for d, ax in enumerate(axes.flat):
         if d >= zs:
             ax.set_axis_off(); continue
-        ax.hist(z_train[:, d], bins=60, range=(-4, 4), density=True, color="tab:blue", alpha=0.4)
+        half = 4 * max(1.0, np.sqrt(moments["variance"][d]))          # +-4 sd of q(z) or of N(0, 1), the wider
+        grid = np.linspace(moments["mean"][d] - half, moments["mean"][d] + half, 200)
+        ax.hist(z_train[:, d], bins=60, range=(grid[0], grid[-1]), density=True, color="tab:blue", alpha=0.4)
         ax.plot(grid, mixture_marginal(grid, np.exp(gmm["log_pi"]), gmm["means"][:, d], gmm_vars[:, d]),
                 color="tab:blue", lw=1.2)
         ax.plot(grid, mixture_marginal(grid, prior_pi, prior_means[:, d], prior_vars[:, d]), "k--", lw=1)
