@@ -550,6 +550,12 @@ def test_latent_2d_run_draws_the_latent_space_and_records_the_aggregate_measurem
     assert (out / "samples_three_ways.png").exists() and (out / "latent_space.png").stat().st_mtime_ns >= before
 
 
+def test_an_out_of_range_posterior_image_is_refused_before_training(tmp_path, data_dir, capsys, monkeypatch):
+    monkeypatch.setattr(train, "train_epoch", lambda *a: pytest.fail("trained before checking the options"))
+    assert run_cli("--data-dir", data_dir, "--posterior-image", "200", "--out", str(tmp_path / "r")) == 1
+    assert "out of range" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
 def test_analyze_refuses_an_out_of_range_posterior_image(tmp_path, data_dir, capsys):
     vae.save(vae.VAE(784, 8, 2), str(tmp_path / "model.npz"))
     assert run_cli("--data-dir", data_dir, "--analyze", str(tmp_path / "model.npz"), "--posterior-image",
@@ -608,8 +614,10 @@ def test_learned_prior_model_save_load_round_trip(tmp_path, prior):
 @pytest.mark.parametrize("prior", ["mog", "vamp"])
 def test_learned_prior_trains_and_is_measured_against_itself(tmp_path, data_dir, prior, capsys):
     out = tmp_path / prior
-    assert run_cli("--data-dir", data_dir, *SMALL, "--prior", prior, "--prior-components", "5", "--epochs", "2",
-                   "--gmm-components", "3", "--out", str(out)) == 0
+    latent = ["--latent", "2"] if prior == "vamp" else []    # the 2-D figures, drawn for a learned prior too
+    assert run_cli("--data-dir", data_dir, *SMALL, *latent, "--prior", prior, "--prior-components", "5",
+                   "--epochs", "2", "--gmm-components", "3", "--out", str(out)) == 0
+    assert (out / "latent_space.png").exists() == (prior == "vamp")
     m = json.loads((out / "metrics.json").read_text())
     assert m["config"]["prior"] == prior and m["config"]["prior_components"] == 5
     assert m["train_loss"][-1] < m["train_loss"][0]

@@ -63,7 +63,7 @@ def parse_args(argv):
     p.add_argument("--prior-components", type=positive(int), help="K of a learned prior (default: "
                    + ", ".join(f"{k} {n}" for k, n in vae.PRIORS.items() if n) + ")")
     p.add_argument("--seed", type=int, help="default: 0")
-    p.add_argument("--out", help="output folder (default: runs/<dataset>-h<hidden>-z<latent>-s<seed>)")
+    p.add_argument("--out", help="output folder (default: runs/<dataset>-h<hidden>-z<latent>-s<seed>[-<prior>])")
     p.add_argument("--resume", metavar="CHECKPOINT", help="continue the run saved in this checkpoint.npz")
     p.add_argument("--analyze", metavar="MODEL", help="no training: measure and draw the latent space of this "
                    "model.npz (figures and metrics.json go beside it, or to --out)")
@@ -350,18 +350,28 @@ def write_latent_2d_figures(out, model, x_test, y_test, z_prior, in_hole):
     fig, ax = plt.subplots(figsize=(6.5, 6))
     sc = ax.scatter(mu[:, 0], mu[:, 1], c=y_test, cmap="tab10", s=2, alpha=0.6)
     fig.colorbar(sc, ax=ax, ticks=range(10), label="label")
-    for r in (1, 2, 3):
-        ax.add_patch(plt.Circle((0, 0), r, fill=False, ls="--", color="k", lw=0.8))
     shown = slice(0, 1000)
     ax.scatter(*z_prior[shown][in_hole[shown]].T, marker="x", color="red", s=14,
                label=f"prior draws in holes ({100 * in_hole.mean():.1f}% of all)")
-    ax.set_aspect("equal"); ax.set_xlim(-4, 4); ax.set_ylim(-4, 4); ax.legend(loc="upper right", fontsize=8)
-    ax.set_title("test posterior means by label; prior 1, 2, 3 sigma circles", fontsize=10)
+    if model.prior == "standard":
+        for r in (1, 2, 3):
+            ax.add_patch(plt.Circle((0, 0), r, fill=False, ls="--", color="k", lw=0.8))
+        ax.set_xlim(-4, 4); ax.set_ylim(-4, 4)
+        title = "test posterior means by label; prior 1, 2, 3 sigma circles"
+    else:
+        title = f"test posterior means by label; prior {prior_name(model)}"
+    ax.set_aspect("equal"); ax.legend(loc="upper right", fontsize=8); ax.set_title(title, fontsize=10)
     save_figure(fig, os.path.join(out, "latent_space.png"))
 
-    n = 20                                          # decode a grid of prior quantiles: equal prior mass per cell
-    q = np.array([NormalDist().inv_cdf(p) for p in np.linspace(0.5 / n, 1 - 0.5 / n, n)])
-    z = np.stack(np.meshgrid(q, q[::-1]), -1).reshape(-1, 2).astype(model.dtype)
+    # Decode a grid over the latent plane: quantiles of N(0, 1) on each axis (equal prior mass per cell), or,
+    # for a learned prior, the same quantiles of the prior's own draws.
+    n = 20
+    levels = np.linspace(0.5 / n, 1 - 0.5 / n, n)
+    if model.prior == "standard":
+        gx = gy = np.array([NormalDist().inv_cdf(p) for p in levels])
+    else:
+        gx, gy = np.quantile(z_prior[:, 0], levels), np.quantile(z_prior[:, 1], levels)
+    z = np.stack(np.meshgrid(gx, gy[::-1]), -1).reshape(-1, 2).astype(model.dtype)
     fig, ax = plt.subplots(figsize=(7, 7))
     image_grid(ax, vae.sigmoid(model.decode(z)), rows=n,
                title=f"decoded grid of prior quantiles ({50 / n:.1f}% .. {100 - 50 / n:.1f}% per axis)")
@@ -444,6 +454,7 @@ def run(args):
         out = args.out or os.path.join("runs", f"{cfg['dataset']}-h{cfg['hidden']}-z{cfg['latent']}-s{cfg['seed']}"
                                        + ("" if cfg["prior"] == "standard" else f"-{cfg['prior']}"))
     x_train, _, x_test, y_test = mnist.load(cfg["dataset"], args.data_dir, args.mirror)
+    image_index = check_image_index(args.posterior_image, x_test)   # before training, not after it
     if not args.resume:
         model = vae.VAE(x_train.shape[1], cfg["hidden"], cfg["latent"], seed=cfg["seed"], prior=cfg["prior"],
                         components=cfg["prior_components"])
@@ -475,6 +486,7 @@ def run(args):
                 save_checkpoint(checkpoint, model, opt, state, cfg)
                 print(f"\ninterrupted: saved {checkpoint} at epoch {state['epoch'] + 1}, step {state['step']}; "
                       f"continue with: python train.py --resume {checkpoint}" +
+                      (f" --data-dir {args.data_dir}" if args.data_dir else "") +
                       (f" --epochs {args.epochs}" if args.epochs != 10 else ""))
                 return 130
             test = evaluate(model, x_test, cfg["seed"])
@@ -501,7 +513,7 @@ def run(args):
                "examples_per_second": len(x_train) * len(state["epoch_seconds"]) / max(sum(state["epoch_seconds"]), 1e-9)}
     print(f"test negative ELBO {test[0]:.2f} nats (recon {test[1]:.2f} + kl {test[2]:.2f})")
     metrics.update(analyze(model, x_train, x_test, y_test, cfg, out, args.iw_samples, args.gmm_components,
-                           args.gmm_covariance, check_image_index(args.posterior_image, x_test)))
+                           args.gmm_covariance, image_index))
     write_json(os.path.join(out, "metrics.json"), metrics)
     print(f"wrote model.npz, metrics.json and figures to {out}")
     return 0
@@ -548,6 +560,9 @@ def main(argv=None):
     except (mnist.DataError, vae.CheckpointError, NonFiniteLoss) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:   # outside the training loop (download, analysis): every file is whole or absent
+        print("\ninterrupted; the last checkpoint written, if any, is intact", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
