@@ -87,6 +87,8 @@ def parse_idx(path, magic):
             ndim = header[3]                        # the magic's last byte is the number of dimensions
             dims = f.read(4 * ndim)
             shape = struct.unpack(f">{ndim}i", dims) if len(dims) == 4 * ndim else None
+            if shape and (min(shape) < 0 or np.prod(shape, dtype=np.int64) > 1 << 32):
+                raise DataError(f"{path}: IDX header claims shape {shape}; corrupt file, delete it")
             data = np.empty(int(np.prod(shape)) if shape else 0, dtype=np.uint8)
             got, view = 0, memoryview(data)
             while got < data.size and (n := f.readinto(view[got:got + (1 << 20)])):   # 1 MiB at a time: gzip's

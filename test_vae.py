@@ -231,6 +231,7 @@ def test_idx_write_parse_round_trip(tmp_path):
     (lambda p: mnist.write_idx(p, np.zeros((600, 27, 27), np.uint8)), "expected 28x28"),
     (lambda p: mnist.write_idx(p, np.zeros((599, 28, 28), np.uint8)), "labels for 599 images"),
     (lambda p: p.write_bytes(gzip.compress(gzip.decompress(p.read_bytes())[:-10])), "truncated"),
+    (lambda p: p.write_bytes(gzip.compress(bytes.fromhex("00000803 ffffffff 0000001c 0000001c"))), "claims shape"),
     (lambda p: p.unlink(), "no local data|could not download"),
 ])
 def test_bad_archives_give_one_line_errors(tmp_path, capsys, corrupt, message):
