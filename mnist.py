@@ -69,7 +69,8 @@ def download(name, mirrors, dest, checksum, timeout=30):
             if os.path.exists(part):
                 os.remove(part)                     # failed or wrong: nothing of it stays in the cache
     raise DataError(f"could not download {name}; tried: " + "; ".join(tried) +
-                    f". Put the archive in {os.path.dirname(dest) or '.'} yourself, or pass --mirror URL")
+                    f". Put the archives in {os.path.dirname(dest) or '.'} yourself (or point --data-dir at a folder "
+                   f"that has them), or pass --mirror URL")
 
 
 def parse_idx(path, magic):
