@@ -7,6 +7,7 @@ import hashlib
 import http.server
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -241,7 +242,7 @@ def test_bad_archives_give_one_line_errors(tmp_path, capsys, corrupt, message):
                        str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 1 and err.startswith("error: ") and err.count("\n") == 1, err
-    assert __import__("re").search(message, err), err
+    assert re.search(message, err), err
     assert not (tmp_path / "run").exists()                  # nothing written for a run that never started
 
 
