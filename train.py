@@ -273,8 +273,7 @@ def analyze(model, x_train, x_test, y_test, cfg, out, iw_samples, gmm_components
     surgery = vae.elbo_surgery(mu, log_var, rng, None if model.prior == "standard" else model.log_prior)
     eps = rng.standard_normal(mu.shape)
     z = mu + np.exp(0.5 * log_var) * eps
-    log_q = -0.5 * (eps * eps + log_var + vae.LOG_2PI).sum(1)                 # log q(z|x) at z = mu + sigma eps
-    kl_fitted = float((log_q - vae.gmm_log_density(gmm, z)).mean())        # E[log q(z|x) - log q_fit(z)]
+    kl_fitted = float((vae.log_q_at_eps(eps, log_var) - vae.gmm_log_density(gmm, z)).mean())  # E[log q - log q_fit]
     t0 = time.perf_counter()
     iw = float(np.mean([vae.iw_nll(model, x_test[i:i + 1000].astype(model.dtype) / 255, iw_samples, rng)
                         for i in range(0, len(x_test), 1000)]))

@@ -78,7 +78,7 @@ class VAE:
             h = self.encoder.forward(np.concatenate([x, self.prior_params["u"]]))
             mu, log_var, h_u = h[:B, :self.latent], h[:B, self.latent:], h[B:]
         else:
-            mu, log_var = self.encode(x)
+            (mu, log_var), h_u = self.encode(x), None
         sigma = np.exp(0.5 * log_var)                                   # sigma = exp(log_var / 2)
         z = mu + sigma * eps                                            # z = mu + sigma * eps
         logits = self.decode(z)
@@ -91,12 +91,9 @@ class VAE:
             # KL = -1/2 * sum(1 + log_var - mu^2 - exp(log_var))
             kl = -0.5 * (1.0 + log_var - mu * mu - sigma * sigma).sum(axis=1)
         else:
-            # A learned prior has no closed-form KL: estimate it at the same z, KL ~ log q(z|x) - log p(z), with
-            # log q(z|x) = sum_d log N(z_d; mu_d, sigma_d^2) = sum_d -eps_d^2/2 - log_var_d/2 - log(2 pi)/2.
-            log_q = -0.5 * (eps * eps + log_var + LOG_2PI).sum(axis=1)
-            log_p, self.prior_cache = mixture_log_density(z, *self.prior_mixture(h_u if self.prior == "vamp"
-                                                                                    else None))
-            kl = log_q - log_p
+            # A learned prior has no closed-form KL: estimate it at the same z, KL ~ log q(z|x) - log p(z).
+            log_p, self.prior_cache = mixture_log_density(z, *self.prior_mixture(h_u))
+            kl = log_q_at_eps(eps, log_var) - log_p
         self.cache = (x, mu, log_var, sigma, eps, logits)
         recon, kl = float(recon.mean()), float(kl.mean())
         return recon + kl, recon, kl
@@ -176,11 +173,12 @@ class VAE:
         k = rng.choice(len(log_pi), size=n, p=np.exp(log_pi) / np.exp(log_pi).sum())
         return means[k] + np.exp(0.5 * log_vars[k]) * rng.standard_normal((n, self.latent))
 
-    def log_prior(self, z, chunk=1000):
-        """log p(z) per row of z (float64, no gradient)."""
+    def log_prior(self, z, mixture=None, chunk=1000):
+        """log p(z) per row of z (float64, no gradient). mixture: prior_mixture() in float64, if the caller
+        already has it (the VampPrior's costs an encoder pass)."""
         if self.prior == "standard":
             return log_standard_normal(z)
-        mixture = [a.astype(np.float64) for a in self.prior_mixture()]
+        mixture = mixture or [a.astype(np.float64) for a in self.prior_mixture()]
         return np.concatenate([mixture_log_density(np.asarray(z[i:i + chunk], np.float64), *mixture)[0]
                                for i in range(0, len(z), chunk)])
 
@@ -264,6 +262,12 @@ def log_standard_normal(z):
     return -0.5 * (z * z).sum(-1) - 0.5 * z.shape[-1] * LOG_2PI
 
 
+def log_q_at_eps(eps, log_var):
+    """log q(z|x) at z = mu + sigma * eps: sum_d log N(z_d; mu_d, sigma_d^2), and (z_d - mu_d) / sigma_d = eps_d,
+    so it is sum_d -eps_d^2/2 - log_var_d/2 - log(2 pi)/2 (summed over the last axis)."""
+    return -0.5 * (eps * eps + log_var + LOG_2PI).sum(-1)
+
+
 def log_bernoulli(x, logits):
     """log p(x|z) = sum_j x_j l_j - softplus(l_j), summed over the last axis (stable for any logit)."""
     return (x * logits - np.maximum(logits, 0) - np.log1p(np.exp(-np.abs(logits)))).sum(-1)
@@ -296,6 +300,7 @@ def iw_nll(model, x, k, rng, eps=None, batch_size=25):
     For K = 1 it is the single-sample negative ELBO, its KL term estimated at the same z; by Jensen it is never above the negative ELBO averaged
     over the same draws, and it falls towards -log p(x) as K grows. eps (K, len(x), Z) may be given."""
     out = np.empty(len(x))
+    mixture = None if model.prior == "standard" else [a.astype(np.float64) for a in model.prior_mixture()]
     for i in range(0, len(x), batch_size):
         xb = x[i:i + batch_size]
         mu, log_var = (a.astype(np.float64) for a in model.encode(xb))
@@ -303,9 +308,9 @@ def iw_nll(model, x, k, rng, eps=None, batch_size=25):
         z = mu + np.exp(0.5 * log_var) * e                                       # (K, B, Z)
         logits = model.decode(z.reshape(-1, model.latent).astype(model.dtype)).reshape(k, len(xb), -1)
         # log q(z|x) = sum_d log N(z_d; mu_d, sigma_d^2), and (z - mu) / sigma = eps.
-        log_q = -0.5 * (e * e).sum(-1) - 0.5 * log_var.sum(-1) - 0.5 * model.latent * LOG_2PI
+        log_q = log_q_at_eps(e, log_var)                                         # log q(z|x), (K, B)
         # log w = log p(x|z) + log p(z) - log q(z|x), (K, B); the pixel sum in the model's dtype, the rest float64.
-        log_p = model.log_prior(z.reshape(-1, model.latent)).reshape(k, len(xb))                # log p(z)
+        log_p = model.log_prior(z.reshape(-1, model.latent), mixture).reshape(k, len(xb))       # log p(z)
         log_w = log_bernoulli(xb, logits).astype(np.float64) + log_p - log_q
         out[i:i + batch_size] = -(logsumexp(log_w, axis=0) - np.log(k))
     return out
@@ -414,7 +419,7 @@ def elbo_surgery(mu, log_var, rng, log_prior=None, chunk=128):
     var = np.exp(log_var)
     eps = rng.standard_normal((n, d))
     z = mu + np.sqrt(var) * eps
-    log_q_own = -0.5 * (eps * eps + log_var + LOG_2PI).sum(1)               # log q(z_n | x_n)
+    log_q_own = log_q_at_eps(eps, log_var)                                  # log q(z_n | x_n)
     # log N(z_i; mu_n, var_n) = -1/2 [z_i^2 . (1/var_n) - 2 z_i . (mu_n/var_n) + sum mu_n^2/var_n + sum log var_n + D log 2pi]
     inv_var_t, mu_over_var_t = (1 / var).T, (mu / var).T
     const = (mu * mu / var).sum(1) + log_var.sum(1) + d * LOG_2PI
