@@ -6,6 +6,7 @@ Every layer follows one contract (the CS231n one, with the cache kept on the lay
 Shapes: x is (B, n_in), y is (B, n_out); B is the batch size.
 """
 import math
+import time
 
 import numpy as np
 
@@ -136,3 +137,24 @@ def grad_check(loss_fn, params, analytic, h=1e-5, n_checks=None, rng=None):
             worst = max(worst, abs(g[i] - numeric) / max(abs(g[i]) + abs(numeric), 1e-12))
         errors[name] = worst
     return errors
+
+
+def matmul_floor(mlps, batch_size, dtype, reps=50):
+    """Seconds per training step spent in the matrix products of these MLPs alone (the same shapes, timed here),
+    and their FLOP count. For each Linear, W (n_in, n_out): forward x W, backward x^T dy and dy W^T (except for
+    the very first layer, whose input is data). The least time a step can take; the rest is elementwise work."""
+    rng = np.random.default_rng(0)
+    linears = [layer for mlp in mlps for layer in mlp.layers if isinstance(layer, Linear)]
+    work = [(rng.random((batch_size, layer.params["W"].shape[0]), dtype=dtype), layer.params["W"].copy(), i > 0)
+            for i, layer in enumerate(linears)]
+    flops = sum(2 * batch_size * w.size * (3 if needs_dx else 2) for _, w, needs_dx in work)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for x, w, needs_dx in work:
+            y = x @ w                               # forward
+            x.T @ y                                 # dL/dW (y stands in for dy: same shape)
+            if needs_dx:
+                y @ w.T                             # dL/dx
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)), flops

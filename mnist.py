@@ -10,6 +10,7 @@ import os
 import struct
 import urllib.error
 import urllib.request
+import zlib
 
 import numpy as np
 
@@ -97,12 +98,17 @@ def parse_idx(path, magic):
             trailing = len(f.read(1))
     except FileNotFoundError:
         raise DataError(f"{path}: missing")
-    except (OSError, EOFError, gzip.BadGzipFile) as err:
+    except (OSError, EOFError, zlib.error) as err:        # gzip.BadGzipFile is an OSError
         raise DataError(f"{path}: not a valid gzip archive ({err}); delete it to download it again")
     if shape is None or got != data.size or trailing:
         raise DataError(f"{path}: header says {shape}, but the file holds {'more' if trailing else 'fewer'} bytes; "
                         f"truncated or corrupt, delete it")
     return data.reshape(shape)
+
+
+def to_float(images, dtype=np.float32):
+    """uint8 pixels 0..255 -> intensities x / 255 in [0, 1]: one pass, one rounding, the only place pixels are scaled."""
+    return np.divide(images, 255, dtype=dtype)
 
 
 def write_idx(path, array):

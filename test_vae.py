@@ -1,21 +1,25 @@
-"""The suite: every gradient against finite differences, the estimators against closed forms, the data and
-the training CLI against generated files. Offline (loopback only), under 30 s on 2 cores."""
+"""The suite: every gradient against finite differences, the estimators against closed forms and exact values,
+the data and the training CLI against generated files. Offline (loopback only), under 30 s on 2 cores."""
+import builtins
 import contextlib
 import functools
 import gzip
 import hashlib
 import http.server
 import json
+import math
 import os
 import re
 import signal
 import subprocess
 import sys
 import threading
+import zlib
 
 import numpy as np
 import pytest
 
+import analysis
 import mnist
 import train
 import vae
@@ -29,7 +33,12 @@ def assert_grads_close(errors, tol):
     assert not bad, f"relative error above {tol}: " + ", ".join(f"{k}={e:.2e}" for k, e in bad.items())
 
 
-# ---- gradients ---------------------------------------------------------------------------------------------
+def direct_log_normal(z, mean, var):
+    """log N(z; mean, diag(var)) written out independently of vae.log_normal."""
+    return (-0.5 * (z - mean) ** 2 / var - 0.5 * np.log(2 * np.pi * var)).sum(-1)
+
+
+# ---- gradients: the layers, the checker, each loss piece, the whole model ----------------------------------
 
 def test_linear_backward_matches_finite_differences():
     rng = np.random.default_rng(0)
@@ -64,30 +73,102 @@ def test_mlp_backward_matches_finite_differences():
                                   {**mlp.named("grads", "mlp"), "x": dx}), 1e-6)
 
 
+def test_grad_check_reports_a_relative_error_near_one_for_a_wrong_gradient():
+    # The negative control: a checker that passed wrong gradients would make every check above meaningless.
+    rng = np.random.default_rng(3)
+    x, r = rng.standard_normal((4, 5)), rng.standard_normal((4, 5))
+    loss = lambda: float((x * x * r).sum())             # dL/dx = 2 x r
+    right = 2 * x * r
+    assert grad_check(loss, {"x": x}, {"x": right})["x"] < 1e-8
+    assert grad_check(loss, {"x": x}, {"x": -right})["x"] == pytest.approx(1.0)         # a flipped sign
+    assert grad_check(loss, {"x": x}, {"x": x * r})["x"] == pytest.approx(1 / 3)        # a dropped factor 2
+    assert grad_check(loss, {"x": x}, {"x": np.zeros_like(x)})["x"] == pytest.approx(1.0)
+
+
+def check_piece(forward, backward, inputs, seed=4):
+    """Grad-check a forward/backward pair alone: L = sum_b dout_b * out_b for a random dout (B,)."""
+    dout = np.random.default_rng(seed).uniform(0.5, 1.5, len(next(iter(inputs.values()))))
+    out, cache = forward(**inputs)
+    grads = dict(zip(inputs, backward(dout, cache)))
+    return grad_check(lambda: float((dout * forward(**inputs)[0]).sum()), {k: inputs[k] for k in grads}, grads)
+
+
+def test_bernoulli_nll_backward_matches_finite_differences():
+    rng = np.random.default_rng(5)
+    errors = check_piece(vae.bernoulli_nll_forward, lambda d, c: [vae.bernoulli_nll_backward(d, c)],
+                         {"logits": rng.standard_normal((6, 9)) * 3, "x": rng.uniform(0, 1, (6, 9))})
+    assert_grads_close(errors, 1e-7)
+
+
+def test_reparameterize_backward_matches_finite_differences():
+    rng = np.random.default_rng(6)
+    mu, log_var, eps = rng.standard_normal((6, 3)), rng.uniform(-2, 1, (6, 3)), rng.standard_normal((6, 3))
+    r = rng.standard_normal((6, 3))                     # z is (B, Z): reduce it with a random r
+    z, cache = vae.reparameterize_forward(mu, log_var, eps)
+    dmu, dlog_var = vae.reparameterize_backward(r, cache)
+    errors = grad_check(lambda: float((vae.reparameterize_forward(mu, log_var, eps)[0] * r).sum()),
+                        {"mu": mu, "log_var": log_var}, {"mu": dmu, "log_var": dlog_var})
+    assert_grads_close(errors, 1e-7)
+
+
+def test_kl_normal_backward_matches_finite_differences():
+    rng = np.random.default_rng(7)
+    errors = check_piece(vae.kl_normal_forward, vae.kl_normal_backward,
+                         {"mu": rng.standard_normal((6, 3)), "log_var": rng.uniform(-2, 1, (6, 3))})
+    assert_grads_close(errors, 1e-7)
+
+
+def test_kl_mixture_backward_matches_finite_differences():
+    rng = np.random.default_rng(8)
+    inputs = {"z": rng.standard_normal((6, 3)), "log_var": rng.uniform(-2, 1, (6, 3)),
+              "means": rng.standard_normal((4, 3)), "log_vars": rng.uniform(-1, 1, (4, 3)),
+              "log_pi": np.log(rng.dirichlet(np.ones(4)))}
+    eps = rng.standard_normal((6, 3))
+    forward = lambda z, log_var, means, log_vars, log_pi: vae.kl_mixture_forward(z, eps, log_var, means, log_vars, log_pi)
+    assert_grads_close(check_piece(forward, vae.kl_mixture_backward, inputs), 1e-7)
+
+
 def small_vae_batch(seed=3, n_in=12, hidden=7, latent=3, batch=5, prior="standard"):
     rng = np.random.default_rng(seed)
     model = vae.VAE(n_in, hidden, latent, seed=seed, dtype=np.float64, prior=prior, components=4)
+    if prior == "vamp":                                 # pseudo-inputs inside (0, 1), away from the clip's kinks
+        model.prior.params["u"][...] = rng.uniform(0.05, 0.95, model.prior.params["u"].shape)
     x = rng.uniform(0, 1, (batch, n_in))                # intensities in [0, 1], as the images are
     eps = rng.standard_normal((batch, latent))
     return model, x, eps
 
 
+@pytest.mark.parametrize("beta", [1.0, 0.3, 2.5])
 @pytest.mark.parametrize("prior, prior_params", [("standard", set()),
                                                   ("mog", {"prior.means", "prior.log_vars", "prior.logits"}),
                                                   ("vamp", {"prior.u"})])
-def test_negative_elbo_backward_matches_finite_differences_for_every_parameter(prior, prior_params):
+def test_objective_backward_matches_finite_differences_for_every_parameter(prior, prior_params, beta):
+    # The objective is recon + beta * KL; beta = 1 is the negative ELBO. A beta applied to the reconstruction
+    # path, or missing from one KL path, fails here for beta != 1.
     model, x, eps = small_vae_batch(prior=prior)
     model.forward(x, eps)
-    model.backward()
+    model.backward(beta)
     analytic = {k: g.copy() for k, g in model.grads().items()}
-    errors = grad_check(lambda: model.forward(x, eps)[0], model.params(), analytic)
+    objective = lambda: (lambda loss, recon, kl: recon + beta * kl)(*model.forward(x, eps))
+    errors = grad_check(objective, model.params(), analytic)
     assert set(errors) == {"enc.0.W", "enc.0.b", "enc.2.W", "enc.2.b", "dec.0.W", "dec.0.b", "dec.2.W",
                            "dec.2.b"} | prior_params
     assert_grads_close(errors, 1e-6)
 
 
+def test_vamp_pseudo_inputs_stay_in_0_1_and_get_no_gradient_where_clipped():
+    model, x, eps = small_vae_batch(prior="vamp")
+    u = model.prior.params["u"]
+    u[0, :6], u[1, :6] = -0.3, 1.4                       # pushed outside [0, 1]
+    model.forward(x, eps)
+    model.backward()
+    used = model.prior.with_pseudo_inputs(x)[len(x):]
+    assert used.min() >= 0 and used.max() <= 1 and np.all(used[0, :6] == 0) and np.all(used[1, :6] == 1)
+    assert np.all(model.prior.grads["u"][:2, :6] == 0) and np.any(model.prior.grads["u"][:2, 6:] != 0)
+
+
 def test_loss_is_a_deterministic_function_of_params_x_and_eps():
-    model, x, eps = small_vae_batch()
+    model, x, eps = small_vae_batch(prior="mog")
     assert model.forward(x, eps) == model.forward(x, eps)
     assert model.forward(x, eps)[0] != model.forward(x, eps + 0.1)[0]
 
@@ -103,6 +184,27 @@ def test_loss_parts_match_a_direct_computation():
     assert loss == pytest.approx(recon + kl, rel=1e-15)
 
 
+def test_mog_prior_kl_is_log_q_minus_log_p_at_the_same_z():
+    model, x, eps = small_vae_batch(prior="mog")
+    p = model.prior.params
+    p["logits"][:] = [0.5, -1.0, 0.0, 2.0]
+    p["log_vars"][:] = np.random.default_rng(0).uniform(-1, 1, p["log_vars"].shape)
+    _, _, kl = model.forward(x, eps)
+    mu, log_var = model.encode(x)
+    z = mu + np.exp(0.5 * log_var) * eps
+    pi = np.exp(p["logits"]) / np.exp(p["logits"]).sum()
+    density = sum(pi[k] * np.exp(direct_log_normal(z, p["means"][k], np.exp(p["log_vars"][k]))) for k in range(4))
+    assert kl == pytest.approx((direct_log_normal(z, mu, np.exp(log_var)) - np.log(density)).mean(), rel=1e-10)
+
+
+def test_vamp_prior_is_the_mean_of_the_pseudo_inputs_posteriors():
+    model, _, _ = small_vae_batch(prior="vamp")
+    z = np.random.default_rng(1).standard_normal((7, 3))
+    mu_u, log_var_u = model.encode(model.prior.params["u"])
+    direct = np.log(np.mean([np.exp(direct_log_normal(z, m, np.exp(lv))) for m, lv in zip(mu_u, log_var_u)], 0))
+    np.testing.assert_allclose(model.log_prior(z), direct, rtol=1e-10)
+
+
 def test_reconstruction_loss_is_stable_for_huge_logits():
     model, x, eps = small_vae_batch()
     model.decoder.layers[-1].params["b"][:] = 1e4       # sigmoid saturates; naive log(sigmoid) gives -inf
@@ -112,17 +214,12 @@ def test_reconstruction_loss_is_stable_for_huge_logits():
 
 def test_kl_closed_form_matches_monte_carlo():
     rng = np.random.default_rng(4)
-    mu, log_var = np.array([0.5, -1.0, 2.0]), np.array([0.3, -0.7, -2.0])
+    mu, log_var = np.array([[0.5, -1.0, 2.0]]), np.array([[0.3, -0.7, -2.0]])
+    kl = vae.kl_normal_forward(mu, log_var)[0][0]
+    # Monte Carlo: KL = E_q[log q(z) - log p(z)], z ~ q, 10^6 draws, densities written out here.
     sigma = np.exp(0.5 * log_var)
-    model = vae.VAE(1, 1, 3, dtype=np.float64)          # use the model's own KL: a single example, no recon
-    model.encode = lambda x: (mu[None], log_var[None])
-    model.decode = lambda z: np.zeros((1, 1))
-    _, _, kl = model.forward(np.zeros((1, 1)), np.zeros((1, 3)))
-    # Monte Carlo: KL = E_q[log q(z) - log p(z)], z ~ q, 10^6 draws.
     z = mu + sigma * rng.standard_normal((1_000_000, 3))
-    log_q = (-0.5 * ((z - mu) / sigma) ** 2 - np.log(sigma) - 0.5 * np.log(2 * np.pi)).sum(1)
-    log_p = (-0.5 * z ** 2 - 0.5 * np.log(2 * np.pi)).sum(1)
-    diff = log_q - log_p
+    diff = direct_log_normal(z, mu, sigma ** 2) - direct_log_normal(z, 0.0, 1.0)
     mc, se = diff.mean(), diff.std() / np.sqrt(len(diff))
     assert abs(kl - mc) < 4 * se, f"closed form {kl:.5f}, Monte Carlo {mc:.5f} +- {se:.5f}"
 
@@ -152,7 +249,7 @@ class SquareDecoder:
 
 def test_reparameterized_gradient_of_expectation_matches_analytic_value():
     # E_q[sum z^2] = sum(mu^2 + sigma^2), so d/dmu = 2 mu, d/dlog_var = sigma^2. The KL adds mu and
-    # (sigma^2 - 1) / 2. vae.backward's own lines, averaged over many eps, must give these.
+    # (sigma^2 - 1) / 2. VAE.backward's own lines, averaged over many eps, must give these.
     rng = np.random.default_rng(5)
     mu, log_var = np.array([0.7, -1.2]), np.array([0.4, -0.9])
     sigma2 = np.exp(log_var)
@@ -166,15 +263,16 @@ def test_reparameterized_gradient_of_expectation_matches_analytic_value():
     np.testing.assert_allclose(dlog_var, sigma2 + 0.5 * (sigma2 - 1), atol=0.02)
 
 
-def test_a_training_step_stays_in_float32():
+@pytest.mark.parametrize("prior", ["standard", "mog", "vamp"])
+def test_a_training_step_stays_in_float32(prior):
     rng = np.random.default_rng(12)
-    model = vae.VAE(784, 16, 4, seed=0)                 # float32, as train.py builds it
+    model = vae.VAE(784, 16, 4, seed=0, prior=prior, components=3)   # float32, as train.py builds it
     opt = Adam(model.params())
-    x = rng.integers(0, 256, (8, 784)).astype(np.uint8) * np.float32(1 / 255)
-    model.forward(x, rng.standard_normal((8, 4), dtype=np.float32))
-    model.backward()
+    model.forward(mnist.to_float(rng.integers(0, 256, (8, 784)).astype(np.uint8)),
+                  rng.standard_normal((8, 4), dtype=np.float32))
+    model.backward(0.5)
     opt.step(model.grads())
-    arrays = {**{f"cache{i}": a for i, a in enumerate(model.cache)}, **model.params(), **model.grads(),
+    arrays = {**model.params(), **model.grads(), **{f"path.{k}": a for k, a in model.paths.items()},
               **{f"m.{k}": a for k, a in opt.m.items()}, **{f"v.{k}": a for k, a in opt.v.items()}}
     assert {k: a.dtype for k, a in arrays.items() if a.dtype != np.float32} == {}
 
@@ -194,7 +292,262 @@ def test_adam_matches_a_step_computed_by_hand():
     np.testing.assert_allclose(p, want, rtol=1e-12)
 
 
-# ---- data --------------------------------------------------------------------------------------------------
+# ---- sampling: the values, the means and the covariances --------------------------------------------------
+
+class RecordingDecoder:
+    """Stands in for the decoder: records every z it is given and returns logits z[:, :1] * 0 + 0.3."""
+    def forward(self, z):
+        self.z = z.copy()
+        return np.full((len(z), 2), 0.3)
+
+
+def test_reconstruct_is_the_decoded_posterior_mean_written_out():
+    model, x, _ = small_vae_batch()
+    (W1, b1), (W2, b2) = [(l.params["W"], l.params["b"]) for l in model.encoder.layers[::2]]
+    (W3, b3), (W4, b4) = [(l.params["W"], l.params["b"]) for l in model.decoder.layers[::2]]
+    mu = (np.maximum(x @ W1 + b1, 0) @ W2 + b2)[:, :model.latent]
+    want = 1 / (1 + np.exp(-(np.maximum(mu @ W3 + b3, 0) @ W4 + b4)))
+    np.testing.assert_allclose(model.reconstruct(x), want, rtol=1e-12)
+
+
+def test_posterior_samples_are_drawn_from_n_mu_sigma_squared():
+    model, x, _ = small_vae_batch(batch=2)
+    mu, log_var = model.encode(x)
+    model.decoder = RecordingDecoder()
+    images = model.sample_posterior(x, 50_000, np.random.default_rng(9))
+    assert images.shape == (2, 50_000, 2) and np.allclose(images, 1 / (1 + np.exp(-0.3)))
+    z = model.decoder.z.reshape(50_000, 2, model.latent)            # draws for image 0 and image 1
+    np.testing.assert_allclose(z.mean(0), mu, atol=0.03)
+    np.testing.assert_allclose(z.std(0), np.exp(0.5 * log_var), rtol=0.02)   # sigma, not sigma^2
+
+
+def mixture_moments(pi, means, variances):
+    mean = pi @ means
+    cov = sum(p * (np.diag(v) + np.outer(m, m)) for p, m, v in zip(pi, means, variances)) - np.outer(mean, mean)
+    return mean, cov
+
+
+def assert_samples_follow_the_mixture(z, pi, means, variances):
+    """Each draw belongs to the nearest of well-separated means: the share, mean and spread per component."""
+    k = ((z[:, None, :] - means) ** 2).sum(-1).argmin(1)
+    np.testing.assert_allclose(np.bincount(k, minlength=len(pi)) / len(z), pi, atol=0.01)
+    for j in range(len(pi)):
+        np.testing.assert_allclose(z[k == j].mean(0), means[j], atol=0.05)
+        np.testing.assert_allclose(z[k == j].var(0), variances[j], rtol=0.06)
+
+
+def test_standard_prior_samples_have_mean_zero_and_identity_covariance():
+    model, _, _ = small_vae_batch()
+    z = model.sample_z(100_000, np.random.default_rng(10))
+    np.testing.assert_allclose(z.mean(0), 0, atol=0.015)
+    np.testing.assert_allclose(np.cov(z.T), np.eye(3), atol=0.02)
+
+
+def test_mog_prior_samples_have_the_mixture_weights_means_and_variances():
+    model, _, _ = small_vae_batch(prior="mog")
+    p = model.prior.params
+    p["means"][...] = [[8, 0, 0], [0, 8, 0], [0, 0, 8], [-8, -8, -8]]
+    p["log_vars"][...] = np.log([[0.5, 1, 2], [2, 1, 0.25], [1, 1, 1], [0.3, 3, 1]])
+    p["logits"][...] = [0.0, 1.0, -1.0, 0.5]
+    pi = np.exp(p["logits"]) / np.exp(p["logits"]).sum()
+    assert_samples_follow_the_mixture(model.sample_z(200_000, np.random.default_rng(11)), pi, p["means"],
+                                      np.exp(p["log_vars"]))
+
+
+def test_vamp_prior_samples_have_the_mixture_mean_and_covariance():
+    model, _, _ = small_vae_batch(prior="vamp")
+    means, log_vars, log_pi = model.prior.mixture()
+    mean, cov = mixture_moments(np.exp(log_pi), means, np.exp(log_vars))
+    z = model.sample_z(300_000, np.random.default_rng(12))
+    np.testing.assert_allclose(z.mean(0), mean, atol=0.01)
+    np.testing.assert_allclose(np.cov(z.T), cov, atol=0.01)
+
+
+@pytest.mark.parametrize("covariance", ["full", "diag"])
+def test_fitted_mixture_samples_have_the_mixture_weights_means_and_covariances(covariance):
+    means = np.array([[8.0, 0.0], [-8.0, 2.0], [0.0, -9.0]])
+    full = np.array([[[1.0, 0.5], [0.5, 1.0]], [[0.2, 0.0], [0.0, 0.4]], [[2.0, -0.3], [-0.3, 0.5]]])
+    covs = full if covariance == "full" else np.diagonal(full, axis1=1, axis2=2).copy()
+    pi = np.array([0.2, 0.5, 0.3])
+    z = analysis.gmm_sample({"log_pi": np.log(pi), "means": means, "covs": covs}, 200_000, np.random.default_rng(13))
+    assert_samples_follow_the_mixture(z, pi, means, np.diagonal(full, axis1=1, axis2=2))
+    if covariance == "full":
+        k = ((z[:, None, :] - means) ** 2).sum(-1).argmin(1)
+        np.testing.assert_allclose(np.cov(z[k == 0].T), full[0], atol=0.03)   # the correlation too
+
+
+# ---- the importance-weighted likelihood ---------------------------------------------------------------------
+
+def model_whose_posterior_is_exact(prior):
+    """The decoder ignores z (its first layer is zero), so the true posterior p(z|x) is the prior; the encoder
+    outputs that prior for every x. Then every weight p(x|z) p(z) / q(z|x) equals p(x), for every K."""
+    model, x, _ = small_vae_batch(prior=prior)
+    model.decoder.layers[0].params["W"][...] = 0
+    out = model.encoder.layers[-1].params
+    out["W"][...] = 0
+    m, lv = np.array([0.4, -1.0, 2.0]), np.log([0.5, 2.0, 1.5])
+    if prior == "standard":
+        m, lv = np.zeros(3), np.zeros(3)
+    elif prior == "mog":                                # K equal components: the mixture is N(m, exp(lv))
+        model.prior.params["means"][...], model.prior.params["log_vars"][...] = m, lv
+        model.prior.params["logits"][...] = [0.3, -2.0, 1.0, 0.0]
+    out["b"][...] = np.concatenate([m, lv])             # the VampPrior's components are q(z|u_k) = N(m, exp(lv))
+    return model, (x * 255).round().astype(np.uint8)
+
+
+@pytest.mark.parametrize("prior", ["standard", "mog", "vamp"])
+def test_iw_nll_is_exact_for_every_k_when_the_posterior_is_the_true_posterior(prior):
+    model, images = model_whose_posterior_is_exact(prior)
+    x = mnist.to_float(images, np.float64)
+    logits = model.decode(np.zeros((1, 3)))[0]          # the same for every z
+    p = 1 / (1 + np.exp(-logits))
+    exact = -(x * np.log(p) + (1 - x) * np.log(1 - p)).sum(1)   # -log p(x), written out
+    for k in (1, 7, 100):
+        np.testing.assert_allclose(analysis.iw_nll(model, images, k, np.random.default_rng(k)), exact, rtol=1e-10)
+
+
+def test_iw_nll_approaches_the_likelihood_computed_by_quadrature():
+    # A 1-D latent: -log p(x) = -log int p(x|z) N(z; 0, 1) dz, on a dense grid (trapezoid rule in log space).
+    model, x, _ = small_vae_batch(latent=1, batch=4)
+    for layer in model.decoder.layers[::2]:
+        layer.params["W"] *= 3                          # a decoder that depends on z strongly
+    images = (x * 255).round().astype(np.uint8)
+    xf = mnist.to_float(images, np.float64)
+    grid = np.linspace(-9, 9, 20001)[:, None]
+    log_joint = vae.log_bernoulli(xf[:, None, :], model.decode(grid)[None]) + direct_log_normal(grid, 0.0, 1.0)
+    exact = -(vae.logsumexp(log_joint, axis=1) + np.log(grid[1, 0] - grid[0, 0]))
+    k_many = analysis.iw_nll(model, np.repeat(images, 10, axis=0), 2000, np.random.default_rng(1))
+    np.testing.assert_allclose(k_many.reshape(4, 10).mean(1), exact, atol=0.02)     # 3 standard errors
+    k1 = analysis.iw_nll(model, np.repeat(images, 200, axis=0), 1, np.random.default_rng(0))
+    assert k1.mean() - exact.mean() > 0.3               # K = 1, the ELBO, is a looser bound (here by ~0.9 nats)
+
+
+def test_iw_nll_is_the_same_for_each_image_whatever_the_batching():
+    model, x, _ = small_vae_batch(batch=9)
+    images = (x * 255).round().astype(np.uint8)
+    eps = np.random.default_rng(14).standard_normal((6, 9, 3))
+    a = analysis.iw_nll(model, images, 6, None, eps=eps, batch_size=25)
+    b = analysis.iw_nll(model, images, 6, None, eps=eps, batch_size=4)  # chunks of 4, 4, 1
+    np.testing.assert_allclose(a, b, rtol=1e-12)
+
+
+def test_iw_nll_never_exceeds_the_elbo_of_the_same_draws_and_falls_as_k_grows():
+    model, x, _ = small_vae_batch(batch=40)
+    images = (x * 255).round().astype(np.uint8)
+    xf = mnist.to_float(images, np.float64)
+    eps = np.random.default_rng(11).standard_normal((1000, len(x), model.latent))
+    mu, log_var = model.encode(xf)
+    z = mu + np.exp(0.5 * log_var) * eps                                     # (K, B, Z)
+    neg_elbo = -(vae.log_bernoulli(xf, model.decode(z.reshape(-1, 3)).reshape(1000, 40, -1))
+                 + direct_log_normal(z, 0.0, 1.0) - direct_log_normal(z, mu, np.exp(log_var)))   # one per draw
+    previous = np.inf
+    for k in (1, 10, 100, 1000):
+        iw = analysis.iw_nll(model, images, k, None, eps=eps[:k]).mean()
+        assert iw <= neg_elbo[:k].mean() + 1e-9, (k, iw, neg_elbo[:k].mean())   # Jensen, for the same draws
+        assert iw <= previous + 1e-9, (k, iw, previous)
+        previous = iw
+    np.testing.assert_allclose(analysis.iw_nll(model, images, 1, None, eps=eps[:1]), neg_elbo[0], rtol=1e-12)
+
+
+# ---- the aggregated posterior --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("covariance", ["full", "diag"])
+def test_em_recovers_well_separated_clusters_and_its_likelihood_never_decreases(covariance):
+    rng = np.random.default_rng(6)
+    means, weights = np.array([[-6.0, 0.0], [0.0, 6.0], [6.0, -3.0]]), np.array([0.5, 0.3, 0.2])
+    sd = np.array([[0.5, 1.0], [1.0, 0.3], [0.7, 0.7]])
+    labels = rng.choice(3, 6000, p=weights)
+    z = means[labels] + rng.standard_normal((6000, 2)) * sd[labels]
+    gmm = analysis.fit_gmm(z, 3, covariance, rng=np.random.default_rng(0))
+    order = [int(np.argmin(((gmm["means"] - m) ** 2).sum(1))) for m in means]
+    assert sorted(order) == [0, 1, 2], gmm["means"]
+    np.testing.assert_allclose(gmm["means"][order], means, atol=0.1)
+    np.testing.assert_allclose(np.exp(gmm["log_pi"][order]), weights, atol=0.02)
+    variances = gmm["covs"][order] if covariance == "diag" else np.diagonal(gmm["covs"][order], axis1=1, axis2=2)
+    np.testing.assert_allclose(variances, sd ** 2, rtol=0.1)
+    assert np.all(np.diff(gmm["log_likelihood"]) >= -1e-10), np.diff(gmm["log_likelihood"]).min()
+
+
+@pytest.mark.parametrize("covariance", ["full", "diag"])
+def test_em_keeps_covariances_valid_where_the_shortcut_cancels(covariance):
+    # Codes far from the origin with a tiny spread: E[z z^T] - m m^T loses every digit and can turn
+    # indefinite (a Cholesky error, once a crash of the analysis). Centred, the fit finds the true spread.
+    rng = np.random.default_rng(15)
+    z = 1e5 + rng.standard_normal((4000, 3)) * [1e-3, 2e-3, 5e-4]
+    z[:, 1] += 3e-3 * z[:, 0] - 3e-3 * 1e5              # some correlation
+    gmm = analysis.fit_gmm(z, 2, covariance, rng=np.random.default_rng(0))
+    variances = gmm["covs"] if covariance == "diag" else np.diagonal(gmm["covs"], axis1=1, axis2=2)
+    np.testing.assert_allclose(np.exp(gmm["log_pi"]) @ variances, z.var(0), rtol=0.3)
+    assert np.all(np.isfinite(analysis.gmm_log_density(gmm, z)))
+    identical = np.tile([2.0, -1.0, 0.5], (500, 1))     # no spread at all: the floor keeps S_k invertible
+    assert np.all(np.isfinite(analysis.gmm_log_density(analysis.fit_gmm(identical, 2, covariance), identical)))
+
+
+@pytest.mark.parametrize("covariance", ["full", "diag"])
+def test_mixture_density_matches_a_direct_computation(covariance):
+    rng = np.random.default_rng(7)
+    gmm = analysis.fit_gmm(rng.standard_normal((500, 3)) * [1, 2, 0.5], 4, covariance, iters=5)
+    z = rng.standard_normal((20, 3))
+    direct = np.zeros(20)
+    for log_pi, m, cov in zip(gmm["log_pi"], gmm["means"], gmm["covs"]):
+        cov = cov if cov.ndim == 2 else np.diag(cov)
+        diff = z - m
+        maha = np.einsum("ni,ij,nj->n", diff, np.linalg.inv(cov), diff)
+        direct += np.exp(log_pi) * np.exp(-0.5 * maha) / np.sqrt(np.linalg.det(2 * np.pi * cov))
+    np.testing.assert_allclose(analysis.gmm_log_density(gmm, z), np.log(direct), rtol=1e-10)
+
+
+def test_log_normal_pairs_equals_the_direct_form():
+    rng = np.random.default_rng(16)
+    z, m, lv = rng.standard_normal((7, 4)), rng.standard_normal((5, 4)), rng.uniform(-2, 1, (5, 4))
+    direct = np.array([[direct_log_normal(zi, mk, np.exp(lvk)) for mk, lvk in zip(m, lv)] for zi in z])
+    np.testing.assert_allclose(vae.log_normal(z, m, lv, pairs=True), direct, rtol=1e-12)
+    np.testing.assert_allclose(vae.log_normal(z[:, None, :], m, lv), direct, rtol=1e-12)
+
+
+def test_aggregate_posterior_moments_match_a_hand_computation():
+    mu = np.array([[1.0, 0.0], [3.0, 0.0]])
+    log_var = np.log(np.array([[1.0, 4.0], [3.0, 4.0]]))
+    got = analysis.aggregate_posterior_moments(mu, log_var)
+    # dim 0: E[z] = 2, E[z^2] = mean(1 + 1, 9 + 3) = 7, Var = 7 - 4 = 3, Var(mu) = 1 (active)
+    # dim 1: E[z] = 0, Var = 4, Var(mu) = 0 (inactive)
+    np.testing.assert_allclose(got["mean"], [2.0, 0.0])
+    np.testing.assert_allclose(got["variance"], [3.0, 4.0])
+    assert got["active_units"] == 1 and got["activity"] == [1.0, 0.0]
+
+
+def test_elbo_surgery_matches_its_known_values():
+    log_p = lambda z: direct_log_normal(z, 0.0, 1.0)
+    # Every posterior the same N(m, s^2): z says nothing about x (I = 0), and q(z) is that Gaussian, so
+    # KL(q(z) || p(z)) is its closed form.
+    m, lv = np.array([0.5, -1.0, 0.0]), np.array([-1.0, 0.0, 0.5])
+    same = analysis.elbo_surgery(np.tile(m, (2000, 1)), np.tile(lv, (2000, 1)), np.random.default_rng(2), log_p)
+    closed = vae.kl_normal_forward(m[None], lv[None])[0][0]
+    assert abs(same["mutual_information"]) < 1e-9 and same["kl_aggregate_prior"] == pytest.approx(closed, abs=0.05)
+    # Narrow posteriors far apart: z identifies x, so I(x; z) reaches its ceiling log N.
+    apart = analysis.elbo_surgery(np.arange(500)[:, None] * [1.0, 0.0], np.full((500, 2), -8.0),
+                                  np.random.default_rng(3), log_p)
+    assert apart["mutual_information"] == pytest.approx(np.log(500), abs=1e-6)
+    # In general the two terms add up to the average KL, within the Monte Carlo error of one draw per point.
+    rng = np.random.default_rng(9)
+    mu, log_var = rng.standard_normal((3000, 3)) * 1.5, rng.uniform(-3, 0, (3000, 3))
+    s = analysis.elbo_surgery(mu, log_var, np.random.default_rng(1), log_p)
+    assert s["mutual_information_plus_kl_aggregate_prior"] == pytest.approx(
+        vae.kl_normal_forward(mu, log_var)[0].mean(), abs=0.15)
+
+
+def test_prior_hole_fraction_is_one_percent_when_codes_fill_the_prior_and_all_when_they_miss_it():
+    rng = np.random.default_rng(10)
+    z_prior = rng.standard_normal((20000, 2))
+    covering = rng.standard_normal((20000, 2))
+    gmm = analysis.fit_gmm(covering, 3, "full", rng=rng)
+    assert analysis.prior_hole_fraction(gmm, covering, z_prior)[0] == pytest.approx(0.01, abs=0.004)
+    far = rng.standard_normal((20000, 2)) * 0.3 + 5
+    gmm = analysis.fit_gmm(far, 3, "full", rng=rng)
+    assert analysis.prior_hole_fraction(gmm, far, z_prior)[0] > 0.99
+
+
+# ---- data ------------------------------------------------------------------------------------------------
 
 def make_images(n, rng):
     """n 28x28 uint8 images from 10 blob templates plus noise, and their labels: learnable, like digits."""
@@ -215,6 +568,13 @@ def write_dataset(folder, n_train=600, n_test=200, seed=0):
     return arrays
 
 
+def test_pixels_are_scaled_once_with_one_rounding():
+    pixels = np.arange(256, dtype=np.uint8)
+    x = mnist.to_float(pixels)
+    assert x.dtype == np.float32 and x[0] == 0 and x[255] == 1
+    np.testing.assert_array_equal(x, (pixels / 255.0).astype(np.float32))   # correctly rounded x / 255
+
+
 def test_idx_write_parse_round_trip(tmp_path):
     images, labels = make_images(7, np.random.default_rng(0))
     mnist.write_idx(tmp_path / "i.gz", images)
@@ -225,30 +585,50 @@ def test_idx_write_parse_round_trip(tmp_path):
     np.testing.assert_array_equal(y, labels)
 
 
+def corrupt_deflate_stream(p):
+    """Flip a byte early in the compressed data: zlib itself fails ('invalid ...'), not gzip's checks."""
+    data = bytearray(p.read_bytes())
+    data[20] ^= 0xFF
+    with pytest.raises(zlib.error):
+        gzip.decompress(bytes(data))
+    p.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def archives(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("archives")
+    write_dataset(folder)
+    return folder
+
+
 @pytest.mark.parametrize("corrupt, message", [
     (lambda p: p.write_bytes(p.read_bytes()[:100]), "not a valid gzip archive"),       # truncated
+    (corrupt_deflate_stream, "not a valid gzip archive"),                              # zlib.error
     (lambda p: p.write_bytes(b"not an archive at all"), "IDX magic"),                  # not gzip, not IDX
     (lambda p: mnist.write_idx(p, np.zeros(5, np.uint8)), "IDX magic is 2049"),        # labels, not images
     (lambda p: mnist.write_idx(p, np.zeros((600, 27, 27), np.uint8)), "expected 28x28"),
     (lambda p: mnist.write_idx(p, np.zeros((599, 28, 28), np.uint8)), "labels for 599 images"),
-    (lambda p: p.write_bytes(gzip.compress(gzip.decompress(p.read_bytes())[:-10])), "truncated"),
+    (lambda p: p.write_bytes(gzip.compress(gzip.decompress(p.read_bytes())[:-10])), "holds fewer bytes"),
+    (lambda p: p.write_bytes(gzip.compress(gzip.decompress(p.read_bytes()) + b"\0" * 3)), "holds more bytes"),
     (lambda p: p.write_bytes(gzip.compress(bytes.fromhex("00000803 ffffffff 0000001c 0000001c"))), "claims shape"),
-    (lambda p: p.unlink(), "no local data|could not download"),
+    (lambda p: p.unlink(), "could not download"),
 ])
-def test_bad_archives_give_one_line_errors(tmp_path, capsys, corrupt, message):
-    write_dataset(tmp_path / "d")
-    corrupt(tmp_path / "d" / "train-images-idx3-ubyte.gz")
-    code = train.main(["--data-dir", str(tmp_path / "d"), "--mirror", "http://127.0.0.1:9/", "--out",
-                       str(tmp_path / "run")])
+def test_bad_archives_give_one_line_errors(tmp_path, capsys, archives, corrupt, message):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    for name in mnist.FILES:
+        (folder / name).write_bytes((archives / name).read_bytes())
+    corrupt(folder / "train-images-idx3-ubyte.gz")
+    code = train.main(["--data-dir", str(folder), "--mirror", "http://127.0.0.1:9/", "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 1 and err.startswith("error: ") and err.count("\n") == 1, err
-    assert re.search(message, err), err
+    assert re.search(message, err) and "train-images-idx3-ubyte.gz" in err, err
     assert not (tmp_path / "run").exists()                  # nothing written for a run that never started
 
 
 def test_labels_outside_0_to_9_are_rejected(tmp_path):
-    write_dataset(tmp_path)
-    mnist.write_idx(tmp_path / mnist.FILES[3], np.full(200, 10, np.uint8))
+    write_dataset(tmp_path, n_train=20, n_test=10)
+    mnist.write_idx(tmp_path / mnist.FILES[3], np.full(10, 10, np.uint8))
     with pytest.raises(mnist.DataError, match="label 10 is outside 0-9"):
         mnist.load(data_dir=str(tmp_path))
 
@@ -271,7 +651,7 @@ def http_server(folder):
 
 
 def test_download_accepts_good_checksum_and_rejects_bad_one_without_caching_it(tmp_path):
-    arrays = write_dataset(tmp_path / "served")
+    arrays = write_dataset(tmp_path / "served", n_train=50, n_test=20)
     sums = {n: ("sha256", hashlib.sha256((tmp_path / "served" / n).read_bytes()).hexdigest()) for n in mnist.FILES}
     with http_server(tmp_path / "served") as url:
         x_train, y_train, x_test, y_test = mnist.load("mnist", str(tmp_path / "cache"), url, sums, log=lambda m: 0)
@@ -292,6 +672,51 @@ def test_no_network_and_no_data_names_the_urls_tried(tmp_path):
     assert not (tmp_path / "cache").exists()               # no empty cache folder left behind
 
 
+# ---- files: written whole or not at all ---------------------------------------------------------------------
+
+class DyingFile:
+    """A file whose writes fail with Ctrl-C once `limit` bytes have reached the disk: a write cut midway."""
+    def __init__(self, f, limit):
+        self.f, self.left = f, limit
+
+    def write(self, data):
+        if len(data) >= self.left:
+            self.f.write(data[:self.left])
+            self.f.flush()
+            raise KeyboardInterrupt
+        self.left -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+@pytest.mark.parametrize("what", ["model", "checkpoint", "metrics"])
+def test_a_write_interrupted_midway_leaves_the_previous_file_intact(tmp_path, monkeypatch, what):
+    model, _, _ = small_vae_batch(prior="mog")
+    cfg = {**train.DEFAULTS, "hidden": 7, "latent": 3}
+    state = {**{k: [] for k in train.STATE_LISTS}, "epoch": 0, "step": 0, "elapsed": 0.0, "perm": None,
+             "rng": np.random.default_rng(0), "sums": np.zeros(3)}
+    path = str(tmp_path / what)
+    write = {"model": lambda: train.save_model(model, path),
+             "checkpoint": lambda: train.save_checkpoint(path, model, Adam(model.params()), state, cfg),
+             "metrics": lambda: train.write_json(path, {"train_loss": list(np.linspace(0, 1, 5000))})}[what]
+    write()
+    before = open(path, "rb").read()
+    model.params()["dec.0.W"][...] += 1                  # the next write has other bytes
+    monkeypatch.setattr(train, "open", lambda p, mode="r": DyingFile(builtins.open(p, mode), limit=300),
+                        raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        write()
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == [what]
+
+
 # ---- training, checkpoints, the CLI ------------------------------------------------------------------------
 
 SMALL = ["--hidden", "32", "--latent", "4", "--batch-size", "50", "--iw-samples", "10"]
@@ -308,38 +733,65 @@ def run_cli(*args):
     return train.main(list(args))
 
 
-def test_training_on_generated_data_lowers_the_loss_and_writes_every_output(tmp_path, data_dir):
-    out = tmp_path / "run"
-    assert run_cli("--data-dir", data_dir, *SMALL, "--epochs", "4", "--out", str(out)) == 0
-    m = json.loads((out / "metrics.json").read_text())
-    assert len(m["train_loss"]) == len(m["epoch_seconds"]) == 4
-    assert m["train_loss"][-1] < 0.8 * m["train_loss"][0], m["train_loss"]
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, data_dir):
+    """One small standard-prior run of 2 epochs, shared by the tests that read its outputs."""
+    out = tmp_path_factory.mktemp("runs") / "run"
+    assert run_cli("--data-dir", data_dir, *SMALL, "--epochs", "2", "--out", str(out)) == 0
+    return out
+
+
+def test_training_on_generated_data_lowers_the_loss_and_writes_every_output(finished_run):
+    m = json.loads((finished_run / "metrics.json").read_text())
+    assert len(m["train_loss"]) == len(m["epoch_seconds"]) == len(m["test_loss_curve"]) == 2
+    assert m["train_loss"][-1] < 0.95 * m["train_loss"][0], m["train_loss"]
     assert m["test_loss"] == pytest.approx(m["test_recon"] + m["test_kl"])
-    assert m["config"]["hidden"] == 32 and m["config"]["epochs"] == 4
-    for f in ("model.npz", "checkpoint.npz", "reconstructions.png", "samples_prior.png", "loss_curves.png"):
-        assert (out / f).stat().st_size > 0, f
-    assert not [f for f in os.listdir(out) if ".tmp" in f]
+    assert m["config"]["hidden"] == 32 and m["config"]["epochs"] == 2
+    for f in ("model.npz", "checkpoint.npz", "reconstructions.png", "samples_prior.png", "loss_curves.png",
+              "samples_three_ways.png", "prior_vs_aggregate.png"):
+        assert (finished_run / f).stat().st_size > 0, f
+    assert not [f for f in os.listdir(finished_run) if ".tmp" in f]
+    a = m["aggregate_posterior"]
+    assert m["iw_nll"] < m["test_loss"] and a["average_kl"] == pytest.approx(m["test_kl"], rel=1e-5)
 
 
-def test_same_seed_gives_the_same_numbers(tmp_path, data_dir):
-    runs = []
-    for name in ("a", "b"):
-        assert run_cli("--data-dir", data_dir, *SMALL, "--epochs", "1", "--out", str(tmp_path / name)) == 0
-        runs.append(json.loads((tmp_path / name / "metrics.json").read_text()))
-    assert runs[0]["train_loss"] == runs[1]["train_loss"] and runs[0]["test_loss"] == runs[1]["test_loss"]
-
-
-def test_model_save_load_round_trip(tmp_path):
-    model, x, eps = small_vae_batch()
-    vae.save(model, str(tmp_path / "m.npz"))
-    loaded, extra = vae.load(str(tmp_path / "m.npz"))
-    assert loaded.arch == model.arch and extra == {}
+@pytest.mark.parametrize("prior", ["standard", "mog", "vamp"])
+def test_model_save_load_round_trip(tmp_path, prior):
+    model, x, eps = small_vae_batch(prior=prior)
+    train.save_model(model, str(tmp_path / "m.npz"))
+    loaded, extra = train.load_model(str(tmp_path / "m.npz"))
+    assert loaded.arch == model.arch and loaded.arch["prior"] == prior and extra == {}
     assert loaded.forward(x, eps) == model.forward(x, eps)
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_gives_the_uninterrupted_numbers(tmp_path, data_dir, monkeypatch):
-    assert run_cli("--data-dir", data_dir, *SMALL, "--epochs", "2", "--out", str(tmp_path / "straight")) == 0
+@pytest.mark.parametrize("prior", ["standard", "mog", "vamp"])
+def test_a_checkpoint_resumes_to_bit_identical_numbers(tmp_path, prior):
+    # Train 2 epochs straight; then again, stopped at step 5 of epoch 2, saved, loaded, and finished.
+    x_train = make_images(300, np.random.default_rng(1))[0].reshape(300, 784)
+    cfg = {**train.DEFAULTS, "hidden": 16, "latent": 3, "batch_size": 50, "prior": prior, "prior_components": 3,
+           "epochs": 2}
+    quiet = lambda *a, **k: None
+    straight, opt, state = train.new_run(dict(cfg), x_train)
+    for _ in range(2):
+        train.train_epoch(straight, opt, x_train, state, 50, {"requested": False}, quiet)
+    model, opt, cut = train.new_run(dict(cfg), x_train)
+    stop = {"requested": False}
+    def stop_at_step_5_of_epoch_2(state, n_steps, seen):
+        stop["requested"] = state["epoch"] == 1 and state["step"] == 5
+    while train.train_epoch(model, opt, x_train, cut, 50, stop, stop_at_step_5_of_epoch_2):
+        pass
+    train.save_checkpoint(str(tmp_path / "c.npz"), model, opt, cut, cfg)
+    args = train.parse_args([])
+    resumed, opt, state_r, _ = train.load_checkpoint(str(tmp_path / "c.npz"), args)
+    assert (state_r["epoch"], state_r["step"]) == (1, 5)
+    train.train_epoch(resumed, opt, x_train, state_r, 50, {"requested": False}, quiet)
+    assert state_r["train_loss"] == state["train_loss"]
+    for name, p in straight.params().items():
+        np.testing.assert_array_equal(resumed.params()[name], p, err_msg=name)
 
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_gives_the_uninterrupted_numbers(tmp_path, data_dir, finished_run,
+                                                                              monkeypatch):
     def interrupt_at_step_7_of_epoch_2(state, n_steps, seen):
         if state["epoch"] == 1 and state["step"] == 7:
             signal.raise_signal(signal.SIGINT)              # a real Ctrl-C, through train.py's handler
@@ -349,27 +801,23 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_gives_the_uninterrupted_numbers(tm
     assert (out / "checkpoint.npz").exists() and not (out / "model.npz").exists()
     monkeypatch.undo()
     assert run_cli("--data-dir", data_dir, "--epochs", "2", "--resume", str(out / "checkpoint.npz")) == 0
-
-    a = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    a = json.loads((finished_run / "metrics.json").read_text())
     b = json.loads((out / "metrics.json").read_text())
-    assert a["train_loss"] == b["train_loss"] and a["test_loss"] == b["test_loss"]
-    pa, pb = vae.load(str(tmp_path / "straight" / "model.npz"))[0], vae.load(str(out / "model.npz"))[0]
+    assert a["train_loss"] == b["train_loss"] and a["test_loss"] == b["test_loss"]      # the same seed, too
+    pa, pb = train.load_model(str(finished_run / "model.npz"))[0], train.load_model(str(out / "model.npz"))[0]
     for k in pa.params():
         np.testing.assert_array_equal(pa.params()[k], pb.params()[k])
 
 
-def test_resume_rejects_a_corrupt_file_and_another_architecture(tmp_path, data_dir, capsys):
+def test_resume_rejects_a_corrupt_file_and_another_architecture(tmp_path, data_dir, finished_run, capsys):
     (tmp_path / "junk.npz").write_bytes(b"PK\x03\x04 this is not a zip")
     assert run_cli("--data-dir", data_dir, "--resume", str(tmp_path / "junk.npz")) == 1
     assert "not a readable model file" in capsys.readouterr().err
-
-    assert run_cli("--data-dir", data_dir, *SMALL, "--epochs", "1", "--out", str(tmp_path / "r")) == 0
-    capsys.readouterr()
-    assert run_cli("--data-dir", data_dir, "--latent", "8", "--resume", str(tmp_path / "r" / "checkpoint.npz")) == 1
-    err = capsys.readouterr().err
-    assert "another architecture" in err and "--latent 4" in err and err.count("\n") == 1
-
-    vae.save(vae.VAE(784, 8, 2), str(tmp_path / "model_only.npz"))   # a model, but not a training checkpoint
+    for flag, value in (("--latent", "8"), ("--prior", "vamp")):
+        assert run_cli("--data-dir", data_dir, flag, value, "--resume", str(finished_run / "checkpoint.npz")) == 1
+        err = capsys.readouterr().err
+        assert "another architecture" in err and flag in err and err.count("\n") == 1
+    train.save_model(vae.VAE(784, 8, 2), str(tmp_path / "model_only.npz"))   # a model, not a training checkpoint
     assert run_cli("--data-dir", data_dir, "--resume", str(tmp_path / "model_only.npz")) == 1
     assert "not a training checkpoint" in capsys.readouterr().err
 
@@ -383,22 +831,23 @@ def test_non_positive_options_are_refused(flag, value, capsys):
     assert exit_.value.code == 2 and flag in err and "Traceback" not in err
 
 
-def test_a_loss_that_turns_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, capsys, monkeypatch):
+def test_a_loss_that_turns_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, finished_run, capsys,
+                                                                        monkeypatch):
     out = tmp_path / "run"
-    assert run_cli("--data-dir", data_dir, *SMALL, "--epochs", "1", "--out", str(out)) == 0
-    good = (out / "checkpoint.npz").read_bytes()
-    (out / "model.npz").unlink(); (out / "metrics.json").unlink()
+    out.mkdir()
+    good = (finished_run / "checkpoint.npz").read_bytes()
+    (out / "checkpoint.npz").write_bytes(good)
     real_forward, calls = vae.VAE.forward, []
     def forward_that_fails_at_call_5(self, x, eps):
         calls.append(1)
         loss = real_forward(self, x, eps)
         return (float("nan"), *loss[1:]) if len(calls) == 5 else loss
     monkeypatch.setattr(vae.VAE, "forward", forward_that_fails_at_call_5)
-    assert run_cli("--data-dir", data_dir, "--epochs", "2", "--resume", str(out / "checkpoint.npz")) == 1
+    assert run_cli("--data-dir", data_dir, "--epochs", "3", "--resume", str(out / "checkpoint.npz")) == 1
     err = capsys.readouterr().err
-    assert "became nan at epoch 2, step 5" in err and "last good checkpoint" in err and err.count("\n") == 1
+    assert "became nan at epoch 3, step 5" in err and "last good checkpoint" in err and err.count("\n") == 1
     assert (out / "checkpoint.npz").read_bytes() == good
-    assert not (out / "model.npz").exists() and not (out / "metrics.json").exists()
+    assert sorted(os.listdir(out)) == ["checkpoint.npz"]
 
 
 def test_a_diverging_run_stops_at_the_first_non_finite_loss(tmp_path, data_dir, capsys):
@@ -424,111 +873,7 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
     assert result.stderr.count("\n") == 1 and "http://127.0.0.1:9/train-images-idx3-ubyte.gz" in result.stderr
 
 
-# ---- prior, posterior, aggregated posterior ----------------------------------------------------------------
-
-@pytest.mark.parametrize("covariance", ["full", "diag"])
-def test_em_recovers_well_separated_clusters_and_its_likelihood_never_decreases(covariance):
-    rng = np.random.default_rng(6)
-    means, weights = np.array([[-6.0, 0.0], [0.0, 6.0], [6.0, -3.0]]), np.array([0.5, 0.3, 0.2])
-    labels = rng.choice(3, 6000, p=weights)
-    z = means[labels] + rng.standard_normal((6000, 2)) * np.array([[0.5, 1.0], [1.0, 0.3], [0.7, 0.7]])[labels]
-    gmm = vae.fit_gmm(z, 3, covariance, rng=np.random.default_rng(0))
-    order = [int(np.argmin(((gmm["means"] - m) ** 2).sum(1))) for m in means]
-    assert sorted(order) == [0, 1, 2], gmm["means"]
-    np.testing.assert_allclose(gmm["means"][order], means, atol=0.1)
-    np.testing.assert_allclose(np.exp(gmm["log_pi"][order]), weights, atol=0.02)
-    ll = np.array(gmm["log_likelihood"])
-    assert np.all(np.diff(ll) >= -1e-10), np.diff(ll).min()
-
-
-@pytest.mark.parametrize("covariance", ["full", "diag"])
-def test_mixture_density_matches_a_direct_computation(covariance):
-    rng = np.random.default_rng(7)
-    gmm = vae.fit_gmm(rng.standard_normal((500, 3)) * [1, 2, 0.5], 4, covariance, iters=5)
-    z = rng.standard_normal((20, 3))
-    direct = np.zeros(20)
-    for log_pi, m, cov in zip(gmm["log_pi"], gmm["means"], gmm["covs"]):
-        cov = cov if cov.ndim == 2 else np.diag(cov)
-        diff = z - m
-        maha = np.einsum("ni,ij,nj->n", diff, np.linalg.inv(cov), diff)
-        direct += np.exp(log_pi) * np.exp(-0.5 * maha) / np.sqrt(np.linalg.det(2 * np.pi * cov))
-    np.testing.assert_allclose(vae.gmm_log_density(gmm, z), np.log(direct), rtol=1e-10)
-
-
-def test_mixture_samples_have_the_mixture_moments():
-    gmm = {"log_pi": np.log([0.25, 0.75]), "means": np.array([[2.0, 0.0], [-1.0, 1.0]]),
-           "covs": np.array([[[1.0, 0.5], [0.5, 1.0]], [[0.2, 0.0], [0.0, 0.4]]])}
-    z = vae.gmm_sample(gmm, 200_000, np.random.default_rng(8))
-    mean = 0.25 * gmm["means"][0] + 0.75 * gmm["means"][1]
-    second = sum(w * (c + np.outer(m, m)) for w, m, c in zip([0.25, 0.75], gmm["means"], gmm["covs"]))
-    np.testing.assert_allclose(z.mean(0), mean, atol=0.01)
-    np.testing.assert_allclose(np.cov(z.T), second - np.outer(mean, mean), atol=0.02)
-
-
-def test_aggregate_posterior_moments_match_a_hand_computation():
-    mu = np.array([[1.0, 0.0], [3.0, 0.0]])
-    log_var = np.log(np.array([[1.0, 4.0], [3.0, 4.0]]))
-    got = vae.aggregate_posterior_moments(mu, log_var)
-    # dim 0: E[z] = 2, E[z^2] = mean(1 + 1, 9 + 3) = 7, Var = 7 - 4 = 3, Var(mu) = 1 (active)
-    # dim 1: E[z] = 0, Var = 4, Var(mu) = 0 (inactive)
-    np.testing.assert_allclose(got["mean"], [2.0, 0.0])
-    np.testing.assert_allclose(got["variance"], [3.0, 4.0])
-    assert got["active_units"] == 1 and got["activity"] == [1.0, 0.0]
-
-
-def test_elbo_surgery_adds_up_and_is_zero_information_for_identical_posteriors():
-    rng = np.random.default_rng(9)
-    mu, log_var = rng.standard_normal((2000, 3)) * 1.5, rng.uniform(-3, 0, (2000, 3))
-    s = vae.elbo_surgery(mu, log_var, np.random.default_rng(1))
-    assert 0 < s["mutual_information"] <= np.log(2000) and s["kl_aggregate_prior"] > 0
-    assert s["mutual_information_plus_kl_aggregate_prior"] == pytest.approx(s["average_kl"], abs=0.15)
-    same = vae.elbo_surgery(np.tile([0.5, -1.0, 0.0], (300, 1)), np.tile([-1.0, 0.0, 0.5], (300, 1)),
-                            np.random.default_rng(2))
-    assert abs(same["mutual_information"]) < 1e-9       # every q(z|x) the same: z says nothing about x
-
-
-def test_prior_hole_fraction_is_one_percent_when_codes_fill_the_prior_and_all_when_they_miss_it():
-    rng = np.random.default_rng(10)
-    z_prior = rng.standard_normal((20000, 2))
-    covering = rng.standard_normal((20000, 2))
-    gmm = vae.fit_gmm(covering, 3, "full", rng=rng)
-    assert vae.prior_hole_fraction(gmm, covering, z_prior)[0] == pytest.approx(0.01, abs=0.004)
-    far = rng.standard_normal((20000, 2)) * 0.3 + 5
-    gmm = vae.fit_gmm(far, 3, "full", rng=rng)
-    assert vae.prior_hole_fraction(gmm, far, z_prior)[0] > 0.99
-
-
-def negative_elbo_single_sample(model, x, eps):
-    """-ELBO per example with the KL also estimated at the one z: -log p(x|z) + log q(z|x) - log p(z).
-    (model.forward uses the closed-form KL instead; both have the same expectation over eps.)"""
-    _, recon, _ = model.forward(x, eps)
-    mu, log_var = model.encode(x)
-    z = mu + np.exp(0.5 * log_var) * eps
-    log_q = (-0.5 * eps ** 2 - 0.5 * log_var - 0.5 * np.log(2 * np.pi)).sum(1)
-    log_p = (-0.5 * z ** 2 - 0.5 * np.log(2 * np.pi)).sum(1)
-    return recon + (log_q - log_p).mean()
-
-
-def test_iw_nll_with_one_sample_is_the_negative_elbo_for_the_same_eps():
-    model, x, eps = small_vae_batch()
-    iw = vae.iw_nll(model, x, 1, rng=None, eps=eps[None])
-    assert iw.mean() == pytest.approx(negative_elbo_single_sample(model, x, eps), rel=1e-12)
-
-
-def test_iw_nll_never_exceeds_the_negative_elbo_and_falls_as_k_grows():
-    model, x, _ = small_vae_batch(batch=40)
-    eps = np.random.default_rng(11).standard_normal((1000, len(x), model.latent))
-    elbo_k = np.array([negative_elbo_single_sample(model, x, eps[k]) for k in range(1000)])
-    previous = np.inf
-    for k in (1, 10, 100, 1000):
-        iw = vae.iw_nll(model, x, k, rng=None, eps=eps[:k]).mean()
-        assert iw <= elbo_k[:k].mean() + 1e-9, (k, iw, elbo_k[:k].mean())   # Jensen, for the same draws
-        assert iw <= previous + 1e-9, (k, iw, previous)
-        previous = iw
-    assert iw < model.forward(x, eps[0])[0]             # and below the closed-form-KL estimate the training reports
-
-
-def test_latent_2d_run_draws_the_latent_space_and_records_the_aggregate_measurements(tmp_path, data_dir):
+def test_latent_2d_run_draws_the_latent_space_and_analyze_merges_its_measurements(tmp_path, data_dir):
     out = tmp_path / "z2"
     assert run_cli("--data-dir", data_dir, "--hidden", "32", "--latent", "2", "--batch-size", "50", "--epochs",
                    "2", "--iw-samples", "20", "--gmm-components", "3", "--out", str(out)) == 0
@@ -536,97 +881,40 @@ def test_latent_2d_run_draws_the_latent_space_and_records_the_aggregate_measurem
         assert (out / f).stat().st_size > 0, f
     m = json.loads((out / "metrics.json").read_text())
     a = m["aggregate_posterior"]
-    assert len(a["mean"]) == len(a["variance"]) == 2 and 0 <= a["active_units"] <= 2
-    assert 0 <= a["prior_hole_fraction"] <= 1
+    assert len(a["mean"]) == len(a["variance"]) == 2 and m["iw_samples"] == 20
     assert a["mutual_information_plus_kl_aggregate_prior"] == pytest.approx(a["average_kl"], abs=0.2)
-    assert a["average_kl"] == pytest.approx(m["test_kl"], rel=1e-5)
-    assert m["iw_nll"] < m["test_loss"] and m["iw_samples"] == 20
 
-    before = (out / "latent_space.png").stat().st_mtime_ns
     os.remove(out / "samples_three_ways.png")
     assert run_cli("--data-dir", data_dir, "--analyze", str(out / "model.npz"), "--iw-samples", "5",
                    "--gmm-components", "2", "--gmm-covariance", "diag", "--posterior-image", "3") == 0
     m2 = json.loads((out / "metrics.json").read_text())
     assert m2["train_loss"] == m["train_loss"] and m2["iw_samples"] == 5           # merged, not replaced
     assert m2["aggregate_posterior"]["gmm"]["covariance"] == "diag"
-    assert (out / "samples_three_ways.png").exists() and (out / "latent_space.png").stat().st_mtime_ns >= before
+    assert (out / "samples_three_ways.png").exists()
 
 
 def test_an_out_of_range_posterior_image_is_refused_before_training(tmp_path, data_dir, capsys, monkeypatch):
     monkeypatch.setattr(train, "train_epoch", lambda *a: pytest.fail("trained before checking the options"))
     assert run_cli("--data-dir", data_dir, "--posterior-image", "200", "--out", str(tmp_path / "r")) == 1
     assert "out of range" in capsys.readouterr().err and not (tmp_path / "r").exists()
-
-
-def test_analyze_refuses_an_out_of_range_posterior_image(tmp_path, data_dir, capsys):
-    vae.save(vae.VAE(784, 8, 2), str(tmp_path / "model.npz"))
+    train.save_model(vae.VAE(784, 8, 2), str(tmp_path / "model.npz"))
     assert run_cli("--data-dir", data_dir, "--analyze", str(tmp_path / "model.npz"), "--posterior-image",
                    "100000") == 1
     assert "out of range" in capsys.readouterr().err
 
 
-# ---- learned priors ----------------------------------------------------------------------------------------
-
-def direct_log_normal(z, mean, var):
-    return (-0.5 * (z - mean) ** 2 / var - 0.5 * np.log(2 * np.pi * var)).sum(-1)
-
-
-def test_mog_prior_kl_is_log_q_minus_log_p_at_the_same_z():
-    model, x, eps = small_vae_batch(prior="mog")
-    p = model.prior_params
-    p["logits"][:] = [0.5, -1.0, 0.0, 2.0]
-    p["log_vars"][:] = np.random.default_rng(0).uniform(-1, 1, p["log_vars"].shape)
-    _, _, kl = model.forward(x, eps)
-    mu, log_var = model.encode(x)
-    z = mu + np.exp(0.5 * log_var) * eps
-    pi = np.exp(p["logits"]) / np.exp(p["logits"]).sum()
-    density = sum(pi[k] * np.exp(direct_log_normal(z, p["means"][k], np.exp(p["log_vars"][k]))) for k in range(4))
-    direct = (direct_log_normal(z, mu, np.exp(log_var)) - np.log(density)).mean()
-    assert kl == pytest.approx(direct, rel=1e-10)
-
-
-def test_vamp_prior_is_the_mean_of_the_pseudo_inputs_posteriors():
-    model, _, _ = small_vae_batch(prior="vamp")
-    z = np.random.default_rng(1).standard_normal((7, 3))
-    mu_u, log_var_u = model.encode(model.prior_params["u"])
-    direct = np.log(np.mean([np.exp(direct_log_normal(z, m, np.exp(lv))) for m, lv in zip(mu_u, log_var_u)], 0))
-    np.testing.assert_allclose(model.log_prior(z), direct, rtol=1e-10)
-
-
 @pytest.mark.parametrize("prior", ["mog", "vamp"])
-def test_learned_prior_samples_have_the_mixture_mean_and_iw_nll_k1_is_its_elbo(prior):
-    model, x, eps = small_vae_batch(prior=prior)
-    means, log_vars, log_pi = model.prior_mixture()
-    z = model.sample_z(200_000, np.random.default_rng(2))
-    np.testing.assert_allclose(z.mean(0), np.exp(log_pi) @ means, atol=0.02)
-    # The training loss already estimates the KL at the one z: iw_nll with K = 1 is exactly it.
-    assert vae.iw_nll(model, x, 1, rng=None, eps=eps[None]).mean() == pytest.approx(model.forward(x, eps)[0],
-                                                                                       rel=1e-12)
-
-
-@pytest.mark.parametrize("prior", ["mog", "vamp"])
-def test_learned_prior_model_save_load_round_trip(tmp_path, prior):
-    model, x, eps = small_vae_batch(prior=prior)
-    vae.save(model, str(tmp_path / "m.npz"))
-    loaded, _ = vae.load(str(tmp_path / "m.npz"))
-    assert loaded.arch == model.arch and loaded.arch["prior"] == prior and loaded.components == 4
-    assert loaded.forward(x, eps) == model.forward(x, eps)
-
-
-@pytest.mark.parametrize("prior", ["mog", "vamp"])
-def test_learned_prior_trains_and_is_measured_against_itself(tmp_path, data_dir, prior, capsys):
+def test_learned_prior_trains_and_is_measured_against_itself(tmp_path, data_dir, prior):
     out = tmp_path / prior
-    latent = ["--latent", "2"] if prior == "vamp" else []    # the 2-D figures, drawn for a learned prior too
-    assert run_cli("--data-dir", data_dir, *SMALL, *latent, "--prior", prior, "--prior-components", "5",
+    assert run_cli("--data-dir", data_dir, *SMALL, "--prior", prior, "--prior-components", "5",
                    "--epochs", "2", "--gmm-components", "3", "--out", str(out)) == 0
-    assert (out / "latent_space.png").exists() == (prior == "vamp")
     m = json.loads((out / "metrics.json").read_text())
     assert m["config"]["prior"] == prior and m["config"]["prior_components"] == 5
-    assert m["train_loss"][-1] < m["train_loss"][0]
+    assert m["train_loss"][-1] < m["train_loss"][0] and m["iw_nll"] < m["test_loss"]
+    model = train.load_model(str(out / "model.npz"))[0]
+    if prior == "vamp":
+        u = model.prior.pseudo_inputs()
+        assert u.min() >= 0 and u.max() <= 1
+    # The surgery's KL(q(z) || p(z)) uses this model's own log p(z): recompute it with the learned prior.
     a = m["aggregate_posterior"]
-    # With a learned prior the average KL is estimated on the same draws, so the surgery adds up exactly.
-    assert a["mutual_information_plus_kl_aggregate_prior"] == pytest.approx(a["average_kl"], rel=1e-9)
-    assert 0 <= a["prior_hole_fraction"] <= 1 and np.isfinite(m["iw_nll"])
-    capsys.readouterr()
-    assert run_cli("--data-dir", data_dir, "--prior", "standard", "--resume", str(out / "checkpoint.npz")) == 1
-    assert "another architecture" in capsys.readouterr().err
+    assert a["mutual_information_plus_kl_aggregate_prior"] == pytest.approx(a["average_kl"], abs=0.5)

@@ -1,0 +1,211 @@
+"""After training: the aggregated posterior against the prior, and how well the model explains the test set.
+
+    q(z) = (1/N) sum_n q(z|x_n)        the aggregated posterior: the codes of all the images together
+    holes                              prior draws that land where q(z) has (almost) no mass, and decode to blends
+    mean_n KL(q(z|x_n) || p(z)) = I(x; z) + KL(q(z) || p(z))       the ELBO surgery (Hoffman & Johnson 2016)
+    -log p(x) ~ -log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x)        importance weighting (Burda et al. 2015)
+
+q(z) has N components, too many to evaluate at every prior draw, so a K-component Gaussian mixture fitted to
+codes z_n ~ q(z|x_n) by EM stands in for it where a density is needed (the holes, sampling from q(z)).
+"""
+import numpy as np
+
+import mnist
+from vae import LOG_2PI, log_bernoulli, log_normal, logsumexp, mixture_log_density, reparameterize_forward, sample_mixture
+
+
+def encode_all(model, images, batch_size=1000):
+    """mu, log_var (N, Z) of every uint8 image, a batch at a time (no float copy of the whole set)."""
+    parts = [model.encode(mnist.to_float(images[i:i + batch_size], model.dtype))
+             for i in range(0, len(images), batch_size)]
+    return (np.concatenate([p[0] for p in parts]).astype(np.float64),
+            np.concatenate([p[1] for p in parts]).astype(np.float64))
+
+
+def draw_codes(mu, log_var, rng):
+    """One z_n ~ q(z|x_n) per row: together, draws from the aggregated posterior q(z)."""
+    return reparameterize_forward(mu, log_var, rng.standard_normal(mu.shape))[0]
+
+
+def negative_elbo(model, images, seed, batch_size=500):
+    """Test negative ELBO (loss, recon, kl) in nats per example, one z per image, with the same eps every
+    time it is called (so epochs and runs compare)."""
+    rng = np.random.default_rng([seed, 1])          # a stream of its own: evaluating never moves training's
+    sums = np.zeros(3)
+    for i in range(0, len(images), batch_size):
+        xb = mnist.to_float(images[i:i + batch_size], model.dtype)
+        eps = rng.standard_normal((len(xb), model.latent)).astype(model.dtype)
+        sums += np.array(model.forward(xb, eps)) * len(xb)
+    return sums / len(images)
+
+
+# ---- a Gaussian mixture fitted by EM -----------------------------------------------------------------------
+
+def fit_gmm(z, k=10, covariance="full", iters=200, tol=1e-5, rng=None):
+    """A mixture of k Gaussians fitted to the rows of z (N, D) by EM (Dempster et al. 1977).
+
+    E-step: r_nk = pi_k N(z_n; m_k, S_k) / sum_j pi_j N(z_n; m_j, S_j), in log space with log-sum-exp.
+    M-step: N_k = sum_n r_nk, pi_k = N_k / N, m_k = sum_n r_nk z_n / N_k,
+            S_k = sum_n r_nk (z_n - m_k)(z_n - m_k)^T / N_k (or its diagonal), computed centred: the shortcut
+            E[z z^T] - m m^T cancels digits and can lose positive definiteness. Eigenvalues are floored at 1e-6
+            times the mean variance of z, so every S_k stays a valid covariance.
+    Stops when the mean log-likelihood gains less than tol. Returns {'log_pi', 'means', 'covs', 'log_likelihood'
+    (one value per iteration, never decreasing)}; covs are (k, D, D) or, for 'diag', (k, D)."""
+    rng = rng or np.random.default_rng(0)
+    z = np.asarray(z, dtype=np.float64)
+    n, d = z.shape
+    var = z.var(axis=0)
+    floor = 1e-6 * max(var.mean(), 1e-6)
+    gmm = {"log_pi": np.full(k, -np.log(k)), "means": z[rng.choice(n, k, replace=False)],
+           "covs": np.tile(np.diag(var + floor), (k, 1, 1)) if covariance == "full" else np.tile(var + floor, (k, 1))}
+    history = []
+    for _ in range(iters):
+        log_joint = gmm["log_pi"] + gmm_component_log_density(gmm, z)       # (N, k): log pi_k N(z_n; m_k, S_k)
+        log_p = logsumexp(log_joint, axis=1)                                 # log p(z_n)
+        history.append(float(log_p.mean()))
+        if len(history) > 1 and history[-1] - history[-2] < tol:
+            break
+        r = np.exp(log_joint - log_p[:, None])                              # responsibilities r_nk
+        n_k = r.sum(axis=0) + 1e-12                                         # N_k
+        means = (r.T @ z) / n_k[:, None]                                    # m_k
+        centred = [z - m for m in means]                                    # z_n - m_k, for each k
+        if covariance == "full":
+            covs = np.stack([(r[:, j, None] * c).T @ c / n_k[j] for j, c in enumerate(centred)])
+            eigval, eigvec = np.linalg.eigh((covs + covs.transpose(0, 2, 1)) / 2)
+            covs = (eigvec * np.maximum(eigval, floor)[:, None, :]) @ eigvec.transpose(0, 2, 1)
+        else:
+            covs = np.maximum(np.stack([r[:, j] @ (c * c) / n_k[j] for j, c in enumerate(centred)]), floor)
+        gmm = {"log_pi": np.log(n_k / n_k.sum()), "means": means, "covs": covs}
+    gmm["log_likelihood"] = history
+    return gmm
+
+
+def gmm_component_log_density(gmm, z, chunk=4096):
+    """log N(z_n; m_k, S_k) for every row n and component k: (N, k), a chunk of rows at a time."""
+    z = np.asarray(z, dtype=np.float64)
+    d, k = z.shape[1], len(gmm["means"])
+    out = np.empty((len(z), k))
+    if gmm["covs"].ndim == 2:                                               # diagonal: S_k = diag(s_k^2)
+        for i in range(0, len(z), chunk):
+            out[i:i + chunk] = log_normal(z[i:i + chunk, None, :], gmm["means"], np.log(gmm["covs"]))
+        return out
+    # Full: with S_k = L_k L_k^T (Cholesky), log N = -1/2 (|L_k^-1 (z - m_k)|^2 + log|S_k| + D log 2 pi), where
+    # log|S_k| / 2 = sum_i log (L_k)_ii. All k components in one product: y = z A - m A, A_k = L_k^-T.
+    chol_inv = np.linalg.inv(np.linalg.cholesky(gmm["covs"]))                # (k, D, D): L_k^-1
+    a = chol_inv.transpose(0, 2, 1)                                         # A_k = L_k^-T
+    a_all, m_a = a.transpose(1, 0, 2).reshape(d, k * d), np.einsum("kd,kde->ke", gmm["means"], a)
+    log_det_half = -np.log(np.diagonal(chol_inv, axis1=1, axis2=2)).sum(1)  # sum log L_ii = -sum log (L^-1)_ii
+    for i in range(0, len(z), chunk):
+        y = (z[i:i + chunk] @ a_all).reshape(-1, k, d) - m_a                # y = z A_k - m_k A_k, all k at once
+        out[i:i + chunk] = -0.5 * (np.einsum("nkd,nkd->nk", y, y) + d * LOG_2PI) - log_det_half
+    return out
+
+
+def gmm_log_density(gmm, z):
+    """log q_fit(z) = log sum_k pi_k N(z; m_k, S_k), per row of z."""
+    return logsumexp(gmm["log_pi"] + gmm_component_log_density(gmm, z), axis=1)
+
+
+def gmm_sample(gmm, n, rng):
+    """n draws from the fitted mixture: a component k ~ pi, then z = m_k + L_k eps (S_k = L_k L_k^T)."""
+    if gmm["covs"].ndim == 2:
+        return sample_mixture(gmm["means"], np.log(gmm["covs"]), gmm["log_pi"], n, rng)
+    k = rng.choice(len(gmm["means"]), size=n, p=np.exp(gmm["log_pi"]) / np.exp(gmm["log_pi"]).sum())
+    eps = rng.standard_normal((n, gmm["means"].shape[1]))
+    return gmm["means"][k] + np.einsum("nij,nj->ni", np.linalg.cholesky(gmm["covs"])[k], eps)
+
+
+# ---- the measurements --------------------------------------------------------------------------------------
+
+def aggregate_posterior_moments(mu, log_var, threshold=0.01):
+    """Per-dimension mean and variance of q(z) = (1/N) sum_n N(mu_n, sigma_n^2), and the active units.
+
+    E[z] = mean_n mu_n;  Var[z] = mean_n (mu_n^2 + sigma_n^2) - E[z]^2  (the law of total variance)
+    active: Cov_x(E_q[z|x]) = Var_n(mu_n) > threshold (Burda et al. 2015)."""
+    mu, var = np.asarray(mu, np.float64), np.exp(np.asarray(log_var, np.float64))
+    mean = mu.mean(axis=0)
+    activity = mu.var(axis=0)
+    return {"mean": mean.tolist(), "variance": ((mu * mu + var).mean(axis=0) - mean ** 2).tolist(),
+            "activity": activity.tolist(), "active_units": int((activity > threshold).sum())}
+
+
+def elbo_surgery(mu, log_var, rng, log_prior, chunk=128):
+    """Split the average KL term as Hoffman & Johnson (2016): with q(z) = (1/N) sum_n q(z|x_n),
+
+        mean_n KL(q(z|x_n) || p(z)) = I(x; z) + KL(q(z) || p(z)),
+        I(x; z) = E_n E_q(z|x_n)[log q(z|x_n) - log q(z)],  KL(q(z)||p(z)) = E_q(z)[log q(z) - log p(z)].
+
+    Each is estimated with one z_n ~ q(z|x_n) per data point; log q(z) sums over all N components
+    (log-sum-exp; the N x N Gaussian densities as matrix products). log_prior: a function of z, log p(z).
+    Returns the two terms in nats and their sum, to be compared with the average KL computed directly."""
+    mu, log_var = np.asarray(mu, np.float64), np.asarray(log_var, np.float64)
+    z = draw_codes(mu, log_var, rng)
+    log_q_own = log_normal(z, mu, log_var)                                  # log q(z_n | x_n)
+    log_q_agg = np.concatenate([logsumexp(log_normal(z[i:i + chunk], mu, log_var, pairs=True), axis=1)
+                                for i in range(0, len(z), chunk)]) - np.log(len(z))   # log q(z_n)
+    mi, kl_agg = float((log_q_own - log_q_agg).mean()), float((log_q_agg - log_prior(z)).mean())
+    return {"mutual_information": mi, "kl_aggregate_prior": kl_agg, "mutual_information_plus_kl_aggregate_prior": mi + kl_agg}
+
+
+def prior_hole_fraction(gmm, z_codes, z_draws, quantile=0.01):
+    """Share of draws whose density under the fitted aggregated posterior is below that of 99% of the codes
+    z_codes: they land where (almost) no image encodes. Also returns the threshold and the mask."""
+    threshold = np.quantile(gmm_log_density(gmm, z_codes), quantile)
+    in_hole = gmm_log_density(gmm, z_draws) < threshold
+    return float(in_hole.mean()), float(threshold), in_hole
+
+
+def iw_nll(model, images, k, rng, eps=None, batch_size=25):
+    """Importance-weighted estimate of -log p(x) per uint8 image (one value each), K draws from q(z|x) each:
+
+        -log p(x) ~ -log (1/K) sum_k w_k,   w_k = p(x|z_k) p(z_k) / q(z_k|x),   z_k = mu + sigma * eps_k
+
+    An upper bound on -log p(x) that falls towards it as K grows (Burda et al. 2015); for K = 1 it is the
+    negative ELBO with the KL estimated at the one z. eps (K, len(images), Z) may be given."""
+    mixture = [a.astype(np.float64) for a in model.prior.mixture()]
+    out = np.empty(len(images))
+    for i in range(0, len(images), batch_size):
+        xb = mnist.to_float(images[i:i + batch_size], model.dtype)
+        mu, log_var = (a.astype(np.float64) for a in model.encode(xb))
+        e = rng.standard_normal((k, len(xb), model.latent)) if eps is None else eps[:, i:i + batch_size]
+        z, _ = reparameterize_forward(mu, log_var, e)                            # (K, B, Z)
+        logits = model.decode(z.reshape(-1, model.latent).astype(model.dtype)).reshape(k, len(xb), -1)
+        log_w = (log_bernoulli(xb, logits).astype(np.float64)                    # log p(x|z_k)  (pixels in the
+                 + mixture_log_density(z.reshape(-1, model.latent), *mixture)[0].reshape(k, -1)  # model's dtype)
+                 - log_normal(z, mu, log_var))                                   # + log p(z_k) - log q(z_k|x)
+        out[i:i + batch_size] = np.log(k) - logsumexp(log_w, axis=0)            # -log (1/K) sum_k w_k
+    return out
+
+
+def analyze(model, x_train, x_test, seed, iw_samples, gmm_components, gmm_covariance, log=print):
+    """Every measurement above for a trained model: (metrics to record, arrays the figures draw)."""
+    rng = np.random.default_rng([seed, 3])
+    # q(z): one draw z_n ~ q(z|x_n) per training image; the mixture is fitted to 20,000 of them.
+    z_train = draw_codes(*encode_all(model, x_train), rng).astype(np.float64)
+    fit_on = z_train[rng.choice(len(z_train), min(len(z_train), 20000), replace=False)]
+    gmm = fit_gmm(fit_on, gmm_components, gmm_covariance, rng=rng)
+    log(f"aggregated posterior: {gmm_components}-component {gmm_covariance} Gaussian mixture fitted to "
+        f"{len(fit_on)} training codes in {len(gmm['log_likelihood'])} EM iterations")
+    z_prior = model.sample_z(10000, rng)
+    hole_fraction, threshold, in_hole = prior_hole_fraction(gmm, z_train, z_prior)
+    agg_hole_fraction = prior_hole_fraction(gmm, z_train, gmm_sample(gmm, 10000, rng))[0]
+
+    # On the test set: moments of q(z), active units, ELBO surgery, the KL to the fitted q(z) instead of p(z).
+    mu, log_var = encode_all(model, x_test)
+    moments = aggregate_posterior_moments(mu, log_var)
+    surgery = elbo_surgery(mu, log_var, rng, model.log_prior)
+    eps = rng.standard_normal(mu.shape)
+    z, _ = reparameterize_forward(mu, log_var, eps)
+    surgery["average_kl"] = float(model.prior.kl_forward(z, eps, mu, log_var, None)[0].mean())   # closed form for N(0, I)
+    surgery["kl_to_fitted_aggregate"] = float((log_normal(z, mu, log_var) - gmm_log_density(gmm, z)).mean())
+    iw = float(iw_nll(model, x_test, iw_samples, rng).mean())          # the mean over every test image
+    log(f"importance-weighted -log p(x), K={iw_samples}: {iw:.2f} nats; I(x;z) {surgery['mutual_information']:.2f} + "
+        f"KL(q(z)||p(z)) {surgery['kl_aggregate_prior']:.2f}; {moments['active_units']} active units; "
+        f"{100 * hole_fraction:.1f}% of prior draws fall in holes")
+    metrics = {"iw_nll": iw, "iw_samples": iw_samples, "aggregate_posterior": {
+        **moments, **surgery, "prior_hole_fraction": hole_fraction, "aggregate_sample_hole_fraction": agg_hole_fraction,
+        "hole_log_density_threshold": threshold,
+        "gmm": {"components": gmm_components, "covariance": gmm_covariance, "fitted_on": len(fit_on),
+                "em_iterations": len(gmm["log_likelihood"]), "log_likelihood": gmm["log_likelihood"][-1]}}}
+    return metrics, {"gmm": gmm, "z_train": z_train, "z_prior": z_prior, "in_hole": in_hole, "moments": moments,
+                     "mu_test": mu}

@@ -1,0 +1,137 @@
+"""The figures: what a run shows a person. Each function returns {file name: matplotlib Figure}; train.py writes
+them. Images are drawn dark on white, as MNIST is usually shown."""
+import math
+from statistics import NormalDist
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Circle, Rectangle
+
+import analysis
+import mnist
+from vae import sigmoid
+
+
+def image_grid(ax, images, rows, title=None):
+    """Tile (n, 784) images in [0, 1] into `rows` rows on one axis."""
+    cols = math.ceil(len(images) / rows)
+    grid = np.ones((rows * 29 + 1, cols * 29 + 1))
+    for i, img in enumerate(images):
+        r, c = divmod(i, cols)
+        grid[1 + 29 * r:29 * (r + 1), 1 + 29 * c:29 * (c + 1)] = img.reshape(28, 28)
+    ax.imshow(grid, cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=10)
+
+
+def prior_label(model):
+    return "N(0, I)" if model.prior_name == "standard" else f"learned {model.prior_name} (K={model.components})"
+
+
+def run_figures(model, x_test, train_loss, test_loss, seed):
+    """After training: reconstructions, prior samples and the loss curves."""
+    x = mnist.to_float(x_test[:16], model.dtype)
+    recon = Figure(figsize=(8, 1.3))
+    image_grid(recon.subplots(), np.concatenate([x, model.reconstruct(x)]), rows=2,
+               title="test images (top) and their reconstructions at z = mu(x) (bottom)")
+    samples = Figure(figsize=(5, 5))
+    image_grid(samples.subplots(), model.sample_prior(64, np.random.default_rng([seed, 2])), rows=8,
+               title=f"decoded prior samples, z ~ {prior_label(model)}")
+    curves = Figure(figsize=(5, 3.2))
+    ax = curves.subplots()
+    epochs = np.arange(1, len(train_loss) + 1)
+    ax.plot(epochs, train_loss, "o-", label="train (mean over the epoch)")
+    ax.plot(epochs, test_loss, "s-", label="test (end of epoch)")
+    ax.set_xlabel("epoch"); ax.set_ylabel("negative ELBO (nats / example)"); ax.legend(); ax.grid(alpha=0.3)
+    return {"reconstructions.png": recon, "samples_prior.png": samples, "loss_curves.png": curves}
+
+
+def analysis_figures(model, x_test, y_test, found, image_index, seed):
+    """The latent space after analysis.analyze (its second result is `found`): three ways to sample, the
+    marginals of q(z) against the prior, and for Z = 2 the plane itself."""
+    rng = np.random.default_rng([seed, 5])
+    x = mnist.to_float(x_test[image_index:image_index + 1], model.dtype)
+    three = Figure(figsize=(13, 4.8))
+    axes = three.subplots(1, 3)
+    image_grid(axes[0], model.sample_prior(64, rng), rows=8, title=f"prior: z ~ {prior_label(model)}")
+    image_grid(axes[1], np.concatenate([x, model.sample_posterior(x, 63, rng)[0]]), rows=8,
+               title=f"posterior of test image {image_index} (top left):\nz ~ N(mu(x), sigma(x)^2)")
+    axes[1].add_patch(Rectangle((0.5, 0.5), 28, 28, fill=False, edgecolor="tab:red", linewidth=2))
+    z_agg = analysis.gmm_sample(found["gmm"], 64, rng).astype(model.dtype)
+    image_grid(axes[2], sigmoid(model.decode(z_agg)), rows=8,
+               title="aggregated posterior: z ~ mixture\nfitted to the training codes")
+    figs = {"samples_three_ways.png": three, "prior_vs_aggregate.png": marginals(model, found)}
+    if model.latent == 2:
+        figs.update(latent_plane(model, found["mu_test"], y_test, found["z_prior"], found["in_hole"]))
+    return figs
+
+
+def mixture_marginal(grid, pi, means, variances):
+    """sum_k pi_k N(t; m_k, v_k) at each t of grid: one dimension's marginal of a Gaussian mixture."""
+    return (pi[:, None] * np.exp(-0.5 * (grid - means[:, None]) ** 2 / variances[:, None])
+            / np.sqrt(2 * np.pi * variances[:, None])).sum(0)
+
+
+def marginals(model, found):
+    """Per dimension: the aggregated posterior (histogram of codes, and the fitted mixture) against the prior."""
+    gmm, moments, z_train, zs = found["gmm"], found["moments"], found["z_train"], model.latent
+    cols = min(zs, 5)
+    fig = Figure(figsize=(2.6 * cols, 1.9 * math.ceil(zs / cols)))
+    axes = fig.subplots(math.ceil(zs / cols), cols, squeeze=False)
+    gmm_vars = np.diagonal(gmm["covs"], axis1=1, axis2=2) if gmm["covs"].ndim == 3 else gmm["covs"]
+    prior_means, prior_log_vars, prior_log_pi = (a.astype(np.float64) for a in model.prior.mixture())
+    for d, ax in enumerate(axes.flat):
+        if d >= zs:
+            ax.set_axis_off(); continue
+        half = 4 * max(1.0, np.sqrt(moments["variance"][d]))          # +-4 sd of q(z) or of N(0, 1), the wider
+        grid = np.linspace(moments["mean"][d] - half, moments["mean"][d] + half, 200)
+        ax.hist(z_train[:, d], bins=60, range=(grid[0], grid[-1]), density=True, color="tab:blue", alpha=0.4)
+        ax.plot(grid, mixture_marginal(grid, np.exp(gmm["log_pi"]), gmm["means"][:, d], gmm_vars[:, d]),
+                color="tab:blue", lw=1.2)
+        ax.plot(grid, mixture_marginal(grid, np.exp(prior_log_pi), prior_means[:, d], np.exp(prior_log_vars[:, d])),
+                "k--", lw=1)
+        active = moments["activity"][d] > 0.01
+        ax.set_title(f"z{d}: var {moments['variance'][d]:.2f}" + ("" if active else " (inactive)"), fontsize=8)
+        ax.set_yticks([]); ax.tick_params(labelsize=7)
+    fig.suptitle("per dimension: aggregated posterior (histogram of codes; line: fitted mixture) vs prior "
+                 f"{prior_label(model)} (dashed)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def draw_codes_against_prior(ax, model, mu, labels, title):
+    """Posterior means in the plane, coloured by label, with the N(0, I) prior's 1, 2, 3 sigma circles."""
+    points = ax.scatter(mu[:, 0], mu[:, 1], c=labels, cmap="tab10", s=2, alpha=0.6)
+    if model.prior_name == "standard":
+        for r in (1, 2, 3):
+            ax.add_patch(Circle((0, 0), r, fill=False, ls="--", color="k", lw=0.8))
+        ax.set_xlim(-4, 4); ax.set_ylim(-4, 4)
+    ax.set_aspect("equal"); ax.set_title(title, fontsize=10)
+    return points
+
+
+def latent_plane(model, mu, labels, z_prior, in_hole):
+    """Z = 2: the test codes against the prior with the prior draws that fall in holes, and a decoded grid."""
+    space = Figure(figsize=(6.5, 6))
+    ax = space.subplots()
+    title = "test posterior means by label; prior " + ("1, 2, 3 sigma circles" if model.prior_name == "standard"
+                                                       else prior_label(model))
+    space.colorbar(draw_codes_against_prior(ax, model, mu, labels, title), ax=ax, ticks=range(10), label="label")
+    shown = slice(0, 1000)
+    ax.scatter(*z_prior[shown][in_hole[shown]].T, marker="x", color="red", s=14,
+               label=f"prior draws in holes ({100 * in_hole.mean():.1f}% of all)")
+    ax.legend(loc="upper right", fontsize=8)
+    # A grid over the plane at quantiles of the prior on each axis (equal prior mass per cell): of N(0, 1), or of
+    # a learned prior's own draws.
+    n = 20
+    levels = np.linspace(0.5 / n, 1 - 0.5 / n, n)
+    if model.prior_name == "standard":
+        gx = gy = np.array([NormalDist().inv_cdf(p) for p in levels])
+    else:
+        gx, gy = np.quantile(z_prior[:, 0], levels), np.quantile(z_prior[:, 1], levels)
+    z = np.stack(np.meshgrid(gx, gy[::-1]), -1).reshape(-1, 2).astype(model.dtype)
+    manifold = Figure(figsize=(7, 7))
+    image_grid(manifold.subplots(), sigmoid(model.decode(z)), rows=n,
+               title=f"decoded grid of prior quantiles ({50 / n:.1f}% .. {100 - 50 / n:.1f}% per axis)")
+    return {"latent_space.png": space, "latent_manifold.png": manifold}
