@@ -1,9 +1,11 @@
-"""MNIST and Fashion-MNIST: download (checksummed, cached), parse IDX (validated), keep images as uint8.
+"""MNIST and Fashion-MNIST: download (checksummed, cached), parse IDX (validated), keep images as uint8, and turn
+them into what the model sees: intensities x / 255 in [0, 1], or binary pixels drawn from them.
 
 IDX format (LeCun et al.): big-endian int32 magic, then one int32 per dimension, then the raw uint8 data.
     images: magic 2051 = 0x00000803 (uint8, 3 dims), then N, 28, 28, then N*28*28 bytes
     labels: magic 2049 = 0x00000801 (uint8, 1 dim),  then N,         then N bytes, each 0-9
 """
+import contextlib
 import gzip
 import hashlib
 import os
@@ -43,35 +45,42 @@ class DataError(Exception):
     """Data that cannot be had or cannot be trusted; the message says which file and what to do."""
 
 
-def download(name, mirrors, dest, checksum, timeout=30):
-    """Fetch `name` from the first mirror that serves it with the right checksum, into `dest`.
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block finishes. A crash, an error
+    or Ctrl-C mid-write leaves the previous file (or none), never half of one. Every file the project writes
+    goes through here: the downloaded archives, and a run's model, checkpoint, metrics and figures."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
-    The bytes go to dest + '.part' and are renamed to dest only after the checksum matches, so the cache
-    never holds a partial or unverified archive."""
+
+def download(name, mirrors, dest, checksum, timeout=30):
+    """Fetch `name` from the first mirror that serves it with the right checksum, into `dest`: the cache never
+    holds a partial or unverified archive."""
     algo, expected = checksum
     tried = []
-    part = dest + ".part"
     for mirror in mirrors:
         url = mirror.rstrip("/") + "/" + name
         h = hashlib.new(algo)
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as response, open(part, "wb") as f:
-                while chunk := response.read(1 << 16):
-                    h.update(chunk)
-                    f.write(chunk)
+            with atomic_path(dest) as part:
+                with urllib.request.urlopen(url, timeout=timeout) as response, open(part, "wb") as f:
+                    while chunk := response.read(1 << 16):
+                        h.update(chunk)
+                        f.write(chunk)
+                if h.hexdigest() != expected:       # raised inside the block: the archive is never kept
+                    raise ValueError(f"{algo} {h.hexdigest()}, expected {expected}")
+            return
         except (urllib.error.URLError, OSError, ValueError) as err:
             tried.append(f"{url} ({getattr(err, 'reason', err)})")
-        else:
-            if h.hexdigest() == expected:
-                os.replace(part, dest)
-                return
-            tried.append(f"{url} ({algo} {h.hexdigest()}, expected {expected})")
-        finally:
-            if os.path.exists(part):
-                os.remove(part)                     # failed or wrong: nothing of it stays in the cache
     raise DataError(f"could not download {name}; tried: " + "; ".join(tried) +
                     f". Put the archives in {os.path.dirname(dest) or '.'} yourself (or point --data-dir at a folder "
-                   f"that has them), or pass --mirror URL")
+                    f"that has them), or pass --mirror URL")
 
 
 def parse_idx(path, magic):
@@ -109,6 +118,12 @@ def parse_idx(path, magic):
 def to_float(images, dtype=np.float32):
     """uint8 pixels 0..255 -> intensities x / 255 in [0, 1]: one pass, one rounding, the only place pixels are scaled."""
     return np.divide(images, 255, dtype=dtype)
+
+
+def binarize(images, rng):
+    """Each pixel drawn as Bernoulli(x / 255): 255 with that probability, else 0 (uint8 in, uint8 out). Drawn
+    afresh every time an image is used, this is dynamic binarization (Burda et al. 2015)."""
+    return (rng.random(images.shape, dtype=np.float32) * 255 < images).astype(np.uint8) * np.uint8(255)
 
 
 def write_idx(path, array):
