@@ -8,9 +8,13 @@
 q(z) has N components, too many to evaluate at every prior draw, so a K-component Gaussian mixture fitted to
 codes z_n ~ q(z|x_n) by EM stands in for it where a density is needed (the holes, sampling from q(z)).
 """
+import json
+import time
+
 import numpy as np
 
 import mnist
+from autograd import matmul_floor
 from vae import LOG_2PI, log_bernoulli, log_normal, logsumexp, mixture_log_density, reparameterize_forward, sample_mixture
 
 
@@ -180,18 +184,22 @@ def iw_nll(model, images, k, rng, eps=None, batch_size=25):
 def analyze(model, x_train, x_test, seed, iw_samples, gmm_components, gmm_covariance, log=print):
     """Every measurement above for a trained model: (metrics to record, arrays the figures draw)."""
     rng = np.random.default_rng([seed, 3])
-    # q(z): one draw z_n ~ q(z|x_n) per training image; the mixture is fitted to 20,000 of them.
-    z_train = draw_codes(*encode_all(model, x_train), rng).astype(np.float64)
+    # q(z): one draw z_n ~ q(z|x_n) per training image; the mixture is fitted to 20,000 of them. Its hole threshold
+    # and held-out log-likelihood come from test codes, which it was not fitted on.
+    z_train = draw_codes(*encode_all(model, x_train), rng)
     fit_on = z_train[rng.choice(len(z_train), min(len(z_train), 20000), replace=False)]
     gmm = fit_gmm(fit_on, gmm_components, gmm_covariance, rng=rng)
-    log(f"aggregated posterior: {gmm_components}-component {gmm_covariance} Gaussian mixture fitted to "
-        f"{len(fit_on)} training codes in {len(gmm['log_likelihood'])} EM iterations")
+    mu, log_var = encode_all(model, x_test)
+    z_test = draw_codes(mu, log_var, rng)
     z_prior = model.sample_z(10000, rng)
-    hole_fraction, threshold, in_hole = prior_hole_fraction(gmm, z_train, z_prior)
-    agg_hole_fraction = prior_hole_fraction(gmm, z_train, gmm_sample(gmm, 10000, rng))[0]
+    hole_fraction, threshold, in_hole = prior_hole_fraction(gmm, z_test, z_prior)
+    agg_hole_fraction = prior_hole_fraction(gmm, z_test, gmm_sample(gmm, 10000, rng))[0]
+    held_out = float(gmm_log_density(gmm, z_test).mean())
+    log(f"aggregated posterior: a {gmm_components}-component {gmm_covariance} Gaussian mixture fitted to "
+        f"{len(fit_on)} training codes ({len(gmm['log_likelihood'])} EM iterations), {held_out:.2f} nats per "
+        f"held-out test code; {100 * hole_fraction:.1f}% of prior draws fall in its holes")
 
     # On the test set: moments of q(z), active units, ELBO surgery, the KL to the fitted q(z) instead of p(z).
-    mu, log_var = encode_all(model, x_test)
     moments = aggregate_posterior_moments(mu, log_var)
     surgery = elbo_surgery(mu, log_var, rng, model.log_prior)
     eps = rng.standard_normal(mu.shape)
@@ -200,12 +208,79 @@ def analyze(model, x_train, x_test, seed, iw_samples, gmm_components, gmm_covari
     surgery["kl_to_fitted_aggregate"] = float((log_normal(z, mu, log_var) - gmm_log_density(gmm, z)).mean())
     iw = float(iw_nll(model, x_test, iw_samples, rng).mean())          # the mean over every test image
     log(f"importance-weighted -log p(x), K={iw_samples}: {iw:.2f} nats; I(x;z) {surgery['mutual_information']:.2f} + "
-        f"KL(q(z)||p(z)) {surgery['kl_aggregate_prior']:.2f}; {moments['active_units']} active units; "
-        f"{100 * hole_fraction:.1f}% of prior draws fall in holes")
+        f"KL(q(z)||p(z)) {surgery['kl_aggregate_prior']:.2f}; {moments['active_units']} active units")
     metrics = {"iw_nll": iw, "iw_samples": iw_samples, "aggregate_posterior": {
         **moments, **surgery, "prior_hole_fraction": hole_fraction, "aggregate_sample_hole_fraction": agg_hole_fraction,
         "hole_log_density_threshold": threshold,
         "gmm": {"components": gmm_components, "covariance": gmm_covariance, "fitted_on": len(fit_on),
-                "em_iterations": len(gmm["log_likelihood"]), "log_likelihood": gmm["log_likelihood"][-1]}}}
+                "em_iterations": len(gmm["log_likelihood"]), "log_likelihood": gmm["log_likelihood"][-1],
+                "held_out_log_likelihood": held_out}}}
     return metrics, {"gmm": gmm, "z_train": z_train, "z_prior": z_prior, "in_hole": in_hole, "moments": moments,
                      "mu_test": mu}
+
+
+KL_WEIGHT_COLUMNS = [("beta", "beta", "{:g}"), ("recon", "recon", "{:.2f}"), ("KL", "kl", "{:.2f}"),
+                     ("test -ELBO", "negative_elbo", "{:.2f}"), ("iw_nll", "iw_nll", "{:.2f}"),
+                     ("active", "active_units", "{:d}"), ("Var q(z) per dim", "variance_range", "{0[0]:.2f}-{0[1]:.2f}"),
+                     ("KL(q(z)||p(z))", "kl_aggregate_prior", "{:.2f}"), ("I(x;z)", "mutual_information", "{:.2f}"),
+                     ("holes", "prior_hole_fraction", "{:.1%}")]
+
+
+def kl_weight_row(beta, metrics):
+    """One row of the KL-weight comparison, from a run's metrics.json. Every likelihood is at beta = 1."""
+    a = metrics["aggregate_posterior"]
+    return {"beta": beta, "recon": metrics["test_recon"], "kl": metrics["test_kl"], "negative_elbo": metrics["test_loss"],
+            "iw_nll": metrics["iw_nll"], "active_units": a["active_units"],
+            "variance_range": [min(a["variance"]), max(a["variance"])], "kl_aggregate_prior": a["kl_aggregate_prior"],
+            "mutual_information": a["mutual_information"], "prior_hole_fraction": a["prior_hole_fraction"]}
+
+
+def kl_weight_table(rows):
+    """The rows as a Markdown table, as the README shows it."""
+    lines = ["| " + " | ".join(title for title, _, _ in KL_WEIGHT_COLUMNS) + " |",
+             "|" + "---|" * len(KL_WEIGHT_COLUMNS)]
+    for row in rows:
+        lines.append("| " + " | ".join(form.format(row[key]) for _, key, form in KL_WEIGHT_COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def speed(model, opt, batch_seconds, beta, epoch_seconds, n_steps, n_images):
+    """--benchmark: the median epoch, the median time of each phase of a step over the given batches
+    [((x, eps), seconds to make it)], and the floor that the step's matrix products alone set, timed in the
+    same run; the peak memory of the process."""
+    import resource
+    phases = {"batching": [s for _, s in batch_seconds], "forward": [], "backward": [], "adam": []}
+    grads = model.grads()
+    for (x, eps), _ in batch_seconds:
+        t0 = time.perf_counter(); model.forward(x, eps)
+        t1 = time.perf_counter(); model.backward(beta)
+        t2 = time.perf_counter(); opt.step(grads)
+        for name, dt in zip(("forward", "backward", "adam"), (t1 - t0, t2 - t1, time.perf_counter() - t2)):
+            phases[name].append(dt)
+    floor_s, flops = matmul_floor([model.encoder, model.decoder], len(batch_seconds[0][0][0]), model.dtype)
+    epoch_s, floor_epoch = float(np.median(epoch_seconds)), floor_s * n_steps
+    print(f"median epoch {epoch_s:.3f} s = {n_images / epoch_s:,.0f} examples/s")
+    print(f"per step (median of {len(batch_seconds)}): " + ", ".join(f"{k} {1e3 * np.median(v):.3f} ms"
+                                                                   for k, v in phases.items()))
+    print(f"matrix products alone (same shapes, this run): {1e3 * floor_s:.3f} ms/step = {floor_epoch:.3f} s/epoch, "
+          f"{flops * n_steps / 1e9:.0f} GFLOP/epoch at {flops / floor_s / 1e9:.0f} GFLOP/s")
+    print(f"epoch / floor = {epoch_s / floor_epoch:.2f}; outside the matrix products: {epoch_s - floor_epoch:.3f} "
+          f"s/epoch (elementwise work, optimizer, batching)")
+    print(f"peak memory (max RSS of this process): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+
+
+def write_metrics(path, metrics):
+    """metrics.json, the record of a run's measurements, written whole or not at all."""
+    with mnist.atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(metrics, f, indent=2)
+
+
+def read_metrics(path):
+    """The metrics.json at path ({} if there is none)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as err:
+        raise mnist.DataError(f"{path}: unreadable ({err}); move it away or pass --out")

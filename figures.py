@@ -1,6 +1,8 @@
-"""The figures: what a run shows a person. Each function returns {file name: matplotlib Figure}; train.py writes
-them. Images are drawn dark on white, as MNIST is usually shown."""
+"""What a run shows a person: a progress bar while it trains, and the figures. Each drawing function returns
+{file name: matplotlib Figure}, and save() writes them. Images are drawn dark on white, as MNIST usually is."""
 import math
+import os
+import sys
 from statistics import NormalDist
 
 import numpy as np
@@ -10,6 +12,23 @@ from matplotlib.patches import Circle, Rectangle
 import analysis
 import mnist
 from vae import sigmoid
+
+
+def save(out, figs):
+    """Write {file name: Figure} into the folder out as PNGs, each whole or not at all."""
+    for name, fig in figs.items():
+        with mnist.atomic_path(os.path.join(out, name)) as tmp:
+            fig.savefig(tmp, format="png", dpi=80, bbox_inches="tight")
+
+
+def progress_bar(state, n_steps, seen):
+    """While a run trains: an in-epoch progress line, only when stderr is a terminal (logs stay one line per epoch)."""
+    if sys.stderr.isatty() and (state["step"] % 10 == 0 or state["step"] == n_steps):
+        done = state["step"] / n_steps
+        sys.stderr.write(f"\r  epoch {state['epoch'] + 1} [{'#' * int(30 * done):<30}] {100 * done:3.0f}%  "
+                         f"train loss {state['sums'][0] / seen:7.2f}")
+        sys.stderr.write("\r" + " " * 72 + "\r" if state["step"] == n_steps else "")
+        sys.stderr.flush()
 
 
 def image_grid(ax, images, rows, title=None):
@@ -29,8 +48,8 @@ def prior_label(model):
     return "N(0, I)" if model.prior_name == "standard" else f"learned {model.prior_name} (K={model.components})"
 
 
-def run_figures(model, x_test, train_loss, test_loss, seed):
-    """After training: reconstructions, prior samples and the loss curves."""
+def run_figures(model, x_test, state, seed):
+    """After training: reconstructions, prior samples, the loss curves and where the gradients went."""
     x = mnist.to_float(x_test[:16], model.dtype)
     recon = Figure(figsize=(8, 1.3))
     image_grid(recon.subplots(), np.concatenate([x, model.reconstruct(x)]), rows=2,
@@ -40,11 +59,39 @@ def run_figures(model, x_test, train_loss, test_loss, seed):
                title=f"decoded prior samples, z ~ {prior_label(model)}")
     curves = Figure(figsize=(5, 3.2))
     ax = curves.subplots()
-    epochs = np.arange(1, len(train_loss) + 1)
-    ax.plot(epochs, train_loss, "o-", label="train (mean over the epoch)")
-    ax.plot(epochs, test_loss, "s-", label="test (end of epoch)")
+    epochs = np.arange(1, len(state["train_loss"]) + 1)
+    ax.plot(epochs, state["train_loss"], "o-", label="train (mean over the epoch)")
+    ax.plot(epochs, state["test_loss_curve"], "s-", label="test (end of epoch)")
+    if state["train_objective"] != state["train_loss"]:
+        ax.plot(epochs, state["train_objective"], "^:", label="train objective, recon + beta * KL")
     ax.set_xlabel("epoch"); ax.set_ylabel("negative ELBO (nats / example)"); ax.legend(); ax.grid(alpha=0.3)
-    return {"reconstructions.png": recon, "samples_prior.png": samples, "loss_curves.png": curves}
+    return {"reconstructions.png": recon, "samples_prior.png": samples, "loss_curves.png": curves,
+            "gradient_paths.png": gradient_paths(state["gradient_paths"])}
+
+
+PATH_STYLES = {"recon_mu": ("reconstruction -> mu", "tab:blue", "-"), "kl_mu": ("KL -> mu", "tab:red", "-"),
+               "recon_log_var": ("reconstruction -> log_var", "tab:blue", "--"),
+               "kl_log_var": ("KL -> log_var", "tab:red", "--")}
+
+
+def gradient_paths(paths):
+    """The four gradients that meet at the encoder's outputs, as root-mean-square per example: over training
+    (all units), and per unit in the last epoch (units ordered by the reconstruction's pull on mu)."""
+    fig = Figure(figsize=(12, 3.8))
+    over_time, per_unit = fig.subplots(1, 2)
+    last = {name: np.array(values[-1]) for name, values in paths.items()}
+    order = np.argsort(-last["recon_mu"])
+    for name, (label, color, style) in PATH_STYLES.items():
+        rms = np.sqrt(np.mean(np.square(paths[name]), axis=1))                     # over units, per epoch
+        over_time.plot(np.arange(1, len(rms) + 1), rms, color=color, ls=style, marker="o", ms=3, label=label)
+        per_unit.plot(np.arange(len(order)), last[name][order], color=color, ls=style, marker="o", ms=3, label=label)
+    over_time.set_xlabel("epoch"); over_time.set_title("all units", fontsize=10)
+    per_unit.set_xlabel("latent unit (ordered by reconstruction -> mu)"); per_unit.set_title("each unit, last epoch", fontsize=10)
+    per_unit.set_xticks(np.arange(len(order)), [str(i) for i in order], fontsize=7)
+    for ax in (over_time, per_unit):
+        ax.set_yscale("log"); ax.minorticks_off(); ax.set_ylabel("RMS of dL/d(output) per example"); ax.grid(alpha=0.3)
+    over_time.legend(fontsize=8)
+    return fig
 
 
 def analysis_figures(model, x_test, y_test, found, image_index, seed):
@@ -106,7 +153,8 @@ def draw_codes_against_prior(ax, model, mu, labels, title):
     if model.prior_name == "standard":
         for r in (1, 2, 3):
             ax.add_patch(Circle((0, 0), r, fill=False, ls="--", color="k", lw=0.8))
-        ax.set_xlim(-4, 4); ax.set_ylim(-4, 4)
+        lim = max(4.0, 1.1 * float(np.quantile(np.abs(mu), 0.995)))     # wider when the codes spread further
+        ax.set_xlim(-lim, lim); ax.set_ylim(-lim, lim)
     ax.set_aspect("equal"); ax.set_title(title, fontsize=10)
     return points
 
@@ -135,3 +183,25 @@ def latent_plane(model, mu, labels, z_prior, in_hole):
     image_grid(manifold.subplots(), sigmoid(model.decode(z)), rows=n,
                title=f"decoded grid of prior quantiles ({50 / n:.1f}% .. {100 - 50 / n:.1f}% per axis)")
     return {"latent_space.png": space, "latent_manifold.png": manifold}
+
+
+def kl_weight_figures(models, x_test, y_test, image_index, seed):
+    """The KL-weight experiment, {beta: model}: for each beta a row of prior samples and of posterior samples of
+    the same test image; for Z = 2, each beta's test codes against the prior."""
+    x = mnist.to_float(x_test[image_index:image_index + 1], next(iter(models.values())).dtype)
+    fig = Figure(figsize=(11, 1.45 * len(models) + 0.6))
+    axes = fig.subplots(len(models), 2, squeeze=False)
+    for row, (beta, model) in zip(axes, models.items()):
+        rng = np.random.default_rng([seed, 5])
+        image_grid(row[0], model.sample_prior(24, rng), rows=2)
+        image_grid(row[1], np.concatenate([x, model.sample_posterior(x, 23, rng)[0]]), rows=2)
+        row[0].set_title(f"beta = {beta:g}: prior samples", fontsize=9, loc="left")
+        row[1].set_title(f"beta = {beta:g}: posterior samples of test image {image_index} (first: the image)",
+                         fontsize=9, loc="left")
+    figs = {"kl_weight_samples.png": fig}
+    if all(model.latent == 2 for model in models.values()):
+        plane = Figure(figsize=(3.3 * len(models), 3.6))
+        for ax, (beta, model) in zip(plane.subplots(1, len(models), squeeze=False)[0], models.items()):
+            draw_codes_against_prior(ax, model, analysis.encode_all(model, x_test)[0], y_test, f"beta = {beta:g}")
+        figs["kl_weight_latent.png"] = plane
+    return figs

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import analysis
+import figures
 import mnist
 import train
 import vae
@@ -701,17 +702,18 @@ class DyingFile:
 def test_a_write_interrupted_midway_leaves_the_previous_file_intact(tmp_path, monkeypatch, what):
     model, _, _ = small_vae_batch(prior="mog")
     cfg = {**train.DEFAULTS, "hidden": 7, "latent": 3}
-    state = {**{k: [] for k in train.STATE_LISTS}, "epoch": 0, "step": 0, "elapsed": 0.0, "perm": None,
-             "rng": np.random.default_rng(0), "sums": np.zeros(3)}
+    state = {**{k: [] for k in train.STATE_LISTS}, "gradient_paths": {}, "epoch": 0, "step": 0, "elapsed": 0.0,
+             "perm": None, "rng": np.random.default_rng(0), "sums": np.zeros(5)}
     path = str(tmp_path / what)
     write = {"model": lambda: train.save_model(model, path),
              "checkpoint": lambda: train.save_checkpoint(path, model, Adam(model.params()), state, cfg),
-             "metrics": lambda: train.write_json(path, {"train_loss": list(np.linspace(0, 1, 5000))})}[what]
+             "metrics": lambda: analysis.write_metrics(path, {"train_loss": list(np.linspace(0, 1, 5000))})}[what]
     write()
     before = open(path, "rb").read()
     model.params()["dec.0.W"][...] += 1                  # the next write has other bytes
-    monkeypatch.setattr(train, "open", lambda p, mode="r": DyingFile(builtins.open(p, mode), limit=300),
-                        raising=False)
+    for module in (train, analysis):            # the modules that open the files they write
+        monkeypatch.setattr(module, "open", lambda p, mode="r": DyingFile(builtins.open(p, mode), limit=300),
+                            raising=False)
     with pytest.raises(KeyboardInterrupt):
         write()
     assert open(path, "rb").read() == before and os.listdir(tmp_path) == [what]
@@ -773,18 +775,18 @@ def test_a_checkpoint_resumes_to_bit_identical_numbers(tmp_path, prior):
     quiet = lambda *a, **k: None
     straight, opt, state = train.new_run(dict(cfg), x_train)
     for _ in range(2):
-        train.train_epoch(straight, opt, x_train, state, 50, {"requested": False}, quiet)
+        train.train_epoch(straight, opt, x_train, state, cfg, {"requested": False}, quiet)
     model, opt, cut = train.new_run(dict(cfg), x_train)
     stop = {"requested": False}
     def stop_at_step_5_of_epoch_2(state, n_steps, seen):
         stop["requested"] = state["epoch"] == 1 and state["step"] == 5
-    while train.train_epoch(model, opt, x_train, cut, 50, stop, stop_at_step_5_of_epoch_2):
+    while train.train_epoch(model, opt, x_train, cut, cfg, stop, stop_at_step_5_of_epoch_2):
         pass
     train.save_checkpoint(str(tmp_path / "c.npz"), model, opt, cut, cfg)
     args = train.parse_args([])
     resumed, opt, state_r, _ = train.load_checkpoint(str(tmp_path / "c.npz"), args)
     assert (state_r["epoch"], state_r["step"]) == (1, 5)
-    train.train_epoch(resumed, opt, x_train, state_r, 50, {"requested": False}, quiet)
+    train.train_epoch(resumed, opt, x_train, state_r, cfg, {"requested": False}, quiet)
     assert state_r["train_loss"] == state["train_loss"]
     for name, p in straight.params().items():
         np.testing.assert_array_equal(resumed.params()[name], p, err_msg=name)
@@ -795,7 +797,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_gives_the_uninterrupted_numbers(tm
     def interrupt_at_step_7_of_epoch_2(state, n_steps, seen):
         if state["epoch"] == 1 and state["step"] == 7:
             signal.raise_signal(signal.SIGINT)              # a real Ctrl-C, through train.py's handler
-    monkeypatch.setattr(train, "progress_bar", interrupt_at_step_7_of_epoch_2)
+    monkeypatch.setattr(figures, "progress_bar", interrupt_at_step_7_of_epoch_2)
     out = tmp_path / "cut"
     assert run_cli("--data-dir", data_dir, *SMALL, "--epochs", "2", "--out", str(out)) == 130
     assert (out / "checkpoint.npz").exists() and not (out / "model.npz").exists()
@@ -860,7 +862,7 @@ def test_a_diverging_run_stops_at_the_first_non_finite_loss(tmp_path, data_dir, 
 def test_benchmark_prints_where_the_time_goes_and_writes_nothing(tmp_path, data_dir, capsys):
     assert run_cli("--data-dir", data_dir, *SMALL, "--benchmark", "--epochs", "2", "--out", str(tmp_path / "b")) == 0
     out = capsys.readouterr().out
-    for line in ("epoch 2:", "median epoch", "per step (median of 12)", "matrix products alone", "epoch / floor",
+    for line in ("epoch   2", "median epoch", "per step (median of 12)", "matrix products alone", "epoch / floor",
                  "peak memory"):
         assert line in out, out
     assert not (tmp_path / "b").exists()
@@ -873,26 +875,6 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
     assert result.stderr.count("\n") == 1 and "http://127.0.0.1:9/train-images-idx3-ubyte.gz" in result.stderr
 
 
-def test_latent_2d_run_draws_the_latent_space_and_analyze_merges_its_measurements(tmp_path, data_dir):
-    out = tmp_path / "z2"
-    assert run_cli("--data-dir", data_dir, "--hidden", "32", "--latent", "2", "--batch-size", "50", "--epochs",
-                   "2", "--iw-samples", "20", "--gmm-components", "3", "--out", str(out)) == 0
-    for f in ("samples_three_ways.png", "prior_vs_aggregate.png", "latent_space.png", "latent_manifold.png"):
-        assert (out / f).stat().st_size > 0, f
-    m = json.loads((out / "metrics.json").read_text())
-    a = m["aggregate_posterior"]
-    assert len(a["mean"]) == len(a["variance"]) == 2 and m["iw_samples"] == 20
-    assert a["mutual_information_plus_kl_aggregate_prior"] == pytest.approx(a["average_kl"], abs=0.2)
-
-    os.remove(out / "samples_three_ways.png")
-    assert run_cli("--data-dir", data_dir, "--analyze", str(out / "model.npz"), "--iw-samples", "5",
-                   "--gmm-components", "2", "--gmm-covariance", "diag", "--posterior-image", "3") == 0
-    m2 = json.loads((out / "metrics.json").read_text())
-    assert m2["train_loss"] == m["train_loss"] and m2["iw_samples"] == 5           # merged, not replaced
-    assert m2["aggregate_posterior"]["gmm"]["covariance"] == "diag"
-    assert (out / "samples_three_ways.png").exists()
-
-
 def test_an_out_of_range_posterior_image_is_refused_before_training(tmp_path, data_dir, capsys, monkeypatch):
     monkeypatch.setattr(train, "train_epoch", lambda *a: pytest.fail("trained before checking the options"))
     assert run_cli("--data-dir", data_dir, "--posterior-image", "200", "--out", str(tmp_path / "r")) == 1
@@ -903,18 +885,165 @@ def test_an_out_of_range_posterior_image_is_refused_before_training(tmp_path, da
     assert "out of range" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("prior", ["mog", "vamp"])
-def test_learned_prior_trains_and_is_measured_against_itself(tmp_path, data_dir, prior):
-    out = tmp_path / prior
-    assert run_cli("--data-dir", data_dir, *SMALL, "--prior", prior, "--prior-components", "5",
-                   "--epochs", "2", "--gmm-components", "3", "--out", str(out)) == 0
-    m = json.loads((out / "metrics.json").read_text())
-    assert m["config"]["prior"] == prior and m["config"]["prior_components"] == 5
+def test_analysis_measures_a_learned_prior_against_that_prior():
+    # Moving a mixture prior's means far from every code must show in every measurement that uses p(z): prior
+    # draws land in holes, KL(q(z) || p(z)) and iw_nll grow. A measurement that used N(0, I) would not move.
+    rng = np.random.default_rng(17)
+    x_train, x_test = make_images(400, rng)[0].reshape(400, 784), make_images(100, rng)[0].reshape(100, 784)
+    model = vae.VAE(784, 16, 2, seed=1, prior="mog", components=3)
+    model.prior.params["means"][...] *= 0.3
+    near, _ = analysis.analyze(model, x_train, x_test, 0, 5, 3, "full", log=lambda m: None)
+    model.prior.params["means"][...] += 30
+    far, _ = analysis.analyze(model, x_train, x_test, 0, 5, 3, "full", log=lambda m: None)
+    a, b = near["aggregate_posterior"], far["aggregate_posterior"]
+    assert a["prior_hole_fraction"] < 0.5 and b["prior_hole_fraction"] > 0.99
+    assert b["kl_aggregate_prior"] > a["kl_aggregate_prior"] + 100 and far["iw_nll"] > near["iw_nll"] + 100
+    assert b["average_kl"] > a["average_kl"] + 100
+
+
+# ---- the KL weight, warm-up, binarization, gradient paths ---------------------------------------------------
+
+def test_kl_warmup_rises_linearly_from_zero_and_reaches_beta_after_n_epochs():
+    cfg = {**train.DEFAULTS, "beta": 2.0, "kl_warmup": 2}
+    weights = [train.kl_weight(cfg, t, n_steps=10) for t in range(40)]
+    assert weights[0] == 0 and weights[5] == pytest.approx(0.5) and weights[10] == pytest.approx(1.0)
+    assert weights[19] == pytest.approx(1.9) and weights[20:] == [2.0] * 20       # epoch 3 on: beta itself
+    assert [train.kl_weight({**cfg, "kl_warmup": 0}, t, 10) for t in (0, 7, 33)] == [2.0] * 3
+
+
+def test_training_applies_the_warmed_up_kl_weight_at_each_step(monkeypatch):
+    x_train = make_images(300, np.random.default_rng(2))[0].reshape(300, 784)
+    cfg = {**train.DEFAULTS, "hidden": 16, "latent": 3, "batch_size": 50, "beta": 0.6, "kl_warmup": 2}
+    model, opt, state = train.new_run(dict(cfg), x_train)
+    used = []
+    real_backward = model.backward
+    monkeypatch.setattr(model, "backward", lambda beta=1.0: (used.append(beta), real_backward(beta)))
+    for _ in range(3):
+        train.train_epoch(model, opt, x_train, state, cfg, {"requested": False}, lambda *a, **k: None)
+    np.testing.assert_allclose(used, [0.6 * min(1, t / 12) for t in range(18)])       # 6 steps an epoch
+    np.testing.assert_allclose(state["kl_weight"], [0.6 * 2.5 / 12, 0.6 * 8.5 / 12, 0.6])
+    np.testing.assert_allclose(state["train_objective"][2], state["train_recon"][2] + 0.6 * state["train_kl"][2])
+    assert state["train_loss"][2] == pytest.approx(state["train_recon"][2] + state["train_kl"][2])
+
+
+def test_the_gradient_paths_add_up_to_what_reaches_the_encoder():
+    rng = np.random.default_rng(18)
+    mu, log_var = np.array([0.7, -1.2]), np.array([0.4, -0.9])
+    model = vae.VAE(1, 1, 2, dtype=np.float64)
+    model.encoder, model.decoder = FixedEncoder(mu, log_var), SquareDecoder()
+    eps = rng.standard_normal((6, 2))
+    model.forward(np.zeros((6, 1)), eps)
+    model.backward(0.4)
+    p, B = model.paths, 6
+    np.testing.assert_allclose(p["recon_mu"] + p["kl_mu"], model.encoder.dy[:, :2])
+    np.testing.assert_allclose(p["recon_log_var"] + p["kl_log_var"], model.encoder.dy[:, 2:])
+    np.testing.assert_allclose(p["kl_mu"] * B, np.tile(0.4 * mu, (6, 1)))                      # beta * mu
+    np.testing.assert_allclose(p["kl_log_var"] * B, np.tile(0.4 * (np.exp(log_var) - 1) / 2, (6, 1)))
+    z = mu + np.exp(0.5 * log_var) * eps
+    np.testing.assert_allclose(p["recon_mu"] * B, 2 * z)                                      # df/dz, f = sum z^2
+    np.testing.assert_allclose(p["recon_log_var"] * B, 2 * z * eps * np.exp(0.5 * log_var) / 2)
+
+
+def test_an_epoch_records_the_rms_of_each_gradient_path_per_unit():
+    x_train = make_images(100, np.random.default_rng(3))[0].reshape(100, 784)
+    cfg = {**train.DEFAULTS, "hidden": 16, "latent": 3, "batch_size": 100, "beta": 0.5}   # one step per epoch
+    model, opt, state = train.new_run(dict(cfg), x_train)
+    before = vae.VAE(784, 16, 3, seed=0)
+    for name, p in before.params().items():
+        p[...] = model.params()[name]
+    train.train_epoch(model, opt, x_train, state, cfg, {"requested": False}, lambda *a, **k: None)
+    replay = np.random.default_rng(0)                   # the run's stream: the permutation, then eps
+    x, eps = train.batch(x_train, replay.permutation(100), 0, cfg, replay, 3)
+    before.forward(x, eps)
+    before.backward(0.5)
+    for name in train.PATHS:
+        want = np.sqrt(np.mean(np.square(before.paths[name] * 100), axis=0))
+        np.testing.assert_allclose(state["gradient_paths"][name][0], want, rtol=1e-5, err_msg=name)
+
+
+def test_dynamic_binarization_draws_each_pixel_afresh_with_its_intensity():
+    images = np.tile(np.array([0, 51, 128, 204, 255], np.uint8), (4000, 1))
+    rng = np.random.default_rng(19)
+    draws = np.stack([mnist.binarize(images, rng) for _ in range(5)])
+    assert set(np.unique(draws)) == {0, 255}
+    np.testing.assert_allclose(draws.mean((0, 1)) / 255, [0, 0.2, 128 / 255, 0.8, 1], atol=0.01)
+    # The same images in two batches of a run get different draws (not one binarization reused).
+    cfg = {**train.DEFAULTS, "batch_size": 4000, "binarize": True}
+    perm, run_rng = np.arange(4000), np.random.default_rng(0)
+    first, second = (train.batch(images, perm, 0, cfg, run_rng, 2)[0] for _ in range(2))
+    assert set(np.unique(first)) == {0.0, 1.0} and np.mean(first != second) > 0.2
+
+
+@pytest.fixture(scope="module")
+def binary_warmup_run(tmp_path_factory, data_dir):
+    """A small VampPrior run on dynamically binarized images, with a KL warm-up of 1 epoch and beta 0.5."""
+    out = tmp_path_factory.mktemp("runs") / "binary"
+    assert run_cli("--data-dir", data_dir, *SMALL, "--prior", "vamp", "--prior-components", "5", "--binarize",
+                   "--beta", "0.5", "--kl-warmup", "1", "--epochs", "2", "--gmm-components", "3", "--out", str(out)) == 0
+    return out
+
+
+def test_a_binarized_run_is_tested_on_one_fixed_binarization_and_reports_the_true_elbo(binary_warmup_run, data_dir):
+    m = json.loads((binary_warmup_run / "metrics.json").read_text())
+    model = train.load_model(str(binary_warmup_run / "model.npz"))[0]
+    x_test = mnist.load("mnist", data_dir)[2]
+    binary = mnist.binarize(x_test, np.random.default_rng(train.TEST_BINARIZATION_SEED))
+    assert m["test_loss"] == pytest.approx(analysis.negative_elbo(model, binary, m["config"]["seed"])[0], rel=1e-12)
+    other = mnist.binarize(x_test, np.random.default_rng(train.TEST_BINARIZATION_SEED + 7))   # another draw
+    assert m["test_loss"] != pytest.approx(analysis.negative_elbo(model, other, m["config"]["seed"])[0], rel=1e-6)
+    assert m["test_loss"] == pytest.approx(m["test_recon"] + m["test_kl"])         # beta = 1, not 0.5
+    assert m["config"]["binarize"] is True and m["config"]["beta"] == 0.5 and m["kl_weight"][1] == 0.5
+
+
+def test_a_learned_prior_run_trains_and_keeps_its_pseudo_inputs_images(binary_warmup_run, data_dir, capsys):
+    m = json.loads((binary_warmup_run / "metrics.json").read_text())
+    assert m["config"]["prior"] == "vamp" and m["config"]["prior_components"] == 5
     assert m["train_loss"][-1] < m["train_loss"][0] and m["iw_nll"] < m["test_loss"]
-    model = train.load_model(str(out / "model.npz"))[0]
-    if prior == "vamp":
-        u = model.prior.pseudo_inputs()
-        assert u.min() >= 0 and u.max() <= 1
-    # The surgery's KL(q(z) || p(z)) uses this model's own log p(z): recompute it with the learned prior.
-    a = m["aggregate_posterior"]
-    assert a["mutual_information_plus_kl_aggregate_prior"] == pytest.approx(a["average_kl"], abs=0.5)
+    u = train.load_model(str(binary_warmup_run / "model.npz"))[0].prior.pseudo_inputs()
+    assert u.min() >= 0 and u.max() <= 1 and len(u) == 5
+    assert run_cli("--data-dir", data_dir, "--prior", "standard", "--resume",
+                   str(binary_warmup_run / "checkpoint.npz")) == 1
+    assert "another architecture" in capsys.readouterr().err
+
+
+def test_every_run_records_and_draws_its_gradient_paths(binary_warmup_run):
+    m = json.loads((binary_warmup_run / "metrics.json").read_text())
+    assert set(m["gradient_paths"]) == set(train.PATHS)
+    assert all(len(v) == 2 and len(v[0]) == 4 and min(v[0]) >= 0 for v in m["gradient_paths"].values())
+    assert max(m["gradient_paths"]["kl_mu"][0]) > 0     # the warm-up starts at 0 but rises within epoch 1
+    assert (binary_warmup_run / "gradient_paths.png").stat().st_size > 0
+
+
+@pytest.fixture(scope="module")
+def kl_weight_experiment(tmp_path_factory, data_dir):
+    """The KL-weight experiment with beta 0 and 2, Z = 2: two runs and their comparison."""
+    out = tmp_path_factory.mktemp("runs") / "betas"
+    assert run_cli("--data-dir", data_dir, "--hidden", "32", "--latent", "2", "--batch-size", "50", "--epochs", "2",
+                   "--iw-samples", "5", "--gmm-components", "3", "--betas", "0", "2", "--out", str(out)) == 0
+    return out
+
+
+def test_the_kl_weight_experiment_trains_one_run_per_beta_and_compares_them(kl_weight_experiment):
+    out = kl_weight_experiment
+    rows = json.loads((out / "comparison.json").read_text())
+    assert [r["beta"] for r in rows] == [0, 2]
+    for beta, row in zip(("0", "2"), rows):
+        m = json.loads((out / f"beta-{beta}" / "metrics.json").read_text())
+        assert m["config"]["beta"] == float(beta) and row["negative_elbo"] == m["test_loss"]
+        assert row["prior_hole_fraction"] == m["aggregate_posterior"]["prior_hole_fraction"]
+    assert rows[0]["kl"] > rows[1]["kl"]                # without the KL term the posteriors drift from the prior
+    for f in ("kl_weight_samples.png", "kl_weight_latent.png"):
+        assert (out / f).stat().st_size > 0, f
+
+
+def test_a_latent_2d_run_draws_the_plane_and_analyze_merges_new_measurements(kl_weight_experiment, data_dir):
+    out = kl_weight_experiment / "beta-2"
+    for f in ("samples_three_ways.png", "prior_vs_aggregate.png", "latent_space.png", "latent_manifold.png"):
+        assert (out / f).stat().st_size > 0, f
+    m = json.loads((out / "metrics.json").read_text())
+    os.remove(out / "samples_three_ways.png")
+    assert run_cli("--data-dir", data_dir, "--analyze", str(out / "model.npz"), "--iw-samples", "3",
+                   "--gmm-components", "2", "--gmm-covariance", "diag", "--posterior-image", "3") == 0
+    m2 = json.loads((out / "metrics.json").read_text())
+    assert m2["train_loss"] == m["train_loss"] and m2["iw_samples"] == 3           # merged, not replaced
+    assert m2["aggregate_posterior"]["gmm"]["covariance"] == "diag" and (out / "samples_three_ways.png").exists()
