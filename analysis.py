@@ -9,13 +9,16 @@ q(z) has N components, too many to evaluate at every prior draw, so a K-componen
 codes z_n ~ q(z|x_n) by EM stands in for it where a density is needed (the holes, sampling from q(z)).
 """
 import json
+import math
+import os
 import time
 
 import numpy as np
 
 import mnist
 from autograd import matmul_floor
-from vae import LOG_2PI, log_bernoulli, log_normal, logsumexp, mixture_log_density, reparameterize_forward, sample_mixture
+from vae import (LOG_2PI, log_bernoulli, log_normal, logsumexp, mixture_log_density, reparameterize_forward,
+                 sample_mixture)
 
 
 def encode_all(model, images, batch_size=1000):
@@ -148,7 +151,8 @@ def elbo_surgery(mu, log_var, rng, log_prior, chunk=128):
     log_q_agg = np.concatenate([logsumexp(log_normal(z[i:i + chunk], mu, log_var, pairs=True), axis=1)
                                 for i in range(0, len(z), chunk)]) - np.log(len(z))   # log q(z_n)
     mi, kl_agg = float((log_q_own - log_q_agg).mean()), float((log_q_agg - log_prior(z)).mean())
-    return {"mutual_information": mi, "kl_aggregate_prior": kl_agg, "mutual_information_plus_kl_aggregate_prior": mi + kl_agg}
+    return {"mutual_information": mi, "kl_aggregate_prior": kl_agg,
+            "mutual_information_plus_kl_aggregate_prior": mi + kl_agg}
 
 
 def prior_hole_fraction(gmm, z_codes, z_draws, quantile=0.01):
@@ -204,7 +208,7 @@ def analyze(model, x_train, x_test, seed, iw_samples, gmm_components, gmm_covari
     surgery = elbo_surgery(mu, log_var, rng, model.log_prior)
     eps = rng.standard_normal(mu.shape)
     z, _ = reparameterize_forward(mu, log_var, eps)
-    surgery["average_kl"] = float(model.prior.kl_forward(z, eps, mu, log_var, None)[0].mean())   # closed form for N(0, I)
+    surgery["average_kl"] = float(model.prior.kl_forward(z, eps, mu, log_var, None)[0].mean())  # exact for N(0, I)
     surgery["kl_to_fitted_aggregate"] = float((log_normal(z, mu, log_var) - gmm_log_density(gmm, z)).mean())
     iw = float(iw_nll(model, x_test, iw_samples, rng).mean())          # the mean over every test image
     log(f"importance-weighted -log p(x), K={iw_samples}: {iw:.2f} nats; I(x;z) {surgery['mutual_information']:.2f} + "
@@ -221,7 +225,8 @@ def analyze(model, x_train, x_test, seed, iw_samples, gmm_components, gmm_covari
 
 KL_WEIGHT_COLUMNS = [("beta", "beta", "{:g}"), ("recon", "recon", "{:.2f}"), ("KL", "kl", "{:.2f}"),
                      ("test -ELBO", "negative_elbo", "{:.2f}"), ("iw_nll", "iw_nll", "{:.2f}"),
-                     ("active", "active_units", "{:d}"), ("Var q(z) per dim", "variance_range", "{0[0]:.2f}-{0[1]:.2f}"),
+                     ("active", "active_units", "{:d}"),
+                     ("Var q(z) per dim", "variance_range", "{0[0]:.2f}-{0[1]:.2f}"),
                      ("KL(q(z)||p(z))", "kl_aggregate_prior", "{:.2f}"), ("I(x;z)", "mutual_information", "{:.2f}"),
                      ("holes", "prior_hole_fraction", "{:.1%}")]
 
@@ -229,8 +234,8 @@ KL_WEIGHT_COLUMNS = [("beta", "beta", "{:g}"), ("recon", "recon", "{:.2f}"), ("K
 def kl_weight_row(beta, metrics):
     """One row of the KL-weight comparison, from a run's metrics.json. Every likelihood is at beta = 1."""
     a = metrics["aggregate_posterior"]
-    return {"beta": beta, "recon": metrics["test_recon"], "kl": metrics["test_kl"], "negative_elbo": metrics["test_loss"],
-            "iw_nll": metrics["iw_nll"], "active_units": a["active_units"],
+    return {"beta": beta, "recon": metrics["test_recon"], "kl": metrics["test_kl"],
+            "negative_elbo": metrics["test_loss"], "iw_nll": metrics["iw_nll"], "active_units": a["active_units"],
             "variance_range": [min(a["variance"]), max(a["variance"])], "kl_aggregate_prior": a["kl_aggregate_prior"],
             "mutual_information": a["mutual_information"], "prior_hole_fraction": a["prior_hole_fraction"]}
 
@@ -244,24 +249,27 @@ def kl_weight_table(rows):
     return "\n".join(lines)
 
 
-def speed(model, opt, batch_seconds, beta, epoch_seconds, n_steps, n_images):
-    """--benchmark: the median epoch, the median time of each phase of a step over the given batches
-    [((x, eps), seconds to make it)], and the floor that the step's matrix products alone set, timed in the
-    same run; the peak memory of the process."""
+def speed(model, opt, make_batch, n_images, cfg, state):
+    """--benchmark, after a few epochs of training: the median epoch; the median time of each phase of a step over
+    up to 100 more steps (make_batch(step) -> x, eps); the floor that the step's matrix products alone set, timed
+    in the same run; and the peak memory of the process."""
     import resource
-    phases = {"batching": [s for _, s in batch_seconds], "forward": [], "backward": [], "adam": []}
-    grads = model.grads()
-    for (x, eps), _ in batch_seconds:
-        t0 = time.perf_counter(); model.forward(x, eps)
-        t1 = time.perf_counter(); model.backward(beta)
-        t2 = time.perf_counter(); opt.step(grads)
-        for name, dt in zip(("forward", "backward", "adam"), (t1 - t0, t2 - t1, time.perf_counter() - t2)):
+    phases = {"batching": [], "forward": [], "backward": [], "adam": []}
+    n_steps, grads = math.ceil(n_images / cfg["batch_size"]), model.grads()
+    for step in range(min(100, n_steps)):
+        t0 = time.perf_counter(); x, eps = make_batch(step)
+        t1 = time.perf_counter(); model.forward(x, eps)
+        t2 = time.perf_counter(); model.backward(cfg["beta"])
+        t3 = time.perf_counter(); opt.step(grads)
+        for name, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3)):
             phases[name].append(dt)
-    floor_s, flops = matmul_floor([model.encoder, model.decoder], len(batch_seconds[0][0][0]), model.dtype)
-    epoch_s, floor_epoch = float(np.median(epoch_seconds)), floor_s * n_steps
+    floor_s, flops = matmul_floor([model.encoder, model.decoder], cfg["batch_size"], model.dtype)
+    epoch_s, floor_epoch = float(np.median(state["epoch_seconds"])), floor_s * n_steps
+    print(f"benchmark: {n_images} images, batch {cfg['batch_size']}, {model.dtype}, {os.cpu_count()} cores, "
+          f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}")
     print(f"median epoch {epoch_s:.3f} s = {n_images / epoch_s:,.0f} examples/s")
-    print(f"per step (median of {len(batch_seconds)}): " + ", ".join(f"{k} {1e3 * np.median(v):.3f} ms"
-                                                                   for k, v in phases.items()))
+    print(f"per step (median of {len(phases['adam'])}): " + ", ".join(f"{k} {1e3 * np.median(v):.3f} ms"
+                                                                    for k, v in phases.items()))
     print(f"matrix products alone (same shapes, this run): {1e3 * floor_s:.3f} ms/step = {floor_epoch:.3f} s/epoch, "
           f"{flops * n_steps / 1e9:.0f} GFLOP/epoch at {flops / floor_s / 1e9:.0f} GFLOP/s")
     print(f"epoch / floor = {epoch_s / floor_epoch:.2f}; outside the matrix products: {epoch_s - floor_epoch:.3f} "

@@ -66,7 +66,7 @@ def run_figures(model, x_test, state, seed):
         ax.plot(epochs, state["train_objective"], "^:", label="train objective, recon + beta * KL")
     ax.set_xlabel("epoch"); ax.set_ylabel("negative ELBO (nats / example)"); ax.legend(); ax.grid(alpha=0.3)
     return {"reconstructions.png": recon, "samples_prior.png": samples, "loss_curves.png": curves,
-            "gradient_paths.png": gradient_paths(state["gradient_paths"])}
+            "gradient_paths.png": gradient_paths(state["gradient_paths"], state["gradient_paths_per_unit"])}
 
 
 PATH_STYLES = {"recon_mu": ("reconstruction -> mu", "tab:blue", "-"), "kl_mu": ("KL -> mu", "tab:red", "-"),
@@ -74,23 +74,32 @@ PATH_STYLES = {"recon_mu": ("reconstruction -> mu", "tab:blue", "-"), "kl_mu": (
                "kl_log_var": ("KL -> log_var", "tab:red", "--")}
 
 
-def gradient_paths(paths):
-    """The four gradients that meet at the encoder's outputs, as root-mean-square per example: over training
-    (all units), and per unit in the last epoch (units ordered by the reconstruction's pull on mu)."""
-    fig = Figure(figsize=(12, 3.8))
-    over_time, per_unit = fig.subplots(1, 2)
-    last = {name: np.array(values[-1]) for name, values in paths.items()}
-    order = np.argsort(-last["recon_mu"])
+def gradient_paths(paths, per_unit):
+    """The four gradients that meet at the encoder's outputs, per example (metrics.json: gradient_paths and
+    gradient_paths_per_unit): their RMS over training; their RMS per unit in the last epoch (units ordered by the
+    reconstruction's pull on mu); and the mean of the two log_var paths per unit, which pull against each other."""
+    fig = Figure(figsize=(15, 3.8))
+    over_time, rms, mean = fig.subplots(1, 3)
+    last = {name: {k: np.array(v) for k, v in values[-1].items()} for name, values in per_unit.items()}
+    order = np.argsort(-last["recon_mu"]["rms"])
+    units = np.arange(len(order))
     for name, (label, color, style) in PATH_STYLES.items():
-        rms = np.sqrt(np.mean(np.square(paths[name]), axis=1))                     # over units, per epoch
-        over_time.plot(np.arange(1, len(rms) + 1), rms, color=color, ls=style, marker="o", ms=3, label=label)
-        per_unit.plot(np.arange(len(order)), last[name][order], color=color, ls=style, marker="o", ms=3, label=label)
-    over_time.set_xlabel("epoch"); over_time.set_title("all units", fontsize=10)
-    per_unit.set_xlabel("latent unit (ordered by reconstruction -> mu)"); per_unit.set_title("each unit, last epoch", fontsize=10)
-    per_unit.set_xticks(np.arange(len(order)), [str(i) for i in order], fontsize=7)
-    for ax in (over_time, per_unit):
-        ax.set_yscale("log"); ax.minorticks_off(); ax.set_ylabel("RMS of dL/d(output) per example"); ax.grid(alpha=0.3)
-    over_time.legend(fontsize=8)
+        over_time.plot(np.arange(1, len(paths[name]) + 1), paths[name], color=color, ls=style, marker="o", ms=3,
+                       label=label)
+        rms.plot(units, last[name]["rms"][order], color=color, ls=style, marker="o", ms=3, label=label)
+        if name.endswith("log_var"):
+            mean.bar(units + (0.2 if name.startswith("kl") else -0.2), last[name]["mean"][order], width=0.4,
+                     color=color, label=f"{label}, mean")
+    over_time.set(xlabel="epoch", title="all units", yscale="log", ylabel="RMS of dL/d(output) per example")
+    rms.set(xlabel="latent unit", title="each unit, last epoch", yscale="log")
+    mean.set(xlabel="latent unit", title="mean per unit, last epoch: > 0 pushes sigma down, < 0 up")
+    mean.axhline(0, color="k", lw=0.8)
+    for ax in (over_time, rms, mean):
+        ax.minorticks_off(); ax.grid(alpha=0.3)
+    for ax in (rms, mean):
+        ax.set_xticks(units, [str(i) for i in order], fontsize=7)
+    over_time.legend(fontsize=8); mean.legend(fontsize=8)
+    fig.tight_layout()
     return fig
 
 

@@ -116,7 +116,7 @@ def parse_idx(path, magic):
 
 
 def to_float(images, dtype=np.float32):
-    """uint8 pixels 0..255 -> intensities x / 255 in [0, 1]: one pass, one rounding, the only place pixels are scaled."""
+    """uint8 pixels 0..255 -> intensities x / 255 in [0, 1]: one pass, one rounding; every pixel is scaled here."""
     return np.divide(images, 255, dtype=dtype)
 
 

@@ -125,7 +125,8 @@ def test_kl_mixture_backward_matches_finite_differences():
               "means": rng.standard_normal((4, 3)), "log_vars": rng.uniform(-1, 1, (4, 3)),
               "log_pi": np.log(rng.dirichlet(np.ones(4)))}
     eps = rng.standard_normal((6, 3))
-    forward = lambda z, log_var, means, log_vars, log_pi: vae.kl_mixture_forward(z, eps, log_var, means, log_vars, log_pi)
+    forward = lambda z, log_var, means, log_vars, log_pi: vae.kl_mixture_forward(z, eps, log_var, means, log_vars,
+                                                                                  log_pi)
     assert_grads_close(check_piece(forward, vae.kl_mixture_backward, inputs), 1e-7)
 
 
@@ -957,8 +958,11 @@ def test_an_epoch_records_the_rms_of_each_gradient_path_per_unit():
     before.forward(x, eps)
     before.backward(0.5)
     for name in train.PATHS:
-        want = np.sqrt(np.mean(np.square(before.paths[name] * 100), axis=0))
-        np.testing.assert_allclose(state["gradient_paths"][name][0], want, rtol=1e-5, err_msg=name)
+        g = before.paths[name] * 100                    # per-example gradients
+        unit = state["gradient_paths_per_unit"][name][0]
+        np.testing.assert_allclose(unit["rms"], np.sqrt(np.mean(g * g, axis=0)), rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose(unit["mean"], g.mean(0), rtol=1e-5, atol=1e-7, err_msg=name)
+        assert state["gradient_paths"][name][0] == pytest.approx(np.sqrt(np.mean(g * g)), rel=1e-5)
 
 
 def test_dynamic_binarization_draws_each_pixel_afresh_with_its_intensity():
@@ -979,7 +983,8 @@ def binary_warmup_run(tmp_path_factory, data_dir):
     """A small VampPrior run on dynamically binarized images, with a KL warm-up of 1 epoch and beta 0.5."""
     out = tmp_path_factory.mktemp("runs") / "binary"
     assert run_cli("--data-dir", data_dir, *SMALL, "--prior", "vamp", "--prior-components", "5", "--binarize",
-                   "--beta", "0.5", "--kl-warmup", "1", "--epochs", "2", "--gmm-components", "3", "--out", str(out)) == 0
+                   "--beta", "0.5", "--kl-warmup", "1", "--epochs", "2", "--gmm-components", "3",
+                   "--out", str(out)) == 0
     return out
 
 
@@ -1008,9 +1013,10 @@ def test_a_learned_prior_run_trains_and_keeps_its_pseudo_inputs_images(binary_wa
 
 def test_every_run_records_and_draws_its_gradient_paths(binary_warmup_run):
     m = json.loads((binary_warmup_run / "metrics.json").read_text())
-    assert set(m["gradient_paths"]) == set(train.PATHS)
-    assert all(len(v) == 2 and len(v[0]) == 4 and min(v[0]) >= 0 for v in m["gradient_paths"].values())
-    assert max(m["gradient_paths"]["kl_mu"][0]) > 0     # the warm-up starts at 0 but rises within epoch 1
+    assert set(m["gradient_paths"]) == set(m["gradient_paths_per_unit"]) == set(train.PATHS)
+    assert all(len(v) == 2 and min(v) > 0 for v in m["gradient_paths"].values())     # one value per epoch
+    assert all(len(v) == 2 and len(v[0]["rms"]) == len(v[0]["mean"]) == 4
+               for v in m["gradient_paths_per_unit"].values())
     assert (binary_warmup_run / "gradient_paths.png").stat().st_size > 0
 
 

@@ -45,7 +45,7 @@ OPTIONS = [  # flag, type, least value allowed, default (None: DEFAULTS'), help
     ("--posterior-image", int, 0, 0, "index of the test image whose posterior is sampled (default: 0)")]
 TEST_BINARIZATION_SEED = 2015       # --binarize: the test set is binarized once, the same for every run
 STATE_LISTS = ("train_loss", "train_recon", "train_kl", "train_objective", "kl_weight", "test_loss_curve",
-               "epoch_seconds")    # one value per epoch each
+               "epoch_seconds", "gradient_paths", "gradient_paths_per_unit")    # one value per epoch each
 PATHS = ("recon_mu", "kl_mu", "recon_log_var", "kl_log_var")   # the gradients that meet at the encoder's outputs
 
 
@@ -62,8 +62,7 @@ def parse_args(argv):
     p.add_argument("--dataset", choices=sorted(mnist.DATASETS), help="default: mnist")
     p.add_argument("--data-dir", help="where the archives are looked for and downloaded to (default: data/<dataset>)")
     p.add_argument("--mirror", help="download from this URL instead of the default mirrors")
-    p.add_argument("--prior", choices=sorted(vae.PRIORS), help="p(z): N(0, I) (standard, the default), a learned "
-                   "mixture of Gaussians (mog), or the VampPrior (vamp)")
+    p.add_argument("--prior", choices=sorted(vae.PRIORS), help="p(z): N(0, I) (standard), a mixture (mog), VampPrior")
     p.add_argument("--binarize", action="store_true", default=None, help="train on pixels drawn as Bernoulli("
                    "intensity) each time an image is used; the test set is binarized once")
     for flag, kind, _, default, text in OPTIONS:
@@ -94,9 +93,10 @@ def new_run(cfg, x_train):
     cfg["prior_components"] = model.components
     if cfg["prior"] == "vamp":  # pseudo-inputs start as K random training images + N(0, 0.01^2), as in the paper
         rng, u = np.random.default_rng([cfg["seed"], 6]), model.prior.params["u"]
-        u[...] = mnist.to_float(x_train[rng.choice(len(x_train), len(u), replace=False)]) + 0.01 * rng.standard_normal(u.shape)
+        images = x_train[rng.choice(len(x_train), len(u), replace=False)]
+        u[...] = mnist.to_float(images) + 0.01 * rng.standard_normal(u.shape)
     state = {"epoch": 0, "step": 0, "perm": None, "rng": np.random.default_rng(cfg["seed"]), "elapsed": 0.0,
-             **{k: [] for k in STATE_LISTS}, "gradient_paths": {k: [] for k in PATHS}}
+             **{k: [] for k in STATE_LISTS[:-2]}, **{k: {p: [] for p in PATHS} for k in STATE_LISTS[-2:]}}
     return model, Adam(model.params(), lr=cfg["lr"]), state
 
 
@@ -121,7 +121,7 @@ def train_epoch(model, opt, x_train, state, cfg, stop, progress):
     rng, n_steps, grads = state["rng"], math.ceil(len(x_train) / cfg["batch_size"]), model.grads()
     if state["perm"] is None:                       # a new epoch: a new order, new sums
         state.update(perm=rng.permutation(len(x_train)), step=0, sums=np.zeros(5),
-                     path_sums=np.zeros((len(PATHS), model.latent)))
+                     path_sums=np.zeros((len(PATHS), 2, model.latent)))
     t0 = time.perf_counter()
     for step in range(state["step"], n_steps):
         x, eps = batch(x_train, state["perm"], step, cfg, rng, model.latent)
@@ -134,16 +134,18 @@ def train_epoch(model, opt, x_train, state, cfg, stop, progress):
         opt.step(grads)
         state["step"] = step + 1
         state["sums"] += np.array([loss, recon, kl, recon + beta * kl, beta]) * len(x)
-        for i, name in enumerate(PATHS):            # per-example gradients (B times the batch mean's), squared
-            state["path_sums"][i] += np.square(model.paths[name] * len(x)).sum(0)
+        for i, name in enumerate(PATHS):            # per-example gradients (B times the batch mean's), and squares
+            g = model.paths[name] * len(x)
+            state["path_sums"][i] += g.sum(0), (g * g).sum(0)
         progress(state, n_steps, seen=min(state["step"] * cfg["batch_size"], len(x_train)))
         if stop["requested"]:
             state["elapsed"] += time.perf_counter() - t0
             return False
     for key, value in zip(STATE_LISTS, state["sums"] / len(x_train)):
         state[key].append(float(value))
-    for name, mean_square in zip(PATHS, state["path_sums"] / len(x_train)):
-        state["gradient_paths"][name].append(np.sqrt(mean_square).tolist())   # root-mean-square per unit
+    for name, (mean, mean_square) in zip(PATHS, state["path_sums"] / len(x_train)):   # over the epoch's examples
+        state["gradient_paths"][name].append(float(np.sqrt(mean_square.mean())))       # RMS over every unit
+        state["gradient_paths_per_unit"][name].append({"mean": mean.tolist(), "rms": np.sqrt(mean_square).tolist()})
     state["epoch_seconds"].append(state["elapsed"] + time.perf_counter() - t0)
     state.update(epoch=state["epoch"] + 1, perm=None, elapsed=0.0)
     return True
@@ -159,19 +161,20 @@ def train(model, opt, x_train, x_test, state, cfg, checkpoint):
     previous_handler = signal.signal(signal.SIGINT, on_sigint)
     try:
         while state["epoch"] < cfg["epochs"]:
-            if not train_epoch(model, opt, x_train, state, cfg, stop, figures.progress_bar):
-                if checkpoint:
-                    save_checkpoint(checkpoint, model, opt, state, cfg)
-                return False
-            loss, recon, kl = analysis.negative_elbo(model, x_test, cfg["seed"])
-            state["test_loss_curve"].append(loss)
-            if checkpoint:
+            if train_epoch(model, opt, x_train, state, cfg, stop, figures.progress_bar):
+                loss, recon, kl = analysis.negative_elbo(model, x_test, cfg["seed"])
+                state["test_loss_curve"].append(loss)
+                seconds = state["epoch_seconds"][-1]
+                print(f"epoch {state['epoch']:3d}  train {state['train_loss'][-1]:8.2f}  test {loss:8.2f} (recon "
+                      f"{recon:7.2f} + kl {kl:6.2f})  beta {state['kl_weight'][-1]:.3g}  {len(x_train) / seconds:7.0f} "
+                      f"ex/s  {seconds:5.2f} s", flush=True)
+            if checkpoint:                          # after each epoch, and where Ctrl-C stopped one
                 save_checkpoint(checkpoint, model, opt, state, cfg)
-            print(f"epoch {state['epoch']:3d}  train {state['train_loss'][-1]:8.2f}  test {loss:8.2f} (recon "
-                  f"{recon:7.2f} + kl {kl:6.2f})  beta {state['kl_weight'][-1]:.3g}  "
-                  f"{len(x_train) / state['epoch_seconds'][-1]:7.0f} ex/s  {state['epoch_seconds'][-1]:5.2f} s", flush=True)
+            if stop["requested"]:
+                return False
     except NonFiniteLoss as err:
-        kept = f"the last good checkpoint is {checkpoint}" if os.path.exists(checkpoint or "") else "no checkpoint was written"
+        kept = f"the last good checkpoint is {checkpoint}" if os.path.exists(checkpoint or "") else \
+            "no checkpoint was written"
         raise NonFiniteLoss(f"{err}; stopped, {kept}. Try a smaller --lr")
     finally:
         signal.signal(signal.SIGINT, previous_handler)
@@ -232,10 +235,10 @@ def load_checkpoint(path, args):
         raise CheckpointError(f"{path}: not a training checkpoint or corrupt ({err}); use model.npz files for "
                               f"inference only, or start a new run")
     for k in DEFAULTS:
-        if getattr(args, k) is not None and getattr(args, k) != cfg[k]:
-            raise CheckpointError(f"{path}: checkpoint is {'of another architecture' if k in ARCHITECTURE else 'from another run'}: "
-                                  f"it has --{k.replace('_', '-')} {cfg[k]}, you asked for {getattr(args, k)}; "
-                                  f"drop the flag or start a new run")
+        if getattr(args, k) not in (None, cfg[k]):
+            what = "of another architecture" if k in ARCHITECTURE else "from another run"
+            raise CheckpointError(f"{path}: checkpoint is {what}: it has --{k.replace('_', '-')} {cfg[k]}, you asked "
+                                  f"for {getattr(args, k)}; drop the flag or start a new run")
     return model, opt, state, cfg
 
 
@@ -265,8 +268,12 @@ def run(args):
         model, opt, state = new_run(cfg, x_train)
     if x_train.shape[1] != model.n_in:
         raise CheckpointError(f"{path}: the model takes {model.n_in} inputs, {cfg['dataset']} has {x_train.shape[1]}")
-    if args.benchmark:
-        return benchmark(model, opt, x_train, x_test, state, {**cfg, "epochs": args.epochs or 3}), None
+    if args.benchmark:                              # train a few epochs (writing nothing), then time a step's phases
+        train(model, opt, x_train, x_test, state, {**cfg, "epochs": args.epochs or 3}, checkpoint=None)
+        perm = state["rng"].permutation(len(x_train))
+        analysis.speed(model, opt, lambda step: batch(x_train, perm, step, cfg, state["rng"], model.latent),
+                       len(x_train), cfg, state)
+        return 0, None
     if not args.analyze:
         cfg["epochs"] = 10 if args.epochs is None else args.epochs
         print(f"{cfg['dataset']}: {len(x_train)} train, {len(x_test)} test images; VAE {model.n_in}-{cfg['hidden']}-"
@@ -282,8 +289,13 @@ def run(args):
         print(f"test negative ELBO {loss:.2f} nats (recon {recon:.2f} + kl {kl:.2f})")
         save_model(model, os.path.join(out, "model.npz"))
         figures.save(out, figures.run_figures(model, x_test, state, cfg["seed"]))
-        metrics = {"config": cfg, **{k: state[k] for k in (*STATE_LISTS, "gradient_paths")}, "test_loss": loss,
-                   "test_recon": recon, "test_kl": kl, "examples_per_second": len(x_train) / np.mean(state["epoch_seconds"])}
+        metrics = {"config": cfg, **{k: state[k] for k in STATE_LISTS}, "test_loss": loss, "test_recon": recon,
+                   "test_kl": kl, "examples_per_second": len(x_train) / np.mean(state["epoch_seconds"])}
+    return 0, measure_and_draw(model, metrics, cfg, x_train, x_test, y_test, out, args)
+
+
+def measure_and_draw(model, metrics, cfg, x_train, x_test, y_test, out, args):
+    """The after-training measurements (analysis.analyze) and their figures, merged into metrics.json."""
     if cfg["binarize"]:             # the aggregated posterior of the images the model was trained on: binary ones
         x_train = mnist.binarize(x_train, np.random.default_rng(TEST_BINARIZATION_SEED + 1))
     measured, found = analysis.analyze(model, x_train, x_test, cfg["seed"], args.iw_samples, args.gmm_components,
@@ -292,7 +304,7 @@ def run(args):
     figures.save(out, figures.analysis_figures(model, x_test, y_test, found, args.posterior_image, cfg["seed"]))
     analysis.write_metrics(os.path.join(out, "metrics.json"), {**metrics, **measured})
     print(f"wrote {'' if args.analyze else 'model.npz, '}metrics.json and figures to {out}")
-    return 0, {"model": model, "metrics": {**metrics, **measured}, "x_test": x_test, "y_test": y_test}
+    return {"model": model, "metrics": {**metrics, **measured}, "x_test": x_test, "y_test": y_test}
 
 
 def default_out(cfg):
@@ -313,24 +325,10 @@ def kl_weight_experiment(args):
     rows = [analysis.kl_weight_row(beta, r["metrics"]) for beta, r in runs.items()]
     analysis.write_metrics(os.path.join(out, "comparison.json"), rows)
     print(analysis.kl_weight_table(rows))
-    last = runs[args.betas[-1]]
-    figures.save(out, figures.kl_weight_figures({b: r["model"] for b, r in runs.items()}, last["x_test"],
-                                                last["y_test"], args.posterior_image, last["metrics"]["config"]["seed"]))
+    models, last = {b: r["model"] for b, r in runs.items()}, runs[args.betas[-1]]
+    figures.save(out, figures.kl_weight_figures(models, last["x_test"], last["y_test"], args.posterior_image,
+                                                last["metrics"]["config"]["seed"]))
     print(f"wrote comparison.json and the figures that compare the runs to {out}")
-    return 0
-
-
-def benchmark(model, opt, x_train, x_test, state, cfg):
-    """--benchmark: train cfg['epochs'] epochs as a run does (writing nothing), then show where a step's time
-    goes (analysis.speed), over the batches of up to 100 more steps, each timed as it is made."""
-    print(f"benchmark: {len(x_train)} images, batch {cfg['batch_size']}, {model.dtype}, {os.cpu_count()} cores, "
-          f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}")
-    train(model, opt, x_train, x_test, state, cfg, checkpoint=None)
-    perm, n_steps, timed = state["rng"].permutation(len(x_train)), math.ceil(len(x_train) / cfg["batch_size"]), []
-    for step in range(min(100, n_steps)):
-        t0 = time.perf_counter()
-        timed.append((batch(x_train, perm, step, cfg, state["rng"], model.latent), time.perf_counter() - t0))
-    analysis.speed(model, opt, timed, cfg["beta"], state["epoch_seconds"], n_steps, len(x_train))
     return 0
 
 
