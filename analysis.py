@@ -1,12 +1,15 @@
-"""After training: the aggregated posterior against the prior, and how well the model explains the test set.
+"""Measurements of a trained VAE, and metrics.json, their record: how well the model explains the test set,
+and how its aggregated posterior sits against its prior.
 
+    -ELBO = -log p(x|z) + KL(q(z|x) || p(z))                       negative_elbo: the test loss, at beta = 1
+    -log p(x) ~ -log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x)        iw_nll: importance weighting (Burda et al. 2015)
     q(z) = (1/N) sum_n q(z|x_n)        the aggregated posterior: the codes of all the images together
+    mean_n KL(q(z|x_n) || p(z)) = I(x; z) + KL(q(z) || p(z))       elbo_surgery (Hoffman & Johnson 2016)
     holes                              prior draws that land where q(z) has (almost) no mass, and decode to blends
-    mean_n KL(q(z|x_n) || p(z)) = I(x; z) + KL(q(z) || p(z))       the ELBO surgery (Hoffman & Johnson 2016)
-    -log p(x) ~ -log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x)        importance weighting (Burda et al. 2015)
 
 q(z) has N components, too many to evaluate at every prior draw, so a K-component Gaussian mixture fitted to
-codes z_n ~ q(z|x_n) by EM stands in for it where a density is needed (the holes, sampling from q(z)).
+codes z_n ~ q(z|x_n) by EM stands in for it where a density is needed (the holes, sampling from q(z)). At the
+end: the KL-weight experiment's table, and speed(), the report of --benchmark.
 """
 import json
 import math
