@@ -11,7 +11,7 @@ from matplotlib.patches import Circle, Rectangle
 
 import analysis
 import mnist
-from vae import sigmoid
+from vae import log_normal, sigmoid
 
 
 def save(out, figs):
@@ -125,8 +125,7 @@ def analysis_figures(model, x_test, y_test, found, image_index, seed):
 
 def mixture_marginal(grid, pi, means, variances):
     """sum_k pi_k N(t; m_k, v_k) at each t of grid: one dimension's marginal of a Gaussian mixture."""
-    return (pi[:, None] * np.exp(-0.5 * (grid - means[:, None]) ** 2 / variances[:, None])
-            / np.sqrt(2 * np.pi * variances[:, None])).sum(0)
+    return np.exp(log_normal(grid[:, None, None], means[:, None], np.log(variances)[:, None])) @ pi
 
 
 def marginals(model, found):
