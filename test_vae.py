@@ -1053,3 +1053,33 @@ def test_a_latent_2d_run_draws_the_plane_and_analyze_merges_new_measurements(kl_
     m2 = json.loads((out / "metrics.json").read_text())
     assert m2["train_loss"] == m["train_loss"] and m2["iw_samples"] == 3           # merged, not replaced
     assert m2["aggregate_posterior"]["gmm"]["covariance"] == "diag" and (out / "samples_three_ways.png").exists()
+
+
+def test_the_hole_threshold_comes_from_codes_the_mixture_was_not_fitted_on(monkeypatch):
+    rng = np.random.default_rng(20)
+    x_train, x_test = make_images(300, rng)[0].reshape(300, 784), make_images(80, rng)[0].reshape(80, 784)
+    seen = {}
+    real_fit, real_holes = analysis.fit_gmm, analysis.prior_hole_fraction
+    def fit(z, *args, **kwargs):
+        seen["fitted"] = z
+        seen["gmm"] = real_fit(z, *args, **kwargs)
+        return seen["gmm"]
+    def holes(gmm, z_codes, z_draws, *args):
+        seen.setdefault("codes", z_codes)
+        return real_holes(gmm, z_codes, z_draws, *args)
+    monkeypatch.setattr(analysis, "fit_gmm", fit)
+    monkeypatch.setattr(analysis, "prior_hole_fraction", holes)
+    metrics, _ = analysis.analyze(vae.VAE(784, 16, 2, seed=2), x_train, x_test, 0, 2, 3, "full", log=lambda m: None)
+    fitted = {tuple(z) for z in seen["fitted"]}
+    assert len(seen["codes"]) == 80 and not any(tuple(z) in fitted for z in seen["codes"])   # the test codes
+    assert metrics["aggregate_posterior"]["gmm"]["held_out_log_likelihood"] == pytest.approx(
+        analysis.gmm_log_density(seen["gmm"], seen["codes"]).mean())
+
+
+def test_the_kl_weight_table_shows_every_column_of_every_row():
+    row = {"beta": 0.3, "recon": 230.0, "kl": 9.5, "negative_elbo": 239.5, "iw_nll": 237.25, "active_units": 12,
+           "variance_range": [0.25, 1.5], "kl_aggregate_prior": 2.0, "mutual_information": 7.5,
+           "prior_hole_fraction": 0.125}
+    lines = analysis.kl_weight_table([row]).splitlines()
+    assert lines[0].startswith("| beta | recon | KL | test -ELBO | iw_nll |") and len(lines) == 3
+    assert lines[2] == "| 0.3 | 230.00 | 9.50 | 239.50 | 237.25 | 12 | 0.25-1.50 | 2.00 | 7.50 | 12.5% |"
