@@ -1083,3 +1083,12 @@ def test_the_kl_weight_table_shows_every_column_of_every_row():
     lines = analysis.kl_weight_table([row]).splitlines()
     assert lines[0].startswith("| beta | recon | KL | test -ELBO | iw_nll |") and len(lines) == 3
     assert lines[2] == "| 0.3 | 230.00 | 9.50 | 239.50 | 237.25 | 12 | 0.25-1.50 | 2.00 | 7.50 | 12.5% |"
+
+
+def test_iw_nll_of_the_test_set_is_the_mean_over_images_not_over_chunks(monkeypatch):
+    # Each image weighs the same in the reported value, however the set is cut into batches.
+    rng = np.random.default_rng(21)
+    x_train, x_test = make_images(200, rng)[0].reshape(200, 784), make_images(80, rng)[0].reshape(80, 784)
+    monkeypatch.setattr(analysis, "iw_nll", lambda model, images, k, rng: np.arange(len(images), dtype=float))
+    metrics, _ = analysis.analyze(vae.VAE(784, 16, 2, seed=2), x_train, x_test, 0, 2, 3, "diag", log=lambda m: None)
+    assert metrics["iw_nll"] == 39.5
