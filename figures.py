@@ -197,12 +197,12 @@ def kl_weight_figures(models, x_test, y_test, image_index, seed):
     """The KL-weight experiment, {beta: model}: for each beta a row of prior samples and of posterior samples of
     the same test image; for Z = 2, each beta's test codes against the prior."""
     x = mnist.to_float(x_test[image_index:image_index + 1], next(iter(models.values())).dtype)
-    fig = Figure(figsize=(11, 1.45 * len(models) + 0.6))
+    fig = Figure(figsize=(14, 2.3 * len(models) + 0.4))
     axes = fig.subplots(len(models), 2, squeeze=False)
     for row, (beta, model) in zip(axes, models.items()):
         rng = np.random.default_rng([seed, 5])
-        image_grid(row[0], model.sample_prior(24, rng), rows=2)
-        image_grid(row[1], np.concatenate([x, model.sample_posterior(x, 23, rng)[0]]), rows=2)
+        image_grid(row[0], model.sample_prior(20, rng), rows=2)
+        image_grid(row[1], np.concatenate([x, model.sample_posterior(x, 19, rng)[0]]), rows=2)
         row[0].set_title(f"beta = {beta:g}: prior samples", fontsize=9, loc="left")
         row[1].set_title(f"beta = {beta:g}: posterior samples of test image {image_index} (first: the image)",
                          fontsize=9, loc="left")
