@@ -276,8 +276,9 @@ def run(args):
         return 0, None
     if not args.analyze:
         cfg["epochs"] = 10 if args.epochs is None else args.epochs
-        print(f"{cfg['dataset']}: {len(x_train)} train, {len(x_test)} test images; VAE {model.n_in}-{cfg['hidden']}-"
-              f"{cfg['latent']}-{cfg['hidden']}-{model.n_in}, {figures.prior_label(model)} prior, Adam lr "
+        print(f"{cfg['dataset']}{' (binarized)' if cfg['binarize'] else ''}: {len(x_train)} train, {len(x_test)} test "
+              f"images; VAE {model.n_in}-{cfg['hidden']}-{cfg['latent']}-{cfg['hidden']}-{model.n_in}, "
+              f"{figures.prior_label(model)} prior, beta {cfg['beta']:g} (warm-up: {cfg['kl_warmup']} epochs), Adam lr "
               f"{cfg['lr']}, batch {cfg['batch_size']}; writing to {out}" + (f" (resuming at epoch "
               f"{state['epoch'] + 1}, step {state['step']})" if args.resume else ""))
         if not train(model, opt, x_train, x_test, state, cfg, os.path.join(out, "checkpoint.npz")):
