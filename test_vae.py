@@ -1004,6 +1004,19 @@ def test_a_binarized_run_is_tested_on_one_fixed_binarization_and_reports_the_tru
     assert m["config"]["binarize"] is True and m["config"]["beta"] == 0.5 and m["kl_weight"][1] == 0.5
 
 
+def test_analyze_into_a_new_folder_takes_the_runs_options_from_beside_the_model(binary_warmup_run, data_dir,
+                                                                                tmp_path):
+    assert run_cli("--data-dir", data_dir, "--analyze", str(binary_warmup_run / "model.npz"), "--iw-samples", "2",
+                   "--gmm-components", "2", "--out", str(tmp_path / "again")) == 0
+    a = json.loads((tmp_path / "again" / "metrics.json").read_text())["aggregate_posterior"]
+    model = train.load_model(str(binary_warmup_run / "model.npz"))[0]
+    binary = mnist.binarize(mnist.load("mnist", data_dir)[2], np.random.default_rng(train.TEST_BINARIZATION_SEED))
+    mu = analysis.encode_all(model, binary)[0]          # the binarized test set, as the run was measured on
+    np.testing.assert_allclose(a["mean"], mu.mean(0), rtol=1e-9)
+    grey = analysis.encode_all(model, mnist.load("mnist", data_dir)[2])[0]
+    assert not np.allclose(a["mean"], grey.mean(0), rtol=1e-6)
+
+
 def test_a_learned_prior_run_trains_and_keeps_its_pseudo_inputs_images(binary_warmup_run, data_dir, capsys):
     m = json.loads((binary_warmup_run / "metrics.json").read_text())
     assert m["config"]["prior"] == "vamp" and m["config"]["prior_components"] == 5

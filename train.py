@@ -248,11 +248,12 @@ def run(args):
     """Train a new run (or --resume one), or take a saved model (--analyze); then measure it and draw it.
     Returns (exit code, {"model", "metrics", "x_test", "y_test"} of a finished run)."""
     path, metrics = args.analyze or args.resume, {}
-    if args.analyze:
+    if args.analyze:                                # the run's options come from the metrics.json beside the model
         model, _ = load_model(args.analyze)
-        metrics = analysis.read_metrics(os.path.join(args.out or os.path.dirname(path) or ".", "metrics.json"))
-        cfg = {**DEFAULTS, **metrics.get("config", {}),
-               **{k: getattr(args, k) for k in ("dataset", "seed") if getattr(args, k) is not None}}
+        beside = analysis.read_metrics(os.path.join(os.path.dirname(path) or ".", "metrics.json"))
+        metrics = analysis.read_metrics(os.path.join(args.out, "metrics.json")) if args.out else beside
+        cfg = {**DEFAULTS, **beside.get("config", {}), **{k: getattr(args, k) for k in ("dataset", "seed", "binarize")
+                                                           if getattr(args, k) is not None}}
     elif args.resume:
         model, opt, state, cfg = load_checkpoint(args.resume, args)
     else:
