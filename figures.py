@@ -6,12 +6,17 @@ import sys
 from statistics import NormalDist
 
 import numpy as np
-from matplotlib.figure import Figure
-from matplotlib.patches import Circle, Rectangle
 
 import analysis
 import mnist
 from vae import log_normal, sigmoid
+
+
+def new_figure(**kwargs):
+    """A matplotlib Figure, with no window and no pyplot state. matplotlib is imported with the first figure, so
+    that training alone (--benchmark) does not carry its 30 MB."""
+    from matplotlib.figure import Figure
+    return Figure(**kwargs)
 
 
 def save(out, figs):
@@ -51,13 +56,13 @@ def prior_label(model):
 def run_figures(model, x_test, state, seed):
     """After training: reconstructions, prior samples, the loss curves and where the gradients went."""
     x = mnist.to_float(x_test[:16], model.dtype)
-    recon = Figure(figsize=(8, 1.3))
+    recon = new_figure(figsize=(8, 1.3))
     image_grid(recon.subplots(), np.concatenate([x, model.reconstruct(x)]), rows=2,
                title="test images (top) and their reconstructions at z = mu(x) (bottom)")
-    samples = Figure(figsize=(5, 5))
+    samples = new_figure(figsize=(5, 5))
     image_grid(samples.subplots(), model.sample_prior(64, np.random.default_rng([seed, 2])), rows=8,
                title=f"decoded prior samples, z ~ {prior_label(model)}")
-    curves = Figure(figsize=(5, 3.2))
+    curves = new_figure(figsize=(5, 3.2))
     ax = curves.subplots()
     epochs = np.arange(1, len(state["train_loss"]) + 1)
     ax.plot(epochs, state["train_loss"], "o-", label="train (mean over the epoch)")
@@ -78,7 +83,7 @@ def gradient_paths(paths, per_unit):
     """The four gradients that meet at the encoder's outputs, per example (metrics.json: gradient_paths and
     gradient_paths_per_unit): their RMS over training; their RMS per unit in the last epoch (units ordered by the
     reconstruction's pull on mu); and the mean of the two log_var paths per unit, which pull against each other."""
-    fig = Figure(figsize=(15, 3.8))
+    fig = new_figure(figsize=(15, 3.8))
     over_time, rms, mean = fig.subplots(1, 3)
     last = {name: {k: np.array(v) for k, v in values[-1].items()} for name, values in per_unit.items()}
     order = np.argsort(-last["recon_mu"]["rms"])
@@ -108,11 +113,12 @@ def analysis_figures(model, x_test, y_test, found, image_index, seed):
     marginals of q(z) against the prior, and for Z = 2 the plane itself."""
     rng = np.random.default_rng([seed, 5])
     x = mnist.to_float(x_test[image_index:image_index + 1], model.dtype)
-    three = Figure(figsize=(13, 4.8))
+    three = new_figure(figsize=(13, 4.8))
     axes = three.subplots(1, 3)
     image_grid(axes[0], model.sample_prior(64, rng), rows=8, title=f"prior: z ~ {prior_label(model)}")
     image_grid(axes[1], np.concatenate([x, model.sample_posterior(x, 63, rng)[0]]), rows=8,
                title=f"posterior of test image {image_index} (top left):\nz ~ N(mu(x), sigma(x)^2)")
+    from matplotlib.patches import Rectangle
     axes[1].add_patch(Rectangle((0.5, 0.5), 28, 28, fill=False, edgecolor="tab:red", linewidth=2))
     z_agg = analysis.gmm_sample(found["gmm"], 64, rng).astype(model.dtype)
     image_grid(axes[2], sigmoid(model.decode(z_agg)), rows=8,
@@ -132,7 +138,7 @@ def marginals(model, found):
     """Per dimension: the aggregated posterior (histogram of codes, and the fitted mixture) against the prior."""
     gmm, moments, z_train, zs = found["gmm"], found["moments"], found["z_train"], model.latent
     cols = min(zs, 5)
-    fig = Figure(figsize=(2.6 * cols, 1.9 * math.ceil(zs / cols)))
+    fig = new_figure(figsize=(2.6 * cols, 1.9 * math.ceil(zs / cols)))
     axes = fig.subplots(math.ceil(zs / cols), cols, squeeze=False)
     gmm_vars = np.diagonal(gmm["covs"], axis1=1, axis2=2) if gmm["covs"].ndim == 3 else gmm["covs"]
     prior_means, prior_log_vars, prior_log_pi = (a.astype(np.float64) for a in model.prior.mixture())
@@ -159,6 +165,7 @@ def draw_codes_against_prior(ax, model, mu, labels, title):
     """Posterior means in the plane, coloured by label, with the N(0, I) prior's 1, 2, 3 sigma circles."""
     points = ax.scatter(mu[:, 0], mu[:, 1], c=labels, cmap="tab10", s=2, alpha=0.6)
     if model.prior_name == "standard":
+        from matplotlib.patches import Circle
         for r in (1, 2, 3):
             ax.add_patch(Circle((0, 0), r, fill=False, ls="--", color="k", lw=0.8))
         lim = max(4.0, 1.1 * float(np.quantile(np.abs(mu), 0.995)))     # wider when the codes spread further
@@ -169,7 +176,7 @@ def draw_codes_against_prior(ax, model, mu, labels, title):
 
 def latent_plane(model, mu, labels, z_prior, in_hole):
     """Z = 2: the test codes against the prior with the prior draws that fall in holes, and a decoded grid."""
-    space = Figure(figsize=(6.5, 6))
+    space = new_figure(figsize=(6.5, 6))
     ax = space.subplots()
     title = "test posterior means by label; prior " + ("1, 2, 3 sigma circles" if model.prior_name == "standard"
                                                        else prior_label(model))
@@ -187,7 +194,7 @@ def latent_plane(model, mu, labels, z_prior, in_hole):
     else:
         gx, gy = np.quantile(z_prior[:, 0], levels), np.quantile(z_prior[:, 1], levels)
     z = np.stack(np.meshgrid(gx, gy[::-1]), -1).reshape(-1, 2).astype(model.dtype)
-    manifold = Figure(figsize=(7, 7))
+    manifold = new_figure(figsize=(7, 7))
     image_grid(manifold.subplots(), sigmoid(model.decode(z)), rows=n,
                title=f"decoded grid of prior quantiles ({50 / n:.1f}% .. {100 - 50 / n:.1f}% per axis)")
     return {"latent_space.png": space, "latent_manifold.png": manifold}
@@ -197,7 +204,7 @@ def kl_weight_figures(models, x_test, y_test, image_index, seed):
     """The KL-weight experiment, {beta: model}: for each beta a row of prior samples and of posterior samples of
     the same test image; for Z = 2, each beta's test codes against the prior."""
     x = mnist.to_float(x_test[image_index:image_index + 1], next(iter(models.values())).dtype)
-    fig = Figure(figsize=(14, 2.3 * len(models) + 0.4))
+    fig = new_figure(figsize=(14, 2.3 * len(models) + 0.4))
     axes = fig.subplots(len(models), 2, squeeze=False)
     for row, (beta, model) in zip(axes, models.items()):
         rng = np.random.default_rng([seed, 5])
@@ -208,7 +215,7 @@ def kl_weight_figures(models, x_test, y_test, image_index, seed):
                          fontsize=9, loc="left")
     figs = {"kl_weight_samples.png": fig}
     if all(model.latent == 2 for model in models.values()):
-        plane = Figure(figsize=(3.3 * len(models), 3.6))
+        plane = new_figure(figsize=(3.3 * len(models), 3.6))
         for ax, (beta, model) in zip(plane.subplots(1, len(models), squeeze=False)[0], models.items()):
             draw_codes_against_prior(ax, model, analysis.encode_all(model, x_test)[0], y_test, f"beta = {beta:g}")
         figs["kl_weight_latent.png"] = plane
