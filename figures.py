@@ -99,6 +99,10 @@ def gradient_paths(paths, per_unit):
     rms.set(xlabel="latent unit", title="each unit, last epoch", yscale="log")
     mean.set(xlabel="latent unit", title="mean per unit, last epoch: > 0 pushes sigma down, < 0 up")
     mean.axhline(0, color="k", lw=0.8)
+    from matplotlib.ticker import FuncFormatter, LogLocator
+    for ax in (over_time, rms):                     # log axes labelled at 1, 2, 5 x 10^k, in plain numbers
+        ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     for ax in (over_time, rms, mean):
         ax.minorticks_off(); ax.grid(alpha=0.3)
     for ax in (rms, mean):
