@@ -7,9 +7,10 @@ and how its aggregated posterior sits against its prior.
     mean_n KL(q(z|x_n) || p(z)) = I(x; z) + KL(q(z) || p(z))       elbo_surgery (Hoffman & Johnson 2016)
     holes                              prior draws that land where q(z) has (almost) no mass, and decode to blends
 
-q(z) has N components, too many to evaluate at every prior draw, so a K-component Gaussian mixture fitted to
-codes z_n ~ q(z|x_n) by EM stands in for it where a density is needed (the holes, sampling from q(z)). At the
-end: the KL-weight experiment's table, and speed(), the report of --benchmark.
+Two aggregated posteriors are used. The ELBO surgery and the moments take q(z) over the 10,000 test images, exactly
+(all N components). The holes and sampling from q(z) take a Gaussian mixture fitted by EM to codes z_n ~ q(z|x_n)
+of 20,000 training images: it gives a smooth density at any point, where the exact q(z) at a code is dominated by
+that code's own component. At the end: the KL-weight experiment's table, and speed(), the report of --benchmark.
 """
 import json
 import math
@@ -167,7 +168,8 @@ def prior_hole_fraction(gmm, z_codes, z_draws, quantile=0.01):
 
 
 def iw_nll(model, images, k, rng, eps=None, batch_size=25):
-    """Importance-weighted estimate of -log p(x) per uint8 image (one value each), K draws from q(z|x) each:
+    """Importance-weighted estimate of -log p(x) per uint8 image (one value each), K draws from q(z|x) each (K
+    importance samples here, not a mixture's K components):
 
         -log p(x) ~ -log (1/K) sum_k w_k,   w_k = p(x|z_k) p(z_k) / q(z_k|x),   z_k = mu + sigma * eps_k
 
@@ -181,9 +183,10 @@ def iw_nll(model, images, k, rng, eps=None, batch_size=25):
         e = rng.standard_normal((k, len(xb), model.latent)) if eps is None else eps[:, i:i + batch_size]
         z, _ = reparameterize_forward(mu, log_var, e)                            # (K, B, Z)
         logits = model.decode(z.reshape(-1, model.latent).astype(model.dtype)).reshape(k, len(xb), -1)
-        log_w = (log_bernoulli(xb, logits).astype(np.float64)                    # log p(x|z_k)  (pixels in the
-                 + mixture_log_density(z.reshape(-1, model.latent), *mixture)[0].reshape(k, -1)  # model's dtype)
-                 - log_normal(z, mu, log_var))                                   # + log p(z_k) - log q(z_k|x)
+        # log w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x), (K, B); the pixel sum in the model's dtype, then float64
+        log_w = (log_bernoulli(xb, logits).astype(np.float64)
+                 + mixture_log_density(z.reshape(-1, model.latent), *mixture)[0].reshape(k, -1)
+                 - log_normal(z, mu, log_var))
         out[i:i + batch_size] = np.log(k) - logsumexp(log_w, axis=0)            # -log (1/K) sum_k w_k
     return out
 
@@ -244,7 +247,7 @@ def kl_weight_row(beta, metrics):
 
 
 def kl_weight_table(rows):
-    """The rows as a Markdown table, as the README shows it."""
+    """The rows as a Markdown table, as docs/experiments.md shows it."""
     lines = ["| " + " | ".join(title for title, _, _ in KL_WEIGHT_COLUMNS) + " |",
              "|" + "---|" * len(KL_WEIGHT_COLUMNS)]
     for row in rows:

@@ -2,7 +2,8 @@
 
 Every layer follows one contract (the CS231n one, with the cache kept on the layer):
     y = layer.forward(x)       keeps exactly what backward needs
-    dx = layer.backward(dy)    returns dL/dx and stores dL/dparam in layer.grads
+    dx = layer.backward(dy)    returns dL/dx and stores dL/dparam in layer.grads (Linear can skip dL/dx, or
+                               give some rows of it only: need_dx)
 Shapes: x is (B, n_in), y is (B, n_out); B is the batch size.
 """
 import math
@@ -70,7 +71,8 @@ class MLP:
         return self.layers[0].backward(dy, need_dx)
 
     def named(self, what, prefix):
-        """{'prefix.i.W': array, ...} of params (what='params') or grads (what='grads'), by reference."""
+        """{'prefix.i.W': array, ...} of params (what='params') or grads (what='grads'), by reference. i counts the
+        ReLUs too, so the Linear layers are 0, 2, 4, ..."""
         return {f"{prefix}.{i}.{k}": v for i, layer in enumerate(self.layers)
                 for k, v in getattr(layer, what).items()}
 

@@ -1,5 +1,5 @@
 """What a run shows a person: a progress bar while it trains, and the figures. Each drawing function returns
-{file name: matplotlib Figure}, and save() writes them. Images are drawn dark on white, as MNIST usually is."""
+{file name: matplotlib Figure}, and save() writes them. Images are drawn dark on white."""
 import math
 import os
 import sys
@@ -97,7 +97,7 @@ def gradient_paths(paths, per_unit):
                      color=color, label=f"{label}, mean")
     over_time.set(xlabel="epoch", title="all units", yscale="log", ylabel="RMS of dL/d(output) per example")
     rms.set(xlabel="latent unit", title="each unit, last epoch", yscale="log")
-    mean.set(xlabel="latent unit", title="mean per unit, last epoch: > 0 pushes sigma down, < 0 up")
+    mean.set(xlabel="latent unit", title="mean per unit, last epoch (> 0 pushes sigma down)")
     mean.axhline(0, color="k", lw=0.8)
     from matplotlib.ticker import FuncFormatter, LogLocator
     for ax in (over_time, rms):                     # log axes labelled at 1, 2, 5 x 10^k, in plain numbers
@@ -108,7 +108,7 @@ def gradient_paths(paths, per_unit):
     for ax in (rms, mean):
         ax.set_xticks(units, [str(i) for i in order], fontsize=7)
     over_time.legend(fontsize=8); mean.legend(fontsize=8)
-    fig.tight_layout()
+    fig.subplots_adjust(wspace=0.25)
     return fig
 
 
@@ -151,7 +151,8 @@ def marginals(model, found):
             ax.set_axis_off(); continue
         half = 4 * max(1.0, np.sqrt(moments["variance"][d]))          # +-4 sd of q(z) or of N(0, 1), the wider
         grid = np.linspace(moments["mean"][d] - half, moments["mean"][d] + half, 200)
-        ax.hist(z_train[:, d], bins=60, range=(grid[0], grid[-1]), density=True, color="tab:blue", alpha=0.4)
+        counts, edges = np.histogram(z_train[:, d], bins=60, range=(grid[0], grid[-1]), density=True)
+        ax.stairs(counts, edges, fill=True, color="tab:blue", alpha=0.4)
         ax.plot(grid, mixture_marginal(grid, np.exp(gmm["log_pi"]), gmm["means"][:, d], gmm_vars[:, d]),
                 color="tab:blue", lw=1.2)
         ax.plot(grid, mixture_marginal(grid, np.exp(prior_log_pi), prior_means[:, d], np.exp(prior_log_vars[:, d])),
@@ -159,8 +160,8 @@ def marginals(model, found):
         active = moments["activity"][d] > 0.01
         ax.set_title(f"z{d}: var {moments['variance'][d]:.2f}" + ("" if active else " (inactive)"), fontsize=8)
         ax.set_yticks([]); ax.tick_params(labelsize=7)
-    fig.suptitle("per dimension: aggregated posterior (histogram of codes; line: fitted mixture) vs prior "
-                 f"{prior_label(model)} (dashed)", fontsize=9)
+    fig.suptitle("per dimension: aggregated posterior (histogram of training codes; line: fitted mixture; var: test "
+                 f"set) vs prior {prior_label(model)} (dashed)", fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -200,7 +201,8 @@ def latent_plane(model, mu, labels, z_prior, in_hole):
     z = np.stack(np.meshgrid(gx, gy[::-1]), -1).reshape(-1, 2).astype(model.dtype)
     manifold = new_figure(figsize=(7, 7))
     image_grid(manifold.subplots(), sigmoid(model.decode(z)), rows=n,
-               title=f"decoded grid of prior quantiles ({50 / n:.1f}% .. {100 - 50 / n:.1f}% per axis)")
+               title=f"decoded grid of prior quantiles ({50 / n:.1f}% .. {100 - 50 / n:.1f}% per axis):\n"
+                     "z0 grows to the right, z1 upwards, as in latent_space.png")
     return {"latent_space.png": space, "latent_manifold.png": manifold}
 
 

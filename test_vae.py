@@ -1,5 +1,5 @@
 """The suite: every gradient against finite differences, the estimators against closed forms and exact values,
-the data and the training CLI against generated files. Offline (loopback only), under 30 s on 2 cores."""
+the data and the training CLI against generated files. Offline (loopback only); about 25 s on 2 cores."""
 import builtins
 import contextlib
 import functools
@@ -134,7 +134,7 @@ def small_vae_batch(seed=3, n_in=12, hidden=7, latent=3, batch=5, prior="standar
     rng = np.random.default_rng(seed)
     model = vae.VAE(n_in, hidden, latent, seed=seed, dtype=np.float64, prior=prior, components=4)
     if prior == "vamp":                                 # pseudo-inputs inside (0, 1), away from the clip's kinks
-        model.prior.params["u"][...] = rng.uniform(0.05, 0.95, model.prior.params["u"].shape)
+        model.prior.params["w"][...] = rng.uniform(0.05, 0.95, model.prior.params["w"].shape)
     x = rng.uniform(0, 1, (batch, n_in))                # intensities in [0, 1], as the images are
     eps = rng.standard_normal((batch, latent))
     return model, x, eps
@@ -142,8 +142,8 @@ def small_vae_batch(seed=3, n_in=12, hidden=7, latent=3, batch=5, prior="standar
 
 @pytest.mark.parametrize("beta", [1.0, 0.3, 2.5])
 @pytest.mark.parametrize("prior, prior_params", [("standard", set()),
-                                                  ("mog", {"prior.means", "prior.log_vars", "prior.logits"}),
-                                                  ("vamp", {"prior.u"})])
+                                                  ("mog", {"prior.means", "prior.log_vars", "prior.log_weights"}),
+                                                  ("vamp", {"prior.w"})])
 def test_objective_backward_matches_finite_differences_for_every_parameter(prior, prior_params, beta):
     # The objective is recon + beta * KL; beta = 1 is the negative ELBO. A beta applied to the reconstruction
     # path, or missing from one KL path, fails here for beta != 1.
@@ -160,13 +160,13 @@ def test_objective_backward_matches_finite_differences_for_every_parameter(prior
 
 def test_vamp_pseudo_inputs_stay_in_0_1_and_get_no_gradient_where_clipped():
     model, x, eps = small_vae_batch(prior="vamp")
-    u = model.prior.params["u"]
-    u[0, :6], u[1, :6] = -0.3, 1.4                       # pushed outside [0, 1]
+    w = model.prior.params["w"]
+    w[0, :6], w[1, :6] = -0.3, 1.4                       # pushed outside [0, 1]
     model.forward(x, eps)
     model.backward()
     used = model.prior.with_pseudo_inputs(x)[len(x):]
     assert used.min() >= 0 and used.max() <= 1 and np.all(used[0, :6] == 0) and np.all(used[1, :6] == 1)
-    assert np.all(model.prior.grads["u"][:2, :6] == 0) and np.any(model.prior.grads["u"][:2, 6:] != 0)
+    assert np.all(model.prior.grads["w"][:2, :6] == 0) and np.any(model.prior.grads["w"][:2, 6:] != 0)
 
 
 def test_loss_is_a_deterministic_function_of_params_x_and_eps():
@@ -189,12 +189,12 @@ def test_loss_parts_match_a_direct_computation():
 def test_mog_prior_kl_is_log_q_minus_log_p_at_the_same_z():
     model, x, eps = small_vae_batch(prior="mog")
     p = model.prior.params
-    p["logits"][:] = [0.5, -1.0, 0.0, 2.0]
+    p["log_weights"][:] = [0.5, -1.0, 0.0, 2.0]
     p["log_vars"][:] = np.random.default_rng(0).uniform(-1, 1, p["log_vars"].shape)
     _, _, kl = model.forward(x, eps)
     mu, log_var = model.encode(x)
     z = mu + np.exp(0.5 * log_var) * eps
-    pi = np.exp(p["logits"]) / np.exp(p["logits"]).sum()
+    pi = np.exp(p["log_weights"]) / np.exp(p["log_weights"]).sum()
     density = sum(pi[k] * np.exp(direct_log_normal(z, p["means"][k], np.exp(p["log_vars"][k]))) for k in range(4))
     assert kl == pytest.approx((direct_log_normal(z, mu, np.exp(log_var)) - np.log(density)).mean(), rel=1e-10)
 
@@ -202,7 +202,7 @@ def test_mog_prior_kl_is_log_q_minus_log_p_at_the_same_z():
 def test_vamp_prior_is_the_mean_of_the_pseudo_inputs_posteriors():
     model, _, _ = small_vae_batch(prior="vamp")
     z = np.random.default_rng(1).standard_normal((7, 3))
-    mu_u, log_var_u = model.encode(model.prior.params["u"])
+    mu_u, log_var_u = model.encode(model.prior.pseudo_inputs())
     direct = np.log(np.mean([np.exp(direct_log_normal(z, m, np.exp(lv))) for m, lv in zip(mu_u, log_var_u)], 0))
     np.testing.assert_allclose(model.log_prior(z), direct, rtol=1e-10)
 
@@ -350,8 +350,8 @@ def test_mog_prior_samples_have_the_mixture_weights_means_and_variances():
     p = model.prior.params
     p["means"][...] = [[8, 0, 0], [0, 8, 0], [0, 0, 8], [-8, -8, -8]]
     p["log_vars"][...] = np.log([[0.5, 1, 2], [2, 1, 0.25], [1, 1, 1], [0.3, 3, 1]])
-    p["logits"][...] = [0.0, 1.0, -1.0, 0.5]
-    pi = np.exp(p["logits"]) / np.exp(p["logits"]).sum()
+    p["log_weights"][...] = [0.0, 1.0, -1.0, 0.5]
+    pi = np.exp(p["log_weights"]) / np.exp(p["log_weights"]).sum()
     assert_samples_follow_the_mixture(model.sample_z(200_000, np.random.default_rng(11)), pi, p["means"],
                                       np.exp(p["log_vars"]))
 
@@ -392,7 +392,7 @@ def model_whose_posterior_is_exact(prior):
         m, lv = np.zeros(3), np.zeros(3)
     elif prior == "mog":                                # K equal components: the mixture is N(m, exp(lv))
         model.prior.params["means"][...], model.prior.params["log_vars"][...] = m, lv
-        model.prior.params["logits"][...] = [0.3, -2.0, 1.0, 0.0]
+        model.prior.params["log_weights"][...] = [0.3, -2.0, 1.0, 0.0]
     out["b"][...] = np.concatenate([m, lv])             # the VampPrior's components are q(z|u_k) = N(m, exp(lv))
     return model, (x * 255).round().astype(np.uint8)
 

@@ -92,7 +92,7 @@ def new_run(cfg, x_train):
                     components=cfg["prior_components"])
     cfg["prior_components"] = model.components
     if cfg["prior"] == "vamp":  # pseudo-inputs start as K random training images + N(0, 0.01^2), as in the paper
-        rng, u = np.random.default_rng([cfg["seed"], 6]), model.prior.params["u"]
+        rng, u = np.random.default_rng([cfg["seed"], 6]), model.prior.params["w"]
         images = x_train[rng.choice(len(x_train), len(u), replace=False)]
         u[...] = mnist.to_float(images) + 0.01 * rng.standard_normal(u.shape)
     state = {"epoch": 0, "step": 0, "perm": None, "rng": np.random.default_rng(cfg["seed"]), "elapsed": 0.0,

@@ -68,7 +68,8 @@ def mixture_log_density(z, means, log_vars, log_pi):
 
 
 # ---- the loss, piece by piece: forward(...) -> (out, cache), backward(dout, cache) -> gradients --------------
-# Each forward returns one value per example (B,); dout (B,) is dL/d(that value), e.g. 1/B for a batch mean.
+# The three loss terms return one value per example (B,), and their backward takes dout (B,), dL/d(that value):
+# 1/B for a batch mean. The reparameterization maps (mu, log_var) (B, Z) to z (B, Z); its backward takes dz.
 
 def bernoulli_nll_forward(logits, x):
     """Reconstruction term -log p(x|z) per example, from the decoder's logits (B, D) and images x (B, D) in [0, 1]."""
@@ -102,7 +103,7 @@ def kl_normal_forward(mu, log_var):
 
 
 def kl_normal_backward(dkl, cache):
-    mu, var = cache
+    mu, var = cache                                     # KL = 1/2 sum(mu^2 + exp(log_var) - log_var - 1), so:
     dmu = dkl[:, None] * mu                             # d/dmu [mu^2 / 2] = mu
     dlog_var = dkl[:, None] * 0.5 * (var - 1.0)         # d/dlog_var [(exp(log_var) - log_var) / 2] = (sigma^2 - 1) / 2
     return dmu, dlog_var
@@ -118,17 +119,20 @@ def kl_mixture_forward(z, eps, log_var, means, log_vars, log_pi):
 
 
 def kl_mixture_backward(dkl, cache):
-    """Gradients of log q(z|x) - log p(z) with respect to z, log_var and the mixture's means, log_vars, log_pi.
-    dz is the prior's pull on z, which reaches mu and log_var through z = mu + sigma * eps (eps gets none)."""
+    """Gradients of log q(z|x) - log p(z), as kl_mixture_forward computes it from (z, eps, log_var): log q is the
+    density of eps less sum log sigma, so z enters only log p. (Through z = mu + sigma * eps, z's route into
+    log q(z|x) would cancel its routes through mu and sigma; writing log q in eps makes that explicit.)
+    Returns dz (the prior's pull on z, which the caller sends on through z = mu + sigma * eps), dlog_var, and the
+    mixture's dmeans, dlog_vars, dlog_pi. Below, w_bk = dout_b * r_bk: the responsibilities, weighted."""
     z, means, log_vars, r = cache
-    r = r * dkl[:, None]                                # responsibilities r_bk, each example weighted by its dout
+    w = r * dkl[:, None]                                # w_bk = dout_b r_bk, (B, K)
     diff = z[:, None, :] - means                        # z_b - m_k, (B, K, Z)
     scaled = diff * np.exp(-log_vars)                   # (z_b - m_k) / s_k^2
-    dz = np.einsum("bk,bkz->bz", r, scaled)             # d/dz (-log p) = sum_k r_k (z - m_k) / s_k^2
+    dz = np.einsum("bk,bkz->bz", w, scaled)             # d/dz (-log p) = sum_k r_k (z - m_k) / s_k^2
     dlog_var = np.broadcast_to(-0.5 * dkl[:, None], z.shape)    # d/dlog_var (-sum_d log_var_d / 2) = -1/2
-    dmeans = -np.einsum("bk,bkz->kz", r, scaled)        # d/dm_k (-log p) = -r_k (z - m_k) / s_k^2
-    dlog_vars = -0.5 * np.einsum("bk,bkz->kz", r, scaled * diff - 1.0)   # -r_k ((z - m_k)^2 / s_k^2 - 1) / 2
-    dlog_pi = -r.sum(0)                                 # d/dlog pi_k (-log p) = -r_k
+    dmeans = -np.einsum("bk,bkz->kz", w, scaled)        # d/dm_k (-log p) = -r_k (z - m_k) / s_k^2
+    dlog_vars = -0.5 * np.einsum("bk,bkz->kz", w, scaled * diff - 1.0)   # -r_k ((z - m_k)^2 / s_k^2 - 1) / 2
+    dlog_pi = -w.sum(0)                                 # d/dlog pi_k (-log p) = -r_k
     return dz, dlog_var, dmeans, dlog_vars, dlog_pi
 
 
@@ -150,7 +154,7 @@ class StandardPrior:
     def mixture(self):
         return np.zeros((1, self.latent), self.dtype), np.zeros((1, self.latent), self.dtype), np.zeros(1, self.dtype)
 
-    def kl_forward(self, z, eps, mu, log_var, h_u):
+    def kl_forward(self, z, eps, mu, log_var, out_u):
         return kl_normal_forward(mu, log_var)
 
     def kl_backward(self, dkl, cache, z_cache):
@@ -165,21 +169,21 @@ class StandardPrior:
 
 
 class MixturePrior:
-    """p(z) = sum_k pi_k N(z; m_k, diag(exp(log_vars_k))), pi = softmax(logits): K means, log-variances and
-    logits, learned with the rest. The KL has no closed form: it is estimated at the sampled z."""
+    """p(z) = sum_k pi_k N(z; m_k, diag(exp(log_vars_k))), pi = softmax(log_weights): K means, log-variances and
+    unnormalised log-weights, learned with the rest. The KL has no closed form: it is estimated at the sampled z."""
 
     def __init__(self, latent, dtype, k, rng):
         self.params = {"means": rng.standard_normal((k, latent)).astype(dtype),
-                       "log_vars": np.zeros((k, latent), dtype), "logits": np.zeros(k, dtype)}
+                       "log_vars": np.zeros((k, latent), dtype), "log_weights": np.zeros(k, dtype)}
         self.grads = {name: np.zeros_like(p) for name, p in self.params.items()}
         self.latent, self.dtype = latent, dtype
 
-    def mixture(self, h_u=None):
-        logits = self.params["logits"]
-        return self.params["means"], self.params["log_vars"], logits - logsumexp(logits, axis=0)
+    def mixture(self, out_u=None):
+        a = self.params["log_weights"]
+        return self.params["means"], self.params["log_vars"], a - logsumexp(a, axis=0)     # log pi = a - logsumexp(a)
 
-    def kl_forward(self, z, eps, mu, log_var, h_u):
-        return kl_mixture_forward(z, eps, log_var, *self.mixture(h_u))
+    def kl_forward(self, z, eps, mu, log_var, out_u):
+        return kl_mixture_forward(z, eps, log_var, *self.mixture(out_u))
 
     def kl_backward(self, dkl, cache, z_cache):
         dz, dlog_var_q, dmeans, dlog_vars, dlog_pi = kl_mixture_backward(dkl, cache)
@@ -189,43 +193,41 @@ class MixturePrior:
     def mixture_backward(self, dmeans, dlog_vars, dlog_pi):
         self.grads["means"][...] = dmeans
         self.grads["log_vars"][...] = dlog_vars
-        pi = np.exp(self.mixture()[2])
-        self.grads["logits"][...] = dlog_pi - pi * dlog_pi.sum()     # through log pi = logits - logsumexp(logits)
+        pi = np.exp(self.mixture()[2])          # log pi = a - logsumexp(a): d log pi_j / d a_k = delta_jk - pi_k,
+        self.grads["log_weights"][...] = dlog_pi - pi * dlog_pi.sum()    # so dL/da_k = dlog_pi_k - pi_k sum_j dlog_pi_j
         return np.zeros((0, 2 * self.latent), self.dtype)            # no pseudo-input rows
 
-    def with_pseudo_inputs(self, x):
-        return x
-
-    def pseudo_input_backward(self, du):
-        pass
+    with_pseudo_inputs = StandardPrior.with_pseudo_inputs           # no pseudo-inputs either
+    pseudo_input_backward = StandardPrior.pseudo_input_backward
 
 
 class VampPrior(MixturePrior):
     """p(z) = (1/K) sum_k q(z|u_k) (Tomczak & Welling 2018): the components are the encoder's own posteriors of K
-    learned pseudo-inputs u_k = clip(w_k, 0, 1) (a hard tanh, as in the paper's code, so that they stay images).
-    They ride along as extra rows of the batch's encoder pass; their gradient comes back through it."""
+    learned pseudo-inputs, K pseudo-images u_k = clip(w_k, 0, 1) (PyTorch's Hardtanh(0, 1), as in the paper's code,
+    so that they stay images); the parameters are the w_k. The pseudo-inputs ride along as extra rows of the
+    batch's encoder pass, and their gradient comes back through it."""
 
     def __init__(self, latent, dtype, k, rng, n_in, encoder):
-        self.params = {"u": rng.uniform(0, 1, (k, n_in)).astype(dtype)}  # the w_k; train.py starts them at images
-        self.grads = {"u": np.zeros_like(self.params["u"])}
+        self.params = {"w": rng.uniform(0, 1, (k, n_in)).astype(dtype)}  # u = clip(w); train.py starts w at images
+        self.grads = {"w": np.zeros_like(self.params["w"])}
         self.latent, self.dtype, self.k, self.encoder = latent, dtype, k, encoder
 
-    def mixture(self, h_u=None):
-        h_u = self.encoder.forward(self.pseudo_inputs()) if h_u is None else h_u
-        return h_u[:, :self.latent], h_u[:, self.latent:], np.full(self.k, -math.log(self.k), h_u.dtype)
+    def mixture(self, out_u=None):
+        out_u = self.encoder.forward(self.pseudo_inputs()) if out_u is None else out_u
+        return out_u[:, :self.latent], out_u[:, self.latent:], np.full(self.k, -math.log(self.k), out_u.dtype)
 
     def mixture_backward(self, dmeans, dlog_vars, dlog_pi):
         return np.concatenate([dmeans, dlog_vars], axis=1)      # rows of d[mu, log_var] for the pseudo-inputs
 
     def pseudo_inputs(self):
-        return np.clip(self.params["u"], 0, 1)
+        return np.clip(self.params["w"], 0, 1)
 
     def with_pseudo_inputs(self, x):
         return np.concatenate([x, self.pseudo_inputs()])
 
     def pseudo_input_backward(self, du):
-        w = self.params["u"]
-        self.grads["u"][...] = du * ((w > 0) & (w < 1))         # d clip(w, 0, 1)/dw: 1 inside, 0 where clipped
+        w = self.params["w"]
+        self.grads["w"][...] = du * ((w > 0) & (w < 1))         # dL/dw = dL/du * clip'(w): 1 inside [0, 1], else 0
 
 
 PRIORS = {"standard": 0, "mog": 10, "vamp": 100}   # the priors, with their default number of components K
@@ -264,8 +266,8 @@ class VAE:
 
     def encode(self, x):
         """x (B, D) in [0, 1] -> mu, log_var (B, Z) of q(z|x)."""
-        h = self.encoder.forward(x)
-        return h[:, :self.latent], h[:, self.latent:]
+        out = self.encoder.forward(x)
+        return out[:, :self.latent], out[:, self.latent:]
 
     def decode(self, z):
         """z (B, Z) -> Bernoulli logits (B, D)."""
@@ -277,18 +279,19 @@ class VAE:
         """Negative ELBO of the batch x (B, D) for the noise eps (B, Z): (loss, recon, kl), each the batch mean
         in nats per example, loss = recon + kl. A deterministic function of (params, x, eps)."""
         B, Z = len(x), self.latent
-        h = self.encoder.forward(self.prior.with_pseudo_inputs(x))     # rows B.. exist for the VampPrior only
-        mu, log_var = h[:B, :Z], h[:B, Z:]                              # q(z|x) = N(mu, diag(exp(log_var)))
+        out = self.encoder.forward(self.prior.with_pseudo_inputs(x))   # [mu, log_var]; rows B.. for the VampPrior
+        mu, log_var = out[:B, :Z], out[:B, Z:]                          # q(z|x) = N(mu, diag(exp(log_var)))
         z, self.z_cache = reparameterize_forward(mu, log_var, eps)      # z = mu + sigma * eps
         logits = self.decoder.forward(z)                                # p(x|z) = Bernoulli(sigmoid(logits))
         recon, self.recon_cache = bernoulli_nll_forward(logits, x)      # -log p(x|z)
-        kl, self.kl_cache = self.prior.kl_forward(z, eps, mu, log_var, h[B:])   # KL(q(z|x) || p(z))
+        kl, self.kl_cache = self.prior.kl_forward(z, eps, mu, log_var, out[B:])   # KL(q(z|x) || p(z))
         recon, kl = float(recon.mean()), float(kl.mean())
         return recon + kl, recon, kl
 
     def backward(self, beta=1.0):
         """Gradients of mean_b(recon_b + beta * kl_b) at the last forward() into self.grads(); beta = 1 is the
-        negative ELBO. self.paths keeps the four gradients that meet at the encoder's outputs."""
+        negative ELBO. self.paths keeps the four gradients that meet at the encoder's outputs (of the batch mean:
+        an example's own gradient is B times its row)."""
         eps, sigma = self.z_cache
         drecon = np.full(len(eps), 1.0 / len(eps), sigma.dtype)     # each example's share of the batch mean
         dkl = beta * drecon                             # the KL weight beta enters every KL path through dkl
@@ -297,13 +300,13 @@ class VAE:
         dz = self.decoder.backward(dlogits)
         dmu_rec, dlog_var_rec = reparameterize_backward(dz, self.z_cache)   # dz, and dz * eps * sigma / 2
         # KL(q(z|x) || p(z)) -> (mu, log_var), and into a learned prior's own parameters.
-        dmu_kl, dlog_var_kl, dh_u = self.prior.kl_backward(dkl, self.kl_cache, self.z_cache)
-        dmu = dmu_rec + dmu_kl                  # dL/dmu = dz + beta * mu                       (N(0, I) prior)
-        dlog_var = dlog_var_rec + dlog_var_kl   # dL/dlog_var = dz * eps * sigma / 2 + beta * (sigma^2 - 1) / 2
+        dmu_kl, dlog_var_kl, dout_u = self.prior.kl_backward(dkl, self.kl_cache, self.z_cache)
+        dmu = dmu_rec + dmu_kl                  # dL/dmu = dz + beta * mu / B                    (N(0, I) prior)
+        dlog_var = dlog_var_rec + dlog_var_kl   # dL/dlog_var = dz * eps * sigma / 2 + beta * (sigma^2 - 1) / (2B)
         self.paths = {"recon_mu": dmu_rec, "kl_mu": dmu_kl, "recon_log_var": dlog_var_rec, "kl_log_var": dlog_var_kl}
         # [mu, log_var] -> encoder weights. dL/dx is never needed (x is data), but the VampPrior's pseudo-input
-        # rows (dh_u; none for other priors) go on through the encoder to dL/du.
-        dh = np.concatenate([np.concatenate([dmu, dlog_var], axis=1), dh_u])
+        # rows (dout_u; none for other priors) go on through the encoder to dL/du.
+        dh = np.concatenate([np.concatenate([dmu, dlog_var], axis=1), dout_u])
         self.prior.pseudo_input_backward(self.encoder.backward(dh, need_dx=slice(len(eps), None)))
 
     # ---- using a trained model -----------------------------------------------------------------------------
