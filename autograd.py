@@ -87,7 +87,7 @@ class Adam:
     m' <- beta1 m' + g and v' <- beta2 v' + g^2. Every constant then folds into two scalars per step:
     theta <- theta - a_t m' / (sqrt(v') + eps_t), with c_t = sqrt((1 - beta2^t) / (1 - beta2)),
     a_t = lr (1 - beta1) / (1 - beta1^t) * c_t and eps_t = eps * c_t. Exactly the update above, in 10 passes
-    over the parameters instead of 12 (the README's speed section has the measurements).
+    over the parameters instead of 12 (docs/experiments.md, section 6, has the measurements).
     """
 
     def __init__(self, params, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8):

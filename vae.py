@@ -6,8 +6,8 @@
     loss:     -ELBO = -log p(x|z) + KL(q(z|x) || p(z))   K&W eq. 10 with one z per image, averaged over the batch
     prior:    p(z) = N(0, I), or learned: a mixture of Gaussians ('mog') or the VampPrior ('vamp')
 
-The file reads top to bottom: the formulas (each written once), the loss as four forward/backward pairs in the
-CS231n style (forward(...) -> out, cache; backward(dout, cache) -> gradients, each grad-checked alone), the
+The file reads top to bottom: the formulas (each written once), the loss and the reparameterization as four
+forward/backward pairs in the CS231n style (forward(...) -> out, cache; backward(dout, cache) -> gradients, each grad-checked alone), the
 three priors, and the model, whose forward and backward compose those pieces in the paper's order.
 """
 import math
