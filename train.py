@@ -280,8 +280,8 @@ def run(args):
         print(f"{cfg['dataset']}{' (binarized)' if cfg['binarize'] else ''}: {len(x_train)} train, {len(x_test)} test "
               f"images; VAE {model.n_in}-{cfg['hidden']}-{cfg['latent']}-{cfg['hidden']}-{model.n_in}, "
               f"{figures.prior_label(model)} prior, beta {cfg['beta']:g} (warm-up: {cfg['kl_warmup']} epochs), Adam lr "
-              f"{cfg['lr']}, batch {cfg['batch_size']}; writing to {out}" + (f" (resuming at epoch "
-              f"{state['epoch'] + 1}, step {state['step']})" if args.resume else ""))
+              f"{cfg['lr']}, batch {cfg['batch_size']}; writing to {out}" + (f" (resuming at epoch {state['epoch'] + 1}"
+              f", step {state['step'] * (state['perm'] is not None) + 1})" if args.resume else ""))
         if not train(model, opt, x_train, x_test, state, cfg, os.path.join(out, "checkpoint.npz")):
             print(f"\ninterrupted at epoch {state['epoch'] + 1}, step {state['step']}; continue with: python train.py "
                   f"--resume {os.path.join(out, 'checkpoint.npz')}" + (f" --data-dir {args.data_dir}" if args.data_dir
