@@ -306,8 +306,8 @@ class VAE:
         self.paths = {"recon_mu": dmu_rec, "kl_mu": dmu_kl, "recon_log_var": dlog_var_rec, "kl_log_var": dlog_var_kl}
         # [mu, log_var] -> encoder weights. dL/dx is never needed (x is data), but the VampPrior's pseudo-input
         # rows (dout_u; none for other priors) go on through the encoder to dL/du.
-        dh = np.concatenate([np.concatenate([dmu, dlog_var], axis=1), dout_u])
-        self.prior.pseudo_input_backward(self.encoder.backward(dh, need_dx=slice(len(eps), None)))
+        dout = np.concatenate([np.concatenate([dmu, dlog_var], axis=1), dout_u])     # dL/d(encoder's out)
+        self.prior.pseudo_input_backward(self.encoder.backward(dout, need_dx=slice(len(eps), None)))
 
     # ---- using a trained model -----------------------------------------------------------------------------
 
