@@ -6,6 +6,7 @@ Every layer follows one contract (the CS231n one, with the cache kept on the lay
                                give some rows of it only: need_dx)
 Shapes: x is (B, n_in), y is (B, n_out); B is the batch size.
 """
+import copy
 import math
 import time
 
@@ -69,6 +70,16 @@ class MLP:
         for layer in reversed(self.layers[1:]):
             dy = layer.backward(dy)
         return self.layers[0].backward(dy, need_dx)
+
+    def twin(self):
+        """A second MLP over the same parameter arrays, with caches and gradients of its own: for a second input
+        whose pass must not overwrite the first one's caches. The parameters' gradient is then the sum of the two
+        MLPs' grads (the VampPrior's pseudo-inputs, priors.py)."""
+        twin = copy.copy(self)
+        twin.layers = [copy.copy(layer) for layer in self.layers]       # the same params dicts, new caches
+        for layer in twin.layers:
+            layer.grads = {k: np.zeros_like(p) for k, p in layer.params.items()}
+        return twin
 
     def named(self, what, prefix):
         """{'prefix.i.W': array, ...} of params (what='params') or grads (what='grads'), by reference. i counts the

@@ -138,6 +138,13 @@ def mixture_marginal(grid, pi, means, variances):
     return np.exp(log_normal(grid[:, None, None], means[:, None], np.log(variances)[:, None])) @ pi
 
 
+def prior_as_mixture(model):
+    """(means, log_vars, log_pi) of p(z) in float64: a learned prior's mixture, or N(0, I) as one component."""
+    if model.prior_name == "standard":
+        return np.zeros((1, model.latent)), np.zeros((1, model.latent)), np.zeros(1)
+    return tuple(a.astype(np.float64) for a in model.mixture())
+
+
 def marginals(model, found):
     """Per dimension: the aggregated posterior (histogram of codes, and the fitted mixture) against the prior."""
     gmm, moments, z_train, zs = found["gmm"], found["moments"], found["z_train"], model.latent
@@ -145,7 +152,7 @@ def marginals(model, found):
     fig = new_figure(figsize=(2.6 * cols, 1.9 * math.ceil(zs / cols)))
     axes = fig.subplots(math.ceil(zs / cols), cols, squeeze=False)
     gmm_vars = np.diagonal(gmm["covs"], axis1=1, axis2=2) if gmm["covs"].ndim == 3 else gmm["covs"]
-    prior_means, prior_log_vars, prior_log_pi = (a.astype(np.float64) for a in model.prior.mixture())
+    prior_means, prior_log_vars, prior_log_pi = prior_as_mixture(model)
     for d, ax in enumerate(axes.flat):
         if d >= zs:
             ax.set_axis_off(); continue

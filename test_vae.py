@@ -22,6 +22,7 @@ import pytest
 import analysis
 import figures
 import mnist
+import priors
 import train
 import vae
 from autograd import MLP, Adam, Linear, ReLU, grad_check
@@ -125,16 +126,16 @@ def test_kl_mixture_backward_matches_finite_differences():
               "means": rng.standard_normal((4, 3)), "log_vars": rng.uniform(-1, 1, (4, 3)),
               "log_pi": np.log(rng.dirichlet(np.ones(4)))}
     eps = rng.standard_normal((6, 3))
-    forward = lambda z, log_var, means, log_vars, log_pi: vae.kl_mixture_forward(z, eps, log_var, means, log_vars,
+    forward = lambda z, log_var, means, log_vars, log_pi: priors.kl_mixture_forward(z, eps, log_var, means, log_vars,
                                                                                   log_pi)
-    assert_grads_close(check_piece(forward, vae.kl_mixture_backward, inputs), 1e-7)
+    assert_grads_close(check_piece(forward, priors.kl_mixture_backward, inputs), 1e-7)
 
 
 def small_vae_batch(seed=3, n_in=12, hidden=7, latent=3, batch=5, prior="standard"):
     rng = np.random.default_rng(seed)
-    model = vae.VAE(n_in, hidden, latent, seed=seed, dtype=np.float64, prior=prior, components=4)
+    model = priors.build(prior, 4, n_in=n_in, hidden=hidden, latent=latent, seed=seed, dtype=np.float64)
     if prior == "vamp":                                 # pseudo-inputs inside (0, 1), away from the clip's kinks
-        model.prior.params["w"][...] = rng.uniform(0.05, 0.95, model.prior.params["w"].shape)
+        model.prior["w"][...] = rng.uniform(0.05, 0.95, model.prior["w"].shape)
     x = rng.uniform(0, 1, (batch, n_in))                # intensities in [0, 1], as the images are
     eps = rng.standard_normal((batch, latent))
     return model, x, eps
@@ -160,13 +161,13 @@ def test_objective_backward_matches_finite_differences_for_every_parameter(prior
 
 def test_vamp_pseudo_inputs_stay_in_0_1_and_get_no_gradient_where_clipped():
     model, x, eps = small_vae_batch(prior="vamp")
-    w = model.prior.params["w"]
+    w = model.prior["w"]
     w[0, :6], w[1, :6] = -0.3, 1.4                       # pushed outside [0, 1]
     model.forward(x, eps)
     model.backward()
-    used = model.prior.with_pseudo_inputs(x)[len(x):]
+    used = model.pseudo_inputs()
     assert used.min() >= 0 and used.max() <= 1 and np.all(used[0, :6] == 0) and np.all(used[1, :6] == 1)
-    assert np.all(model.prior.grads["w"][:2, :6] == 0) and np.any(model.prior.grads["w"][:2, 6:] != 0)
+    assert np.all(model.prior_grads["w"][:2, :6] == 0) and np.any(model.prior_grads["w"][:2, 6:] != 0)
 
 
 def test_loss_is_a_deterministic_function_of_params_x_and_eps():
@@ -188,7 +189,7 @@ def test_loss_parts_match_a_direct_computation():
 
 def test_mog_prior_kl_is_log_q_minus_log_p_at_the_same_z():
     model, x, eps = small_vae_batch(prior="mog")
-    p = model.prior.params
+    p = model.prior
     p["log_weights"][:] = [0.5, -1.0, 0.0, 2.0]
     p["log_vars"][:] = np.random.default_rng(0).uniform(-1, 1, p["log_vars"].shape)
     _, _, kl = model.forward(x, eps)
@@ -202,7 +203,7 @@ def test_mog_prior_kl_is_log_q_minus_log_p_at_the_same_z():
 def test_vamp_prior_is_the_mean_of_the_pseudo_inputs_posteriors():
     model, _, _ = small_vae_batch(prior="vamp")
     z = np.random.default_rng(1).standard_normal((7, 3))
-    mu_u, log_var_u = model.encode(model.prior.pseudo_inputs())
+    mu_u, log_var_u = model.encode(model.pseudo_inputs())
     direct = np.log(np.mean([np.exp(direct_log_normal(z, m, np.exp(lv))) for m, lv in zip(mu_u, log_var_u)], 0))
     np.testing.assert_allclose(model.log_prior(z), direct, rtol=1e-10)
 
@@ -268,7 +269,7 @@ def test_reparameterized_gradient_of_expectation_matches_analytic_value():
 @pytest.mark.parametrize("prior", ["standard", "mog", "vamp"])
 def test_a_training_step_stays_in_float32(prior):
     rng = np.random.default_rng(12)
-    model = vae.VAE(784, 16, 4, seed=0, prior=prior, components=3)   # float32, as train.py builds it
+    model = priors.build(prior, 3, n_in=784, hidden=16, latent=4, seed=0)   # float32, as train.py builds it
     opt = Adam(model.params())
     model.forward(mnist.to_float(rng.integers(0, 256, (8, 784)).astype(np.uint8)),
                   rng.standard_normal((8, 4), dtype=np.float32))
@@ -347,7 +348,7 @@ def test_standard_prior_samples_have_mean_zero_and_identity_covariance():
 
 def test_mog_prior_samples_have_the_mixture_weights_means_and_variances():
     model, _, _ = small_vae_batch(prior="mog")
-    p = model.prior.params
+    p = model.prior
     p["means"][...] = [[8, 0, 0], [0, 8, 0], [0, 0, 8], [-8, -8, -8]]
     p["log_vars"][...] = np.log([[0.5, 1, 2], [2, 1, 0.25], [1, 1, 1], [0.3, 3, 1]])
     p["log_weights"][...] = [0.0, 1.0, -1.0, 0.5]
@@ -358,7 +359,7 @@ def test_mog_prior_samples_have_the_mixture_weights_means_and_variances():
 
 def test_vamp_prior_samples_have_the_mixture_mean_and_covariance():
     model, _, _ = small_vae_batch(prior="vamp")
-    means, log_vars, log_pi = model.prior.mixture()
+    means, log_vars, log_pi = model.mixture()
     mean, cov = mixture_moments(np.exp(log_pi), means, np.exp(log_vars))
     z = model.sample_z(300_000, np.random.default_rng(12))
     np.testing.assert_allclose(z.mean(0), mean, atol=0.01)
@@ -391,8 +392,8 @@ def model_whose_posterior_is_exact(prior):
     if prior == "standard":
         m, lv = np.zeros(3), np.zeros(3)
     elif prior == "mog":                                # K equal components: the mixture is N(m, exp(lv))
-        model.prior.params["means"][...], model.prior.params["log_vars"][...] = m, lv
-        model.prior.params["log_weights"][...] = [0.3, -2.0, 1.0, 0.0]
+        model.prior["means"][...], model.prior["log_vars"][...] = m, lv
+        model.prior["log_weights"][...] = [0.3, -2.0, 1.0, 0.0]
     out["b"][...] = np.concatenate([m, lv])             # the VampPrior's components are q(z|u_k) = N(m, exp(lv))
     return model, (x * 255).round().astype(np.uint8)
 
@@ -417,11 +418,30 @@ def test_iw_nll_approaches_the_likelihood_computed_by_quadrature():
     xf = mnist.to_float(images, np.float64)
     grid = np.linspace(-9, 9, 20001)[:, None]
     log_joint = vae.log_bernoulli(xf[:, None, :], model.decode(grid)[None]) + direct_log_normal(grid, 0.0, 1.0)
-    exact = -(vae.logsumexp(log_joint, axis=1) + np.log(grid[1, 0] - grid[0, 0]))
+    exact = -(priors.logsumexp(log_joint, axis=1) + np.log(grid[1, 0] - grid[0, 0]))
     k_many = analysis.iw_nll(model, np.repeat(images, 10, axis=0), 2000, np.random.default_rng(1))
     np.testing.assert_allclose(k_many.reshape(4, 10).mean(1), exact, atol=0.02)     # 3 standard errors
     k1 = analysis.iw_nll(model, np.repeat(images, 200, axis=0), 1, np.random.default_rng(0))
     assert k1.mean() - exact.mean() > 0.3               # K = 1, the ELBO, is a looser bound (here by ~0.9 nats)
+
+
+def test_the_test_elbo_draws_z_from_the_posterior_not_z_equals_mu():
+    # The test loss is the negative ELBO, E_q[-log p(x|z)] + KL: its reconstruction term averages over z ~ q(z|x).
+    # Decoding z = mu instead (a common slip) gives another number, far outside the Monte Carlo error.
+    model, x, _ = small_vae_batch(batch=1)
+    model.encoder.layers[-1].params["b"][model.latent:] = 1.0       # sigma = e^0.5: draws far from mu
+    for layer in model.decoder.layers[::2]:
+        layer.params["W"] *= 3
+    images = np.repeat((x * 255).round().astype(np.uint8), 4000, axis=0)
+    loss, recon, kl = analysis.negative_elbo(model, images, seed=0)
+    xf = mnist.to_float(images[:1], np.float64)
+    mu, log_var = model.encode(xf)
+    z = mu + np.exp(0.5 * log_var) * np.random.default_rng(1).standard_normal((20000, model.latent))
+    per_draw = -vae.log_bernoulli(xf, model.decode(z))             # -log p(x|z) at independent draws
+    expected, se = per_draw.mean(), per_draw.std() / np.sqrt(len(images))
+    at_mu = -vae.log_bernoulli(xf, model.decode(mu))[0]
+    assert abs(recon - expected) < 4 * se and abs(at_mu - expected) > 20 * se, (recon, expected, se, at_mu)
+    assert kl == pytest.approx(vae.kl_normal_forward(mu, log_var)[0][0]) and loss == pytest.approx(recon + kl)
 
 
 def test_iw_nll_is_the_same_for_each_image_whatever_the_batching():
@@ -503,12 +523,12 @@ def test_log_normal_pairs_equals_the_direct_form():
     rng = np.random.default_rng(16)
     z, m, lv = rng.standard_normal((7, 4)), rng.standard_normal((5, 4)), rng.uniform(-2, 1, (5, 4))
     direct = np.array([[direct_log_normal(zi, mk, np.exp(lvk)) for mk, lvk in zip(m, lv)] for zi in z])
-    np.testing.assert_allclose(vae.log_normal(z, m, lv, pairs=True), direct, rtol=1e-12)
+    np.testing.assert_allclose(analysis.log_normal_pairs(z, m, lv), direct, rtol=1e-12)
     np.testing.assert_allclose(vae.log_normal(z[:, None, :], m, lv), direct, rtol=1e-12)
     # Variances near 0 (a model trained with no KL term): the expansion would cancel every digit.
     lv, z = np.full((5, 4), -45.0), m[[0, 0, 1, 3, 4, 4, 2]] + 1e-10 * rng.standard_normal((7, 4))
     direct = np.array([[direct_log_normal(zi, mk, np.exp(lvk)) for mk, lvk in zip(m, lv)] for zi in z])
-    np.testing.assert_allclose(vae.log_normal(z, m, lv, pairs=True), direct, rtol=1e-9)
+    np.testing.assert_allclose(analysis.log_normal_pairs(z, m, lv), direct, rtol=1e-9)
 
 
 def test_aggregate_posterior_moments_match_a_hand_computation():
@@ -895,10 +915,10 @@ def test_analysis_measures_a_learned_prior_against_that_prior():
     # draws land in holes, KL(q(z) || p(z)) and iw_nll grow. A measurement that used N(0, I) would not move.
     rng = np.random.default_rng(17)
     x_train, x_test = make_images(400, rng)[0].reshape(400, 784), make_images(100, rng)[0].reshape(100, 784)
-    model = vae.VAE(784, 16, 2, seed=1, prior="mog", components=3)
-    model.prior.params["means"][...] *= 0.3
+    model = priors.MixturePriorVAE(784, 16, 2, seed=1, components=3)
+    model.prior["means"][...] *= 0.3
     near, _ = analysis.analyze(model, x_train, x_test, 0, 5, 3, "full", log=lambda m: None)
-    model.prior.params["means"][...] += 30
+    model.prior["means"][...] += 30
     far, _ = analysis.analyze(model, x_train, x_test, 0, 5, 3, "full", log=lambda m: None)
     a, b = near["aggregate_posterior"], far["aggregate_posterior"]
     assert a["prior_hole_fraction"] < 0.5 and b["prior_hole_fraction"] > 0.99
@@ -1021,7 +1041,7 @@ def test_a_learned_prior_run_trains_and_keeps_its_pseudo_inputs_images(binary_wa
     m = json.loads((binary_warmup_run / "metrics.json").read_text())
     assert m["config"]["prior"] == "vamp" and m["config"]["prior_components"] == 5
     assert m["train_loss"][-1] < m["train_loss"][0] and m["iw_nll"] < m["test_loss"]
-    u = train.load_model(str(binary_warmup_run / "model.npz"))[0].prior.pseudo_inputs()
+    u = train.load_model(str(binary_warmup_run / "model.npz"))[0].pseudo_inputs()
     assert u.min() >= 0 and u.max() <= 1 and len(u) == 5
     assert run_cli("--data-dir", data_dir, "--prior", "standard", "--resume",
                    str(binary_warmup_run / "checkpoint.npz")) == 1

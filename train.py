@@ -21,7 +21,7 @@ import numpy as np
 import analysis
 import figures
 import mnist
-import vae
+import priors
 from autograd import Adam
 from mnist import atomic_path
 
@@ -62,7 +62,7 @@ def parse_args(argv):
     p.add_argument("--dataset", choices=sorted(mnist.DATASETS), help="default: mnist")
     p.add_argument("--data-dir", help="where the archives are looked for and downloaded to (default: data/<dataset>)")
     p.add_argument("--mirror", help="download from this URL instead of the default mirrors")
-    p.add_argument("--prior", choices=sorted(vae.PRIORS), help="p(z): N(0, I) (standard), a mixture (mog), VampPrior")
+    p.add_argument("--prior", choices=sorted(priors.PRIORS), help="p(z): N(0, I) (standard), a mixture (mog), VampPrior")
     p.add_argument("--binarize", action="store_true", default=None, help="train on pixels drawn as Bernoulli("
                    "intensity) each time an image is used; the test set is binarized once")
     for flag, kind, _, default, text in OPTIONS:
@@ -88,11 +88,11 @@ def parse_args(argv):
 
 def new_run(cfg, x_train):
     """The model, its optimizer, and the state that, with the parameters, makes a run resumable."""
-    model = vae.VAE(x_train.shape[1], cfg["hidden"], cfg["latent"], seed=cfg["seed"], prior=cfg["prior"],
-                    components=cfg["prior_components"])
+    model = priors.build(cfg["prior"], cfg["prior_components"], n_in=x_train.shape[1], hidden=cfg["hidden"],
+                         latent=cfg["latent"], seed=cfg["seed"])
     cfg["prior_components"] = model.components
     if cfg["prior"] == "vamp":  # pseudo-inputs start as K random training images + N(0, 0.01^2), as in the paper
-        rng, u = np.random.default_rng([cfg["seed"], 6]), model.prior.params["w"]
+        rng, u = np.random.default_rng([cfg["seed"], 6]), model.prior["w"]
         images = x_train[rng.choice(len(x_train), len(u), replace=False)]
         u[...] = mnist.to_float(images) + 0.01 * rng.standard_normal(u.shape)
     state = {"epoch": 0, "step": 0, "perm": None, "rng": np.random.default_rng(cfg["seed"]), "elapsed": 0.0,
@@ -195,8 +195,9 @@ def load_model(path):
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
-        model = vae.VAE(*(int(v) for v in arrays["arch"]), dtype=arrays["enc.0.W"].dtype, prior=str(arrays["prior"]),
-                        components=int(arrays["components"]))
+        n_in, hidden, latent = (int(v) for v in arrays["arch"])
+        model = priors.build(str(arrays["prior"]), int(arrays["components"]), n_in=n_in, hidden=hidden, latent=latent,
+                             dtype=arrays["enc.0.W"].dtype)
         for name, p in model.params().items():
             if arrays[name].shape != p.shape:
                 raise ValueError(f"{name} has shape {arrays[name].shape}, expected {p.shape}")

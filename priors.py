@@ -1,0 +1,169 @@
+"""Learned priors: vae.VAE with p(z) = N(0, I) replaced by a prior with parameters of its own, learned with the rest.
+
+    MixturePriorVAE   p(z) = sum_k pi_k N(z; m_k, diag(s_k^2)),  pi = softmax(log_weights)     ('mog')
+    VampPriorVAE      p(z) = (1/K) sum_k q(z|u_k), K pseudo-inputs u_k (Tomczak & Welling 2018) ('vamp')
+
+Here K is the number of the prior's components. What changes against vae.VAE, and nothing else: the four prior
+methods (kl_forward, kl_backward, sample_z, log_prior) and the parameters. The training step, VAE.forward and
+VAE.backward, is the standard one. A mixture has no closed-form KL, so the KL is estimated at the same sampled
+z = mu + sigma * eps as the reconstruction (K&W eq. 6): KL ~ log q(z|x) - log p(z). Its gradient reaches mu and
+log_var through z, so here z's path through the reparameterization carries the KL's gradient too.
+"""
+import math
+
+import numpy as np
+
+from vae import VAE, log_normal, reparameterize_backward, reparameterize_forward
+
+
+def logsumexp(a, axis):
+    """log sum_i exp(a_i) = m + log sum_i exp(a_i - m), m = max_i a_i: no overflow, no log(0) for finite a."""
+    m = a.max(axis=axis, keepdims=True)
+    return (m + np.log(np.exp(a - m).sum(axis=axis, keepdims=True))).squeeze(axis)
+
+
+def mixture_log_density(z, means, log_vars, log_pi):
+    """log p(z) = log sum_k pi_k N(z; m_k, diag(exp(log_vars_k))) per row of z (B, Z), by log-sum-exp, and the
+    responsibilities r_bk = pi_k N(z_b; m_k, .) / p(z_b) (each row sums to 1). means, log_vars (K, Z); log_pi (K,)."""
+    a = log_pi + log_normal(z[:, None, :], means, log_vars)            # log pi_k + log N(z_b; m_k, s_k^2), (B, K)
+    log_p = logsumexp(a, axis=1)
+    return log_p, np.exp(a - log_p[:, None])
+
+
+def sample_mixture(means, log_vars, log_pi, n, rng):
+    """n draws from sum_k pi_k N(m_k, diag(exp(log_vars_k))): a component k ~ pi, then z = m_k + s_k * eps."""
+    pi = np.exp(log_pi - log_pi.max())
+    k = rng.choice(len(pi), size=n, p=pi / pi.sum())
+    return reparameterize_forward(means[k], log_vars[k], rng.standard_normal((n, means.shape[1])))[0]
+
+
+# ---- the KL to a mixture, as a forward/backward pair (vae.py's style) --------------------------------------
+
+def kl_mixture_forward(z, eps, log_var, means, log_vars, log_pi):
+    """KL(q(z|x) || p(z)) for a mixture prior, per example: estimated at the sampled z = mu + sigma * eps,
+    KL ~ log q(z|x) - log p(z) (unbiased over eps). means, log_vars (K, Z), log_pi (K,).
+    log q(z|x) = log N(eps; 0, I) - sum_d log sigma_d: the density of eps, divided by the stretch of z = g(eps)
+    (K&W Appendix C.2, the Gaussian encoder's log-density, written in eps)."""
+    log_p, r = mixture_log_density(z, means, log_vars, log_pi)
+    log_q = log_normal(eps, 0.0, np.zeros_like(log_var)) - 0.5 * log_var.sum(-1)
+    return log_q - log_p, (z, means, log_vars, r)
+
+
+def kl_mixture_backward(dkl, cache):
+    """Gradients of log q(z|x) - log p(z), as kl_mixture_forward computes it from (z, eps, log_var): log q is the
+    density of eps less sum log sigma, so z enters only log p. (Through z = mu + sigma * eps, z's route into
+    log q(z|x) would cancel its routes through mu and sigma; writing log q in eps makes that explicit.)
+    Returns dz (the prior's pull on z, which the caller sends on through z = mu + sigma * eps), dlog_var, and the
+    mixture's dmeans, dlog_vars, dlog_pi. Below, w_bk = dkl_b * r_bk: the responsibilities, weighted."""
+    z, means, log_vars, r = cache
+    w = r * dkl[:, None]                                # w_bk = dkl_b r_bk, (B, K)
+    diff = z[:, None, :] - means                        # z_b - m_k, (B, K, Z)
+    scaled = diff * np.exp(-log_vars)                   # (z_b - m_k) / s_k^2
+    dz = np.einsum("bk,bkz->bz", w, scaled)             # d/dz (-log p) = sum_k r_k (z - m_k) / s_k^2
+    dlog_var = np.broadcast_to(-0.5 * dkl[:, None], z.shape)    # d/dlog_var (-sum_d log_var_d / 2) = -1/2
+    dmeans = -np.einsum("bk,bkz->kz", w, scaled)        # d/dm_k (-log p) = -r_k (z - m_k) / s_k^2
+    dlog_vars = -0.5 * np.einsum("bk,bkz->kz", w, scaled * diff - 1.0)   # -r_k ((z - m_k)^2 / s_k^2 - 1) / 2
+    dlog_pi = -w.sum(0)                                 # d/dlog pi_k (-log p) = -r_k
+    return dz, dlog_var, dmeans, dlog_vars, dlog_pi
+
+
+# ---- the two learned priors ----------------------------------------------------------------------------------
+
+class MixturePriorVAE(VAE):
+    """vae.VAE with p(z) = sum_k pi_k N(z; m_k, diag(exp(log_vars_k))), pi = softmax(log_weights): K means,
+    log-variances and unnormalised log-weights, parameters 'prior.means', 'prior.log_vars', 'prior.log_weights'."""
+    prior_name = "mog"
+
+    def __init__(self, n_in=784, hidden=400, latent=20, seed=0, dtype=np.float32, components=10):
+        rng = np.random.default_rng(seed)
+        super().__init__(n_in, hidden, latent, rng, dtype)             # the networks first: a seed gives the same
+        self.components = components
+        self.prior = self.new_prior_params(rng, dtype)
+        self.prior_grads = {name: np.zeros_like(p) for name, p in self.prior.items()}
+
+    def new_prior_params(self, rng, dtype):
+        k, latent = self.components, self.latent
+        return {"means": rng.standard_normal((k, latent)).astype(dtype), "log_vars": np.zeros((k, latent), dtype),
+                "log_weights": np.zeros(k, dtype)}
+
+    def params(self):
+        return {**super().params(), **{"prior." + name: p for name, p in self.prior.items()}}
+
+    def grads(self):
+        return {**super().grads(), **{"prior." + name: g for name, g in self.prior_grads.items()}}
+
+    def mixture(self):
+        """(means, log_vars, log_pi) of p(z): (K, Z), (K, Z), (K,)."""
+        a = self.prior["log_weights"]
+        return self.prior["means"], self.prior["log_vars"], a - logsumexp(a, axis=0)     # log pi = a - logsumexp(a)
+
+    def kl_forward(self, mu, log_var, z, eps):
+        """Replaces the closed form: log q(z|x) - log p(z) at the sampled z."""
+        kl, self.kl_cache = kl_mixture_forward(z, eps, log_var, *self.mixture())
+        return kl
+
+    def kl_backward(self, dkl):
+        """(dmu, dlog_var) of the KL term; the prior's own gradients go into prior_grads."""
+        dz, dlog_var_q, dmeans, dlog_vars, dlog_pi = kl_mixture_backward(dkl, self.kl_cache)
+        self.mixture_backward(dmeans, dlog_vars, dlog_pi)
+        dmu, dlog_var = reparameterize_backward(dz, self.z_cache)      # the prior's pull on z, on to mu and log_var
+        return dmu, dlog_var + dlog_var_q
+
+    def mixture_backward(self, dmeans, dlog_vars, dlog_pi):
+        self.prior_grads["means"][...] = dmeans
+        self.prior_grads["log_vars"][...] = dlog_vars
+        pi = np.exp(self.mixture()[2])          # log pi = a - logsumexp(a): d log pi_j / d a_k = delta_jk - pi_k,
+        self.prior_grads["log_weights"][...] = dlog_pi - pi * dlog_pi.sum()  # dL/da_k = dlog_pi_k - pi_k sum_j dlog_pi_j
+
+    def sample_z(self, n, rng):
+        """n draws (float64) from the learned mixture."""
+        return sample_mixture(*(a.astype(np.float64) for a in self.mixture()), n, rng)
+
+    def log_prior(self, z):
+        """log p(z) per row of z, in float64 (no gradient; for the analysis)."""
+        return mixture_log_density(np.asarray(z, np.float64), *(a.astype(np.float64) for a in self.mixture()))[0]
+
+
+class VampPriorVAE(MixturePriorVAE):
+    """vae.VAE with p(z) = (1/K) sum_k q(z|u_k) (Tomczak & Welling 2018): the components are the encoder's own
+    posteriors of K learned pseudo-inputs, pseudo-images u_k = clip(w_k, 0, 1) (PyTorch's Hardtanh(0, 1), as in the
+    paper's code, so that they stay images); the parameters are the w_k, 'prior.w'. The pseudo-inputs take a pass
+    of their own through the encoder's weights, so those weights get two gradients, which backward() adds up."""
+    prior_name = "vamp"
+
+    def __init__(self, n_in=784, hidden=400, latent=20, seed=0, dtype=np.float32, components=100):
+        super().__init__(n_in, hidden, latent, seed, dtype, components)
+        self.pseudo_encoder = self.encoder.twin()      # the same weights, caches and gradients of its own
+
+    def new_prior_params(self, rng, dtype):            # u = clip(w); train.py starts w at training images
+        return {"w": rng.uniform(0, 1, (self.components, self.n_in)).astype(dtype)}
+
+    def pseudo_inputs(self):
+        return np.clip(self.prior["w"], 0, 1)
+
+    def mixture(self):
+        out_u = self.pseudo_encoder.forward(self.pseudo_inputs())      # [mu, log_var] of each q(z|u_k)
+        return out_u[:, :self.latent], out_u[:, self.latent:], np.full(self.components, -math.log(self.components),
+                                                                         out_u.dtype)
+
+    def mixture_backward(self, dmeans, dlog_vars, dlog_pi):          # the weights are fixed at 1/K: no dlog_pi
+        du = self.pseudo_encoder.backward(np.concatenate([dmeans, dlog_vars], axis=1))   # on through the encoder
+        w = self.prior["w"]
+        self.prior_grads["w"][...] = du * ((w > 0) & (w < 1))           # dL/dw = dL/du * clip'(w): 1 inside, else 0
+
+    def backward(self, beta=1.0):
+        super().backward(beta)
+        # The encoder's weights served twice, for the batch and for the pseudo-inputs: dL/dW is the sum of both.
+        for layer, twin in zip(self.encoder.layers, self.pseudo_encoder.layers):
+            for name, g in layer.grads.items():
+                g += twin.grads[name]
+
+
+PRIORS = {"standard": (VAE, 0), "mog": (MixturePriorVAE, 10), "vamp": (VampPriorVAE, 100)}  # class, default K
+
+
+def build(prior="standard", components=None, **arch):
+    """The VAE with this prior ('standard', 'mog' or 'vamp'; components: its K, or the default), for the arguments
+    of vae.VAE (n_in, hidden, latent, seed, dtype)."""
+    cls, default_k = PRIORS[prior]
+    return cls(**arch) if cls is VAE else cls(**arch, components=components or default_k)
