@@ -15,14 +15,18 @@ that code's own component. At the end: the KL-weight experiment's table, and spe
 import json
 import math
 import os
+import sys
 import time
 
 import numpy as np
 
 import mnist
 from autograd import matmul_floor
-from priors import logsumexp, sample_mixture
+from priors import fit_gmm, gmm_log_density, gmm_sample, logsumexp
 from vae import LOG_2PI, log_bernoulli, log_normal, reparameterize_forward
+
+
+FITTED_CODES = 20000    # the mixture that stands in for q(z) is fitted to this many training codes
 
 
 def encode_all(model, images, batch_size=1000):
@@ -48,82 +52,6 @@ def negative_elbo(model, images, seed, batch_size=500):
         eps = rng.standard_normal((len(xb), model.latent)).astype(model.dtype)
         sums += np.array(model.forward(xb, eps)) * len(xb)
     return sums / len(images)
-
-
-# ---- a Gaussian mixture fitted by EM -----------------------------------------------------------------------
-
-def fit_gmm(z, k=10, covariance="full", iters=200, tol=1e-5, rng=None):
-    """A mixture of k Gaussians fitted to the rows of z (N, D) by EM (Dempster et al. 1977).
-
-    E-step: r_nk = pi_k N(z_n; m_k, S_k) / sum_j pi_j N(z_n; m_j, S_j), in log space with log-sum-exp.
-    M-step: N_k = sum_n r_nk, pi_k = N_k / N, m_k = sum_n r_nk z_n / N_k,
-            S_k = sum_n r_nk (z_n - m_k)(z_n - m_k)^T / N_k (or its diagonal), computed centred: the shortcut
-            E[z z^T] - m m^T cancels digits and can lose positive definiteness. Eigenvalues are floored at 1e-6
-            times the mean variance of z, so every S_k stays a valid covariance.
-    Stops when the mean log-likelihood gains less than tol. Returns {'log_pi', 'means', 'covs', 'log_likelihood'
-    (one value per iteration, never decreasing)}; covs are (k, D, D) or, for 'diag', (k, D)."""
-    rng = rng or np.random.default_rng(0)
-    z = np.asarray(z, dtype=np.float64)
-    n, d = z.shape
-    var = z.var(axis=0)
-    floor = 1e-6 * max(var.mean(), 1e-6)
-    gmm = {"log_pi": np.full(k, -np.log(k)), "means": z[rng.choice(n, k, replace=False)],
-           "covs": np.tile(np.diag(var + floor), (k, 1, 1)) if covariance == "full" else np.tile(var + floor, (k, 1))}
-    history = []
-    for _ in range(iters):
-        log_joint = gmm["log_pi"] + gmm_component_log_density(gmm, z)       # (N, k): log pi_k N(z_n; m_k, S_k)
-        log_p = logsumexp(log_joint, axis=1)                                 # log p(z_n)
-        history.append(float(log_p.mean()))
-        if len(history) > 1 and history[-1] - history[-2] < tol:
-            break
-        r = np.exp(log_joint - log_p[:, None])                              # responsibilities r_nk
-        n_k = r.sum(axis=0) + 1e-12                                         # N_k
-        means = (r.T @ z) / n_k[:, None]                                    # m_k
-        centred = [z - m for m in means]                                    # z_n - m_k, for each k
-        if covariance == "full":
-            covs = np.stack([(r[:, j, None] * c).T @ c / n_k[j] for j, c in enumerate(centred)])
-            eigval, eigvec = np.linalg.eigh((covs + covs.transpose(0, 2, 1)) / 2)
-            covs = (eigvec * np.maximum(eigval, floor)[:, None, :]) @ eigvec.transpose(0, 2, 1)
-        else:
-            covs = np.maximum(np.stack([r[:, j] @ (c * c) / n_k[j] for j, c in enumerate(centred)]), floor)
-        gmm = {"log_pi": np.log(n_k / n_k.sum()), "means": means, "covs": covs}
-    gmm["log_likelihood"] = history
-    return gmm
-
-
-def gmm_component_log_density(gmm, z, chunk=4096):
-    """log N(z_n; m_k, S_k) for every row n and component k: (N, k), a chunk of rows at a time."""
-    z = np.asarray(z, dtype=np.float64)
-    d, k = z.shape[1], len(gmm["means"])
-    out = np.empty((len(z), k))
-    if gmm["covs"].ndim == 2:                                               # diagonal: S_k = diag(s_k^2)
-        for i in range(0, len(z), chunk):
-            out[i:i + chunk] = log_normal(z[i:i + chunk, None, :], gmm["means"], np.log(gmm["covs"]))
-        return out
-    # Full: with S_k = L_k L_k^T (Cholesky), log N = -1/2 (|L_k^-1 (z - m_k)|^2 + log|S_k| + D log 2 pi), where
-    # log|S_k| / 2 = sum_i log (L_k)_ii. All k components in one product: y = z A - m A, A_k = L_k^-T.
-    chol_inv = np.linalg.inv(np.linalg.cholesky(gmm["covs"]))                # (k, D, D): L_k^-1
-    a = chol_inv.transpose(0, 2, 1)                                         # A_k = L_k^-T
-    a_all, m_a = a.transpose(1, 0, 2).reshape(d, k * d), np.einsum("kd,kde->ke", gmm["means"], a)
-    log_det_half = -np.log(np.diagonal(chol_inv, axis1=1, axis2=2)).sum(1)  # sum log L_ii = -sum log (L^-1)_ii
-    for i in range(0, len(z), chunk):
-        y = (z[i:i + chunk] @ a_all).reshape(-1, k, d) - m_a                # y = z A_k - m_k A_k, all k at once
-        out[i:i + chunk] = -0.5 * (np.einsum("nkd,nkd->nk", y, y) + d * LOG_2PI) - log_det_half
-    return out
-
-
-def gmm_log_density(gmm, z):
-    """log q_fit(z) = log sum_k pi_k N(z; m_k, S_k), per row of z."""
-    return logsumexp(gmm["log_pi"] + gmm_component_log_density(gmm, z), axis=1)
-
-
-def gmm_sample(gmm, n, rng):
-    """n draws from the fitted mixture: a component k ~ pi, then z = m_k + L_k eps (S_k = L_k L_k^T)."""
-    if gmm["covs"].ndim == 2:
-        return sample_mixture(gmm["means"], np.log(gmm["covs"]), gmm["log_pi"], n, rng)
-    k = rng.choice(len(gmm["means"]), size=n, p=np.exp(gmm["log_pi"]) / np.exp(gmm["log_pi"]).sum())
-    eps = rng.standard_normal((n, gmm["means"].shape[1]))
-    return gmm["means"][k] + np.einsum("nij,nj->ni", np.linalg.cholesky(gmm["covs"])[k], eps)
 
 
 # ---- the measurements --------------------------------------------------------------------------------------
@@ -211,7 +139,7 @@ def analyze(model, x_train, x_test, seed, iw_samples, gmm_components, gmm_covari
     # q(z): one draw z_n ~ q(z|x_n) per training image; the mixture is fitted to 20,000 of them. Its hole threshold
     # and held-out log-likelihood come from test codes, which it was not fitted on.
     z_train = draw_codes(*encode_all(model, x_train), rng)
-    fit_on = z_train[rng.choice(len(z_train), min(len(z_train), 20000), replace=False)]
+    fit_on = z_train[rng.choice(len(z_train), min(len(z_train), FITTED_CODES), replace=False)]
     gmm = fit_gmm(fit_on, gmm_components, gmm_covariance, rng=rng)
     mu, log_var = encode_all(model, x_test)
     z_test = draw_codes(mu, log_var, rng)
@@ -231,7 +159,7 @@ def analyze(model, x_train, x_test, seed, iw_samples, gmm_components, gmm_covari
     surgery["average_kl"] = float(model.kl_forward(mu, log_var, z, eps).mean())   # exact for N(0, I)
     surgery["kl_to_fitted_aggregate"] = float((log_normal(z, mu, log_var) - gmm_log_density(gmm, z)).mean())
     iw = float(iw_nll(model, x_test, iw_samples, rng).mean())          # the mean over every test image
-    log(f"importance-weighted -log p(x), K={iw_samples}: {iw:.2f} nats; I(x;z) {surgery['mutual_information']:.2f} + "
+    log(f"importance-weighted -log p(x), S={iw_samples}: {iw:.2f} nats; I(x;z) {surgery['mutual_information']:.2f} + "
         f"KL(q(z)||p(z)) {surgery['kl_aggregate_prior']:.2f}; {moments['active_units']} active units")
     metrics = {"iw_nll": iw, "iw_samples": iw_samples, "aggregate_posterior": {
         **moments, **surgery, "prior_hole_fraction": hole_fraction, "aggregate_sample_hole_fraction": agg_hole_fraction,
@@ -243,29 +171,28 @@ def analyze(model, x_train, x_test, seed, iw_samples, gmm_components, gmm_covari
                      "mu_test": mu}
 
 
-KL_WEIGHT_COLUMNS = [("beta", "beta", "{:g}"), ("recon", "recon", "{:.2f}"), ("KL", "kl", "{:.2f}"),
-                     ("test -ELBO", "negative_elbo", "{:.2f}"), ("iw_nll", "iw_nll", "{:.2f}"),
-                     ("active", "active_units", "{:d}"),
-                     ("Var q(z) per dim", "variance_range", "{0[0]:.2f}-{0[1]:.2f}"),
-                     ("KL(q(z)||p(z))", "kl_aggregate_prior", "{:.2f}"), ("I(x;z)", "mutual_information", "{:.2f}"),
-                     ("holes", "prior_hole_fraction", "{:.1%}")]
+COMPARISON_COLUMNS = [("run", "run", "{}"), ("recon", "recon", "{:.2f}"), ("KL", "kl", "{:.2f}"),
+                      ("test -ELBO", "negative_elbo", "{:.2f}"), ("iw_nll", "iw_nll", "{:.2f}"),
+                      ("active", "active_units", "{:d}"), ("Var q(z) per dim", "variance_range", "{0[0]:.2f}-{0[1]:.2f}"),
+                      ("KL(q(z)||p(z))", "kl_aggregate_prior", "{:.2f}"), ("I(x;z)", "mutual_information", "{:.2f}"),
+                      ("holes", "prior_hole_fraction", "{:.1%}")]
 
 
-def kl_weight_row(beta, metrics):
-    """One row of the KL-weight comparison, from a run's metrics.json. Every likelihood is at beta = 1."""
+def comparison_row(name, metrics):
+    """One row of a comparison of runs (--betas), from a run's metrics.json. Every number is at beta = 1."""
     a = metrics["aggregate_posterior"]
-    return {"beta": beta, "recon": metrics["test_recon"], "kl": metrics["test_kl"],
+    return {"run": name, "beta": metrics["config"]["beta"], "recon": metrics["test_recon"], "kl": metrics["test_kl"],
             "negative_elbo": metrics["test_loss"], "iw_nll": metrics["iw_nll"], "active_units": a["active_units"],
             "variance_range": [min(a["variance"]), max(a["variance"])], "kl_aggregate_prior": a["kl_aggregate_prior"],
             "mutual_information": a["mutual_information"], "prior_hole_fraction": a["prior_hole_fraction"]}
 
 
-def kl_weight_table(rows):
-    """The rows as a Markdown table, as docs/experiments.md shows it."""
-    lines = ["| " + " | ".join(title for title, _, _ in KL_WEIGHT_COLUMNS) + " |",
-             "|" + "---|" * len(KL_WEIGHT_COLUMNS)]
+def comparison_table(rows):
+    """The rows as a Markdown table, as docs/experiments.md shows it ('-' where a run has no such number)."""
+    lines = ["| " + " | ".join(title for title, _, _ in COMPARISON_COLUMNS) + " |", "|" + "---|" * len(COMPARISON_COLUMNS)]
     for row in rows:
-        lines.append("| " + " | ".join(form.format(row[key]) for _, key, form in KL_WEIGHT_COLUMNS) + " |")
+        lines.append("| " + " | ".join("-" if row.get(key) is None else form.format(row[key])
+                                       for _, key, form in COMPARISON_COLUMNS) + " |")
     return "\n".join(lines)
 
 
@@ -273,7 +200,6 @@ def speed(model, opt, make_batch, n_images, cfg, state):
     """--benchmark, after a few epochs of training: the median epoch; the median time of each phase of a step over
     up to 100 more steps (make_batch(step) -> x, eps); the floor that the step's matrix products alone set, timed
     in the same run; and the peak memory of the process."""
-    import resource
     phases = {"batching": [], "forward": [], "backward": [], "adam": []}
     n_steps, grads = math.ceil(n_images / cfg["batch_size"]), model.grads()
     for step in range(min(100, n_steps)):
@@ -294,7 +220,31 @@ def speed(model, opt, make_batch, n_images, cfg, state):
           f"{flops * n_steps / 1e9:.0f} GFLOP/epoch at {flops / floor_s / 1e9:.0f} GFLOP/s")
     print(f"epoch / floor = {epoch_s / floor_epoch:.2f}; outside the matrix products: {epoch_s - floor_epoch:.3f} "
           f"s/epoch (elementwise work, optimizer, batching)")
-    print(f"peak memory (max RSS of this process): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    peak = peak_memory_mb()
+    print("peak memory (max RSS of this process): " + (f"{peak:.0f} MB" if peak else "not reported on this platform"))
+
+
+def peak_memory_mb():
+    """The most memory this process has held (max resident set size), in MB, where the platform reports it."""
+    try:
+        import resource
+    except ImportError:                             # Windows: the peak working set, through the Win32 API
+        return windows_peak_memory_mb() if os.name == "nt" else None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10     # bytes on macOS, KiB on Linux
+
+
+def windows_peak_memory_mb():
+    import ctypes
+    from ctypes import wintypes
+
+    class Counters(ctypes.Structure):               # PROCESS_MEMORY_COUNTERS, as far as PeakWorkingSetSize
+        _fields_ = [("cb", wintypes.DWORD), ("PageFaultCount", wintypes.DWORD), ("PeakWorkingSetSize", ctypes.c_size_t),
+                    ("rest", ctypes.c_size_t * 7)]
+    counters = Counters(cb=ctypes.sizeof(Counters))
+    process = ctypes.windll.kernel32.GetCurrentProcess()
+    ok = ctypes.windll.psapi.GetProcessMemoryInfo(process, ctypes.byref(counters), counters.cb)
+    return counters.PeakWorkingSetSize / 2 ** 20 if ok else None
 
 
 def write_metrics(path, metrics):

@@ -1,5 +1,6 @@
-"""What a run shows a person: a progress bar while it trains, and the figures. Each drawing function returns
-{file name: matplotlib Figure}, and save() writes them. Images are drawn dark on white."""
+"""What a run shows a person: its first line, a progress bar and a line per epoch while it trains, and the figures.
+Each drawing function returns {file name: matplotlib Figure}, and save() writes them. Images are drawn dark on
+white."""
 import math
 import os
 import sys
@@ -9,6 +10,7 @@ import numpy as np
 
 import analysis
 import mnist
+import priors
 from vae import log_normal, sigmoid
 
 
@@ -23,7 +25,7 @@ def save(out, figs):
     """Write {file name: Figure} into the folder out as PNGs, each whole or not at all."""
     for name, fig in figs.items():
         with mnist.atomic_path(os.path.join(out, name)) as tmp:
-            fig.savefig(tmp, format="png", dpi=80, bbox_inches="tight")
+            fig.savefig(tmp, format="png", dpi=80, bbox_inches="tight", pil_kwargs={"compress_level": 1})  # 2x faster
 
 
 def progress_bar(state, n_steps, seen):
@@ -34,6 +36,25 @@ def progress_bar(state, n_steps, seen):
                          f"train loss {state['sums'][0] / seen:7.2f}")
         sys.stderr.write("\r" + " " * 72 + "\r" if state["step"] == n_steps else "")
         sys.stderr.flush()
+
+
+def run_header(cfg, model, state, n_train, n_test, out):
+    """The line a run starts with: the data, the model, the recipe, and what it will train."""
+    start = state["epoch"] + 1
+    plan = f"training epochs {start}-{cfg['epochs']}" if start <= cfg["epochs"] else "no training (--epochs 0)"
+    if state["perm"] is not None and start <= cfg["epochs"]:
+        plan += f" (epoch {start} from step {state['step'] + 1})"
+    return (f"{cfg['dataset']}{' (binarized)' if cfg['binarize'] else ''}: {n_train} train, {n_test} test images; VAE "
+            f"{model.n_in}-{cfg['hidden']}-{cfg['latent']}-{cfg['hidden']}-{model.n_in}, {prior_label(model)} prior, "
+            f"beta {cfg['beta']:g} (warm-up: {cfg['kl_warmup']} epochs), Adam lr {cfg['lr']}, batch "
+            f"{cfg['batch_size']}; {plan}; writing to {out}")
+
+
+def epoch_line(state, loss, recon, kl, n_train):
+    """The line each epoch ends with: its mean training loss, the test loss, the KL weight, the speed."""
+    seconds = state["epoch_seconds"][-1]
+    return (f"epoch {state['epoch']:3d}  train {state['train_loss'][-1]:8.2f}  test {loss:8.2f} (recon {recon:7.2f} + "
+            f"kl {kl:6.2f})  beta {state['kl_weight'][-1]:.3g}  {n_train / seconds:7.0f} ex/s  {seconds:5.2f} s")
 
 
 def image_grid(ax, images, rows, title=None):
@@ -70,8 +91,10 @@ def run_figures(model, x_test, state, seed):
     if state["train_objective"] != state["train_loss"]:
         ax.plot(epochs, state["train_objective"], "^:", label="train objective, recon + beta * KL")
     ax.set_xlabel("epoch"); ax.set_ylabel("negative ELBO (nats / example)"); ax.legend(); ax.grid(alpha=0.3)
-    return {"reconstructions.png": recon, "samples_prior.png": samples, "loss_curves.png": curves,
-            "gradient_paths.png": gradient_paths(state["gradient_paths"], state["gradient_paths_per_unit"])}
+    figs = {"reconstructions.png": recon, "samples_prior.png": samples, "loss_curves.png": curves}
+    if state["train_loss"]:                         # none with --epochs 0
+        figs["gradient_paths.png"] = gradient_paths(state["gradient_paths"], state["gradient_paths_per_unit"])
+    return figs
 
 
 PATH_STYLES = {"recon_mu": ("reconstruction -> mu", "tab:blue", "-"), "kl_mu": ("KL -> mu", "tab:red", "-"),
@@ -124,7 +147,7 @@ def analysis_figures(model, x_test, y_test, found, image_index, seed):
                title=f"posterior of test image {image_index} (top left):\nz ~ N(mu(x), sigma(x)^2)")
     from matplotlib.patches import Rectangle
     axes[1].add_patch(Rectangle((0.5, 0.5), 28, 28, fill=False, edgecolor="tab:red", linewidth=2))
-    z_agg = analysis.gmm_sample(found["gmm"], 64, rng).astype(model.dtype)
+    z_agg = priors.gmm_sample(found["gmm"], 64, rng).astype(model.dtype)
     image_grid(axes[2], sigmoid(model.decode(z_agg)), rows=8,
                title="aggregated posterior: z ~ mixture\nfitted to the training codes")
     figs = {"samples_three_ways.png": three, "prior_vs_aggregate.png": marginals(model, found)}
@@ -213,23 +236,23 @@ def latent_plane(model, mu, labels, z_prior, in_hole):
     return {"latent_space.png": space, "latent_manifold.png": manifold}
 
 
-def kl_weight_figures(models, x_test, y_test, image_index, seed):
-    """The KL-weight experiment, {beta: model}: for each beta a row of prior samples and of posterior samples of
-    the same test image; for Z = 2, each beta's test codes against the prior."""
+def comparison_figures(models, x_test, y_test, image_index, seed):
+    """A comparison of runs (--betas), {name: model}: for each run a row of prior samples and of posterior samples of
+    the same test image; for Z = 2, each run's test codes against the prior."""
     x = mnist.to_float(x_test[image_index:image_index + 1], next(iter(models.values())).dtype)
     fig = new_figure(figsize=(14, 2.3 * len(models) + 0.4))
     axes = fig.subplots(len(models), 2, squeeze=False)
-    for row, (beta, model) in zip(axes, models.items()):
+    for row, (name, model) in zip(axes, models.items()):
         rng = np.random.default_rng([seed, 5])
         image_grid(row[0], model.sample_prior(20, rng), rows=2)
         image_grid(row[1], np.concatenate([x, model.sample_posterior(x, 19, rng)[0]]), rows=2)
-        row[0].set_title(f"beta = {beta:g}: prior samples", fontsize=9, loc="left")
-        row[1].set_title(f"beta = {beta:g}: posterior samples of test image {image_index} (first: the image)",
+        row[0].set_title(f"{name}: prior samples", fontsize=9, loc="left")
+        row[1].set_title(f"{name}: posterior samples of test image {image_index} (first: the image)",
                          fontsize=9, loc="left")
     figs = {"kl_weight_samples.png": fig}
     if all(model.latent == 2 for model in models.values()):
         plane = new_figure(figsize=(3.3 * len(models), 3.6))
-        for ax, (beta, model) in zip(plane.subplots(1, len(models), squeeze=False)[0], models.items()):
-            draw_codes_against_prior(ax, model, analysis.encode_all(model, x_test)[0], y_test, f"beta = {beta:g}")
+        for ax, (name, model) in zip(plane.subplots(1, len(models), squeeze=False)[0], models.items()):
+            draw_codes_against_prior(ax, model, analysis.encode_all(model, x_test)[0], y_test, name)
         figs["kl_weight_latent.png"] = plane
     return figs

@@ -1,5 +1,7 @@
-"""MNIST and Fashion-MNIST: download (checksummed, cached), parse IDX (validated), keep images as uint8, and turn
-them into what the model sees: intensities x / 255 in [0, 1], or binary pixels drawn from them.
+"""Everything on disk. The data: MNIST and Fashion-MNIST, downloaded (checksummed, cached), parsed from IDX
+(validated), kept as uint8, and turned into what the model sees: intensities x / 255 in [0, 1], or binary pixels
+drawn from them. And a run's files: each written whole or not at all (atomic_path), each output folder checked
+before any work and used by one run at a time (check_out, claim), the model and training checkpoints.
 
 IDX format (LeCun et al.): big-endian int32 magic, then one int32 per dimension, then the raw uint8 data.
     images: magic 2051 = 0x00000803 (uint8, 3 dims), then N, 28, 28, then N*28*28 bytes
@@ -8,13 +10,19 @@ IDX format (LeCun et al.): big-endian int32 magic, then one int32 per dimension,
 import contextlib
 import gzip
 import hashlib
+import json
 import os
 import struct
+import tempfile
 import urllib.error
 import urllib.request
+import zipfile
 import zlib
 
 import numpy as np
+
+import priors
+from autograd import Adam
 
 FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
          "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
@@ -43,20 +51,6 @@ DATASETS = {
 
 class DataError(Exception):
     """Data that cannot be had or cannot be trusted; the message says which file and what to do."""
-
-
-@contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block finishes. A crash, an error
-    or Ctrl-C mid-write leaves the previous file (or none), never half of one. Every file the project writes
-    goes through here: the downloaded archives, and a run's model, checkpoint, metrics and figures."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def download(name, mirrors, dest, checksum, timeout=30):
@@ -171,3 +165,143 @@ def load(dataset="mnist", data_dir=None, mirror=None, checksums=None, log=print)
         raise
     paths = [os.path.join(data_dir, n) for n in FILES]
     return (*load_split(paths[0], paths[1]), *load_split(paths[2], paths[3]))
+
+
+# ---- files: each written whole or not at all, each output folder used by one run at a time -----------------
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block finishes. A crash, an error
+    or Ctrl-C mid-write leaves the previous file (or none), never half of one. Every file the project writes
+    goes through here: the downloaded archives, and a run's model, checkpoint, metrics and figures."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+RUN_FILES = ("model.npz", "checkpoint.npz", "metrics.json", "comparison.json")     # what a run writes, and figures
+
+
+class FolderError(Exception):
+    """An output folder that cannot be used: a file, not writable, in use, or holding another run."""
+
+
+def check_out(out, fresh, overwrite):
+    """An output folder (--out) must be a folder we can write in; a new run's must hold no other run's files."""
+    parent = out
+    while not os.path.isdir(parent):                # the nearest folder that exists
+        if os.path.exists(parent):
+            raise FolderError(f"--out {out}: {parent} is a file, not a folder; choose another --out")
+        parent = os.path.dirname(parent) or "."
+    try:
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as err:
+        raise FolderError(f"--out {out}: cannot write in {parent} ({err.strerror}); choose another --out")
+    held = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+    if fresh and held and not overwrite:
+        raise FolderError(f"{out} holds another run ({', '.join(held)}): continue it with --resume "
+                         f"{os.path.join(out, 'checkpoint.npz')}, choose another --out, or replace it with --overwrite")
+
+
+@contextlib.contextmanager
+def claim(out, fresh, overwrite):
+    """Create the folder and hold its lock while a run writes into it: a second run into the same folder is refused.
+    The lock is the operating system's, on the file .lock, removed at the end; a crashed run's lock ends with it."""
+    created = not os.path.isdir(out)
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, ".lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        if os.name == "nt":
+            import msvcrt
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(fd).st_ino != os.stat(path).st_ino:     # locked a .lock that its owner had just removed
+                raise OSError
+    except OSError:
+        os.close(fd)
+        raise FolderError(f"{out} is in use by another run; wait for it to end, or choose another --out")
+    try:
+        check_out(out, fresh, overwrite)            # again, now that no other run can write there
+        if fresh and overwrite:                     # the old run's files go before the new run writes any
+            for f in os.listdir(out):
+                if f in RUN_FILES or f.endswith(".png"):
+                    os.remove(os.path.join(out, f))
+        yield
+    finally:
+        if os.name != "nt":
+            os.remove(path)                         # before the lock ends: no one can lock a file on its way out
+        os.close(fd)
+        if os.name == "nt":
+            os.remove(path)
+        if created and not os.listdir(out):
+            os.rmdir(out)                           # a run that wrote nothing leaves no empty folder behind
+
+
+# ---- a run's files: the model, a training checkpoint ----------------------------------------------------------
+
+class ModelFileError(Exception):
+    """A model file that cannot be loaded: missing, corrupt, or of another architecture."""
+
+
+def save_model(model, path, **extra):
+    """One .npz: the architecture, every parameter, and any extra arrays (a training checkpoint's state)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, arch=np.array([model.n_in, model.hidden, model.latent]), prior=np.array(model.prior_name),
+                 components=np.array(model.components), **model.params(), **{"extra." + k: v for k, v in extra.items()})
+
+
+def load_model(path):
+    """(model, extra) from a file written by save_model(). Raises ModelFileError with a one-line reason."""
+    if not os.path.isfile(path):
+        raise ModelFileError(f"{path}: no such file")
+    if not zipfile.is_zipfile(path):                # np.load would take any other file for a pickle, and say so
+        raise ModelFileError(f"{path}: not a readable model file of this project (not an .npz archive)")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+        n_in, hidden, latent = (int(v) for v in arrays["arch"])
+        model = priors.build(str(arrays["prior"]), int(arrays["components"]), n_in=n_in, hidden=hidden, latent=latent,
+                      dtype=arrays["enc.0.W"].dtype)
+        for name, p in model.params().items():
+            if arrays[name].shape != p.shape:
+                raise ValueError(f"{name} has shape {arrays[name].shape}, expected {p.shape}")
+            p[...] = arrays[name]
+    except (OSError, ValueError, EOFError, KeyError, TypeError, zipfile.BadZipFile) as err:
+        raise ModelFileError(f"{path}: not a readable model file of this project ({type(err).__name__}: {err}); "
+                             f"delete it or train again")
+    return model, {k[len("extra."):]: v for k, v in arrays.items() if k.startswith("extra.")}
+
+
+def save_checkpoint(path, model, opt, state, cfg):
+    """The model, Adam's moments and step, and the state: training continues from it to the same numbers."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    exact = {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in state.items() if k not in ("rng", "perm")}
+    save_model(model, path, cfg=np.array(json.dumps(cfg)), state=np.array(json.dumps(exact)), adam_t=np.array(opt.t),
+               rng=np.array(json.dumps(state["rng"].bit_generator.state)),
+               perm=np.zeros(0, int) if state["perm"] is None else state["perm"],
+               **{f"adam_m.{k}": v for k, v in opt.m.items()}, **{f"adam_v.{k}": v for k, v in opt.v.items()})
+
+
+def load_checkpoint(path):
+    """(model, opt, state, cfg) from a checkpoint written by save_checkpoint()."""
+    model, extra = load_model(path)
+    try:
+        cfg, state = json.loads(str(extra["cfg"])), json.loads(str(extra["state"]))
+        state.update(rng=np.random.default_rng(), perm=extra["perm"] if extra["perm"].size else None,
+                     **{k: np.array(state[k]) for k in ("sums", "path_sums") if k in state})
+        state["rng"].bit_generator.state = json.loads(str(extra["rng"]))
+        opt = Adam(model.params(), lr=cfg["lr"])
+        opt.t = int(extra["adam_t"])
+        for k in opt.m:
+            opt.m[k][...], opt.v[k][...] = extra[f"adam_m.{k}"], extra[f"adam_v.{k}"]
+    except (KeyError, ValueError, TypeError) as err:
+        raise ModelFileError(f"{path}: not a training checkpoint or corrupt ({err}); use model.npz files for "
+                              f"inference only, or start a new run")
+    return model, opt, state, cfg

@@ -13,7 +13,8 @@ import math
 
 import numpy as np
 
-from vae import VAE, log_normal, reparameterize_backward, reparameterize_forward
+
+from vae import LOG_2PI, VAE, log_normal, reparameterize_backward, reparameterize_forward
 
 
 def logsumexp(a, axis):
@@ -167,3 +168,79 @@ def build(prior="standard", components=None, **arch):
     of vae.VAE (n_in, hidden, latent, seed, dtype)."""
     cls, default_k = PRIORS[prior]
     return cls(**arch) if cls is VAE else cls(**arch, components=components or default_k)
+
+
+# ---- the first remedy: a Gaussian mixture fitted by EM to the aggregated posterior, after training ------------
+
+def fit_gmm(z, k=10, covariance="full", iters=200, tol=1e-5, rng=None):
+    """A mixture of k Gaussians fitted to the rows of z (N, D) by EM (Dempster et al. 1977).
+
+    E-step: r_nk = pi_k N(z_n; m_k, S_k) / sum_j pi_j N(z_n; m_j, S_j), in log space with log-sum-exp.
+    M-step: N_k = sum_n r_nk, pi_k = N_k / N, m_k = sum_n r_nk z_n / N_k,
+            S_k = sum_n r_nk (z_n - m_k)(z_n - m_k)^T / N_k (or its diagonal), computed centred: the shortcut
+            E[z z^T] - m m^T cancels digits and can lose positive definiteness. Eigenvalues are floored at 1e-6
+            times the mean variance of z, so every S_k stays a valid covariance.
+    Stops when the mean log-likelihood gains less than tol. Returns {'log_pi', 'means', 'covs', 'log_likelihood'
+    (one value per iteration, never decreasing)}; covs are (k, D, D) or, for 'diag', (k, D)."""
+    rng = rng or np.random.default_rng(0)
+    z = np.asarray(z, dtype=np.float64)
+    n, d = z.shape
+    var = z.var(axis=0)
+    floor = 1e-6 * max(var.mean(), 1e-6)
+    gmm = {"log_pi": np.full(k, -np.log(k)), "means": z[rng.choice(n, k, replace=False)],
+           "covs": np.tile(np.diag(var + floor), (k, 1, 1)) if covariance == "full" else np.tile(var + floor, (k, 1))}
+    history = []
+    for _ in range(iters):
+        log_joint = gmm["log_pi"] + gmm_component_log_density(gmm, z)       # (N, k): log pi_k N(z_n; m_k, S_k)
+        log_p = logsumexp(log_joint, axis=1)                                 # log p(z_n)
+        history.append(float(log_p.mean()))
+        if len(history) > 1 and history[-1] - history[-2] < tol:
+            break
+        r = np.exp(log_joint - log_p[:, None])                              # responsibilities r_nk
+        n_k = r.sum(axis=0) + 1e-12                                         # N_k
+        means = (r.T @ z) / n_k[:, None]                                    # m_k
+        centred = [z - m for m in means]                                    # z_n - m_k, for each k
+        if covariance == "full":
+            covs = np.stack([(r[:, j, None] * c).T @ c / n_k[j] for j, c in enumerate(centred)])
+            eigval, eigvec = np.linalg.eigh((covs + covs.transpose(0, 2, 1)) / 2)
+            covs = (eigvec * np.maximum(eigval, floor)[:, None, :]) @ eigvec.transpose(0, 2, 1)
+        else:
+            covs = np.maximum(np.stack([r[:, j] @ (c * c) / n_k[j] for j, c in enumerate(centred)]), floor)
+        gmm = {"log_pi": np.log(n_k / n_k.sum()), "means": means, "covs": covs}
+    gmm["log_likelihood"] = history
+    return gmm
+
+
+def gmm_component_log_density(gmm, z, chunk=4096):
+    """log N(z_n; m_k, S_k) for every row n and component k: (N, k), a chunk of rows at a time."""
+    z = np.asarray(z, dtype=np.float64)
+    d, k = z.shape[1], len(gmm["means"])
+    out = np.empty((len(z), k))
+    if gmm["covs"].ndim == 2:                                               # diagonal: S_k = diag(s_k^2)
+        for i in range(0, len(z), chunk):
+            out[i:i + chunk] = log_normal(z[i:i + chunk, None, :], gmm["means"], np.log(gmm["covs"]))
+        return out
+    # Full: with S_k = L_k L_k^T (Cholesky), log N = -1/2 (|L_k^-1 (z - m_k)|^2 + log|S_k| + D log 2 pi), where
+    # log|S_k| / 2 = sum_i log (L_k)_ii. All k components in one product: y = z A - m A, A_k = L_k^-T.
+    chol_inv = np.linalg.inv(np.linalg.cholesky(gmm["covs"]))                # (k, D, D): L_k^-1
+    a = chol_inv.transpose(0, 2, 1)                                         # A_k = L_k^-T
+    a_all, m_a = a.transpose(1, 0, 2).reshape(d, k * d), np.einsum("kd,kde->ke", gmm["means"], a)
+    log_det_half = -np.log(np.diagonal(chol_inv, axis1=1, axis2=2)).sum(1)  # sum log L_ii = -sum log (L^-1)_ii
+    for i in range(0, len(z), chunk):
+        y = (z[i:i + chunk] @ a_all).reshape(-1, k, d) - m_a                # y = z A_k - m_k A_k, all k at once
+        out[i:i + chunk] = -0.5 * (np.einsum("nkd,nkd->nk", y, y) + d * LOG_2PI) - log_det_half
+    return out
+
+
+def gmm_log_density(gmm, z):
+    """log q_fit(z) = log sum_k pi_k N(z; m_k, S_k), per row of z."""
+    return logsumexp(gmm["log_pi"] + gmm_component_log_density(gmm, z), axis=1)
+
+
+def gmm_sample(gmm, n, rng):
+    """n draws from the fitted mixture: a component k ~ pi, then z = m_k + L_k eps (S_k = L_k L_k^T)."""
+    if gmm["covs"].ndim == 2:
+        return sample_mixture(gmm["means"], np.log(gmm["covs"]), gmm["log_pi"], n, rng)
+    k = rng.choice(len(gmm["means"]), size=n, p=np.exp(gmm["log_pi"]) / np.exp(gmm["log_pi"]).sum())
+    eps = rng.standard_normal((n, gmm["means"].shape[1]))
+    return gmm["means"][k] + np.einsum("nij,nj->ni", np.linalg.cholesky(gmm["covs"])[k], eps)

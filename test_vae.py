@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -372,7 +373,7 @@ def test_fitted_mixture_samples_have_the_mixture_weights_means_and_covariances(c
     full = np.array([[[1.0, 0.5], [0.5, 1.0]], [[0.2, 0.0], [0.0, 0.4]], [[2.0, -0.3], [-0.3, 0.5]]])
     covs = full if covariance == "full" else np.diagonal(full, axis1=1, axis2=2).copy()
     pi = np.array([0.2, 0.5, 0.3])
-    z = analysis.gmm_sample({"log_pi": np.log(pi), "means": means, "covs": covs}, 200_000, np.random.default_rng(13))
+    z = priors.gmm_sample({"log_pi": np.log(pi), "means": means, "covs": covs}, 200_000, np.random.default_rng(13))
     assert_samples_follow_the_mixture(z, pi, means, np.diagonal(full, axis1=1, axis2=2))
     if covariance == "full":
         k = ((z[:, None, :] - means) ** 2).sum(-1).argmin(1)
@@ -480,7 +481,7 @@ def test_em_recovers_well_separated_clusters_and_its_likelihood_never_decreases(
     sd = np.array([[0.5, 1.0], [1.0, 0.3], [0.7, 0.7]])
     labels = rng.choice(3, 6000, p=weights)
     z = means[labels] + rng.standard_normal((6000, 2)) * sd[labels]
-    gmm = analysis.fit_gmm(z, 3, covariance, rng=np.random.default_rng(0))
+    gmm = priors.fit_gmm(z, 3, covariance, rng=np.random.default_rng(0))
     order = [int(np.argmin(((gmm["means"] - m) ** 2).sum(1))) for m in means]
     assert sorted(order) == [0, 1, 2], gmm["means"]
     np.testing.assert_allclose(gmm["means"][order], means, atol=0.1)
@@ -497,18 +498,18 @@ def test_em_keeps_covariances_valid_where_the_shortcut_cancels(covariance):
     rng = np.random.default_rng(15)
     z = 1e5 + rng.standard_normal((4000, 3)) * [1e-3, 2e-3, 5e-4]
     z[:, 1] += 3e-3 * z[:, 0] - 3e-3 * 1e5              # some correlation
-    gmm = analysis.fit_gmm(z, 2, covariance, rng=np.random.default_rng(0))
+    gmm = priors.fit_gmm(z, 2, covariance, rng=np.random.default_rng(0))
     variances = gmm["covs"] if covariance == "diag" else np.diagonal(gmm["covs"], axis1=1, axis2=2)
     np.testing.assert_allclose(np.exp(gmm["log_pi"]) @ variances, z.var(0), rtol=0.3)
-    assert np.all(np.isfinite(analysis.gmm_log_density(gmm, z)))
+    assert np.all(np.isfinite(priors.gmm_log_density(gmm, z)))
     identical = np.tile([2.0, -1.0, 0.5], (500, 1))     # no spread at all: the floor keeps S_k invertible
-    assert np.all(np.isfinite(analysis.gmm_log_density(analysis.fit_gmm(identical, 2, covariance), identical)))
+    assert np.all(np.isfinite(priors.gmm_log_density(priors.fit_gmm(identical, 2, covariance), identical)))
 
 
 @pytest.mark.parametrize("covariance", ["full", "diag"])
 def test_mixture_density_matches_a_direct_computation(covariance):
     rng = np.random.default_rng(7)
-    gmm = analysis.fit_gmm(rng.standard_normal((500, 3)) * [1, 2, 0.5], 4, covariance, iters=5)
+    gmm = priors.fit_gmm(rng.standard_normal((500, 3)) * [1, 2, 0.5], 4, covariance, iters=5)
     z = rng.standard_normal((20, 3))
     direct = np.zeros(20)
     for log_pi, m, cov in zip(gmm["log_pi"], gmm["means"], gmm["covs"]):
@@ -516,7 +517,7 @@ def test_mixture_density_matches_a_direct_computation(covariance):
         diff = z - m
         maha = np.einsum("ni,ij,nj->n", diff, np.linalg.inv(cov), diff)
         direct += np.exp(log_pi) * np.exp(-0.5 * maha) / np.sqrt(np.linalg.det(2 * np.pi * cov))
-    np.testing.assert_allclose(analysis.gmm_log_density(gmm, z), np.log(direct), rtol=1e-10)
+    np.testing.assert_allclose(priors.gmm_log_density(gmm, z), np.log(direct), rtol=1e-10)
 
 
 def test_log_normal_pairs_equals_the_direct_form():
@@ -566,10 +567,10 @@ def test_prior_hole_fraction_is_one_percent_when_codes_fill_the_prior_and_all_wh
     rng = np.random.default_rng(10)
     z_prior = rng.standard_normal((20000, 2))
     covering = rng.standard_normal((20000, 2))
-    gmm = analysis.fit_gmm(covering, 3, "full", rng=rng)
+    gmm = priors.fit_gmm(covering, 3, "full", rng=rng)
     assert analysis.prior_hole_fraction(gmm, covering, z_prior)[0] == pytest.approx(0.01, abs=0.004)
     far = rng.standard_normal((20000, 2)) * 0.3 + 5
-    gmm = analysis.fit_gmm(far, 3, "full", rng=rng)
+    gmm = priors.fit_gmm(far, 3, "full", rng=rng)
     assert analysis.prior_hole_fraction(gmm, far, z_prior)[0] > 0.99
 
 
@@ -730,13 +731,13 @@ def test_a_write_interrupted_midway_leaves_the_previous_file_intact(tmp_path, mo
     state = {**{k: [] for k in train.STATE_LISTS}, "gradient_paths": {}, "epoch": 0, "step": 0, "elapsed": 0.0,
              "perm": None, "rng": np.random.default_rng(0), "sums": np.zeros(5)}
     path = str(tmp_path / what)
-    write = {"model": lambda: train.save_model(model, path),
-             "checkpoint": lambda: train.save_checkpoint(path, model, Adam(model.params()), state, cfg),
+    write = {"model": lambda: mnist.save_model(model, path),
+             "checkpoint": lambda: mnist.save_checkpoint(path, model, Adam(model.params()), state, cfg),
              "metrics": lambda: analysis.write_metrics(path, {"train_loss": list(np.linspace(0, 1, 5000))})}[what]
     write()
     before = open(path, "rb").read()
     model.params()["dec.0.W"][...] += 1                  # the next write has other bytes
-    for module in (train, analysis):            # the modules that open the files they write
+    for module in (mnist, analysis):            # the modules that open the files they write
         monkeypatch.setattr(module, "open", lambda p, mode="r": DyingFile(builtins.open(p, mode), limit=300),
                             raising=False)
     with pytest.raises(KeyboardInterrupt):
@@ -746,7 +747,7 @@ def test_a_write_interrupted_midway_leaves_the_previous_file_intact(tmp_path, mo
 
 # ---- training, checkpoints, the CLI ------------------------------------------------------------------------
 
-SMALL = ["--hidden", "32", "--latent", "4", "--batch-size", "50", "--iw-samples", "10"]
+SMALL = ["--hidden", "32", "--latent", "4", "--batch-size", "50", "--iw-samples", "10", "--gmm-components", "3"]
 
 
 @pytest.fixture(scope="module")
@@ -785,8 +786,8 @@ def test_training_on_generated_data_lowers_the_loss_and_writes_every_output(fini
 @pytest.mark.parametrize("prior", ["standard", "mog", "vamp"])
 def test_model_save_load_round_trip(tmp_path, prior):
     model, x, eps = small_vae_batch(prior=prior)
-    train.save_model(model, str(tmp_path / "m.npz"))
-    loaded, extra = train.load_model(str(tmp_path / "m.npz"))
+    mnist.save_model(model, str(tmp_path / "m.npz"))
+    loaded, extra = mnist.load_model(str(tmp_path / "m.npz"))
     assert loaded.arch == model.arch and loaded.arch["prior"] == prior and extra == {}
     assert loaded.forward(x, eps) == model.forward(x, eps)
 
@@ -807,9 +808,8 @@ def test_a_checkpoint_resumes_to_bit_identical_numbers(tmp_path, prior):
         stop["requested"] = state["epoch"] == 1 and state["step"] == 5
     while train.train_epoch(model, opt, x_train, cut, cfg, stop, stop_at_step_5_of_epoch_2):
         pass
-    train.save_checkpoint(str(tmp_path / "c.npz"), model, opt, cut, cfg)
-    args = train.parse_args([])
-    resumed, opt, state_r, _ = train.load_checkpoint(str(tmp_path / "c.npz"), args)
+    mnist.save_checkpoint(str(tmp_path / "c.npz"), model, opt, cut, cfg)
+    resumed, opt, state_r, _ = mnist.load_checkpoint(str(tmp_path / "c.npz"))
     assert (state_r["epoch"], state_r["step"]) == (1, 5)
     train.train_epoch(resumed, opt, x_train, state_r, cfg, {"requested": False}, quiet)
     assert state_r["train_loss"] == state["train_loss"]
@@ -831,7 +831,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_gives_the_uninterrupted_numbers(tm
     a = json.loads((finished_run / "metrics.json").read_text())
     b = json.loads((out / "metrics.json").read_text())
     assert a["train_loss"] == b["train_loss"] and a["test_loss"] == b["test_loss"]      # the same seed, too
-    pa, pb = train.load_model(str(finished_run / "model.npz"))[0], train.load_model(str(out / "model.npz"))[0]
+    pa, pb = mnist.load_model(str(finished_run / "model.npz"))[0], mnist.load_model(str(out / "model.npz"))[0]
     for k in pa.params():
         np.testing.assert_array_equal(pa.params()[k], pb.params()[k])
 
@@ -844,7 +844,7 @@ def test_resume_rejects_a_corrupt_file_and_another_architecture(tmp_path, data_d
         assert run_cli("--data-dir", data_dir, flag, value, "--resume", str(finished_run / "checkpoint.npz")) == 1
         err = capsys.readouterr().err
         assert "another architecture" in err and flag in err and err.count("\n") == 1
-    train.save_model(vae.VAE(784, 8, 2), str(tmp_path / "model_only.npz"))   # a model, not a training checkpoint
+    mnist.save_model(vae.VAE(784, 8, 2), str(tmp_path / "model_only.npz"))   # a model, not a training checkpoint
     assert run_cli("--data-dir", data_dir, "--resume", str(tmp_path / "model_only.npz")) == 1
     assert "not a training checkpoint" in capsys.readouterr().err
 
@@ -904,7 +904,7 @@ def test_an_out_of_range_posterior_image_is_refused_before_training(tmp_path, da
     monkeypatch.setattr(train, "train_epoch", lambda *a: pytest.fail("trained before checking the options"))
     assert run_cli("--data-dir", data_dir, "--posterior-image", "200", "--out", str(tmp_path / "r")) == 1
     assert "out of range" in capsys.readouterr().err and not (tmp_path / "r").exists()
-    train.save_model(vae.VAE(784, 8, 2), str(tmp_path / "model.npz"))
+    mnist.save_model(vae.VAE(784, 8, 2), str(tmp_path / "model.npz"))
     assert run_cli("--data-dir", data_dir, "--analyze", str(tmp_path / "model.npz"), "--posterior-image",
                    "100000") == 1
     assert "out of range" in capsys.readouterr().err
@@ -1014,7 +1014,7 @@ def binary_warmup_run(tmp_path_factory, data_dir):
 
 def test_a_binarized_run_is_tested_on_one_fixed_binarization_and_reports_the_true_elbo(binary_warmup_run, data_dir):
     m = json.loads((binary_warmup_run / "metrics.json").read_text())
-    model = train.load_model(str(binary_warmup_run / "model.npz"))[0]
+    model = mnist.load_model(str(binary_warmup_run / "model.npz"))[0]
     x_test = mnist.load("mnist", data_dir)[2]
     binary = mnist.binarize(x_test, np.random.default_rng(train.TEST_BINARIZATION_SEED))
     assert m["test_loss"] == pytest.approx(analysis.negative_elbo(model, binary, m["config"]["seed"])[0], rel=1e-12)
@@ -1029,7 +1029,7 @@ def test_analyze_into_a_new_folder_takes_the_runs_options_from_beside_the_model(
     assert run_cli("--data-dir", data_dir, "--analyze", str(binary_warmup_run / "model.npz"), "--iw-samples", "2",
                    "--gmm-components", "2", "--out", str(tmp_path / "again")) == 0
     a = json.loads((tmp_path / "again" / "metrics.json").read_text())["aggregate_posterior"]
-    model = train.load_model(str(binary_warmup_run / "model.npz"))[0]
+    model = mnist.load_model(str(binary_warmup_run / "model.npz"))[0]
     binary = mnist.binarize(mnist.load("mnist", data_dir)[2], np.random.default_rng(train.TEST_BINARIZATION_SEED))
     mu = analysis.encode_all(model, binary)[0]          # the binarized test set, as the run was measured on
     np.testing.assert_allclose(a["mean"], mu.mean(0), rtol=1e-9)
@@ -1041,7 +1041,7 @@ def test_a_learned_prior_run_trains_and_keeps_its_pseudo_inputs_images(binary_wa
     m = json.loads((binary_warmup_run / "metrics.json").read_text())
     assert m["config"]["prior"] == "vamp" and m["config"]["prior_components"] == 5
     assert m["train_loss"][-1] < m["train_loss"][0] and m["iw_nll"] < m["test_loss"]
-    u = train.load_model(str(binary_warmup_run / "model.npz"))[0].pseudo_inputs()
+    u = mnist.load_model(str(binary_warmup_run / "model.npz"))[0].pseudo_inputs()
     assert u.min() >= 0 and u.max() <= 1 and len(u) == 5
     assert run_cli("--data-dir", data_dir, "--prior", "standard", "--resume",
                    str(binary_warmup_run / "checkpoint.npz")) == 1
@@ -1110,16 +1110,16 @@ def test_the_hole_threshold_comes_from_codes_the_mixture_was_not_fitted_on(monke
     fitted = {tuple(z) for z in seen["fitted"]}
     assert len(seen["codes"]) == 80 and not any(tuple(z) in fitted for z in seen["codes"])   # the test codes
     assert metrics["aggregate_posterior"]["gmm"]["held_out_log_likelihood"] == pytest.approx(
-        analysis.gmm_log_density(seen["gmm"], seen["codes"]).mean())
+        priors.gmm_log_density(seen["gmm"], seen["codes"]).mean())
 
 
-def test_the_kl_weight_table_shows_every_column_of_every_row():
-    row = {"beta": 0.3, "recon": 230.0, "kl": 9.5, "negative_elbo": 239.5, "iw_nll": 237.25, "active_units": 12,
+def test_the_comparison_table_shows_every_column_of_every_row():
+    row = {"run": "beta = 0.3", "recon": 230.0, "kl": 9.5, "negative_elbo": 239.5, "iw_nll": 237.25, "active_units": 12,
            "variance_range": [0.25, 1.5], "kl_aggregate_prior": 2.0, "mutual_information": 7.5,
            "prior_hole_fraction": 0.125}
-    lines = analysis.kl_weight_table([row]).splitlines()
-    assert lines[0].startswith("| beta | recon | KL | test -ELBO | iw_nll |") and len(lines) == 3
-    assert lines[2] == "| 0.3 | 230.00 | 9.50 | 239.50 | 237.25 | 12 | 0.25-1.50 | 2.00 | 7.50 | 12.5% |"
+    lines = analysis.comparison_table([row]).splitlines()
+    assert lines[0].startswith("| run | recon | KL | test -ELBO | iw_nll |") and len(lines) == 3
+    assert lines[2] == "| beta = 0.3 | 230.00 | 9.50 | 239.50 | 237.25 | 12 | 0.25-1.50 | 2.00 | 7.50 | 12.5% |"
 
 
 def test_iw_nll_of_the_test_set_is_the_mean_over_images_not_over_chunks(monkeypatch):
@@ -1129,3 +1129,181 @@ def test_iw_nll_of_the_test_set_is_the_mean_over_images_not_over_chunks(monkeypa
     monkeypatch.setattr(analysis, "iw_nll", lambda model, images, k, rng: np.arange(len(images), dtype=float))
     metrics, _ = analysis.analyze(vae.VAE(784, 16, 2, seed=2), x_train, x_test, 0, 2, 3, "diag", log=lambda m: None)
     assert metrics["iw_nll"] == 39.5
+
+
+# ---- the command line: every mistake caught before any work, and no run over another -------------------------
+
+def one_line_error(capsys, *args, code=1):
+    """Run the command; assert it failed with exit code `code` and one line 'error: ...'; return that line."""
+    try:
+        got = run_cli(*args)
+    except SystemExit as exit_:                         # argparse's own errors
+        got = exit_.code
+    err = capsys.readouterr().err
+    assert got == code and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, (got, err)
+    return err
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail the test if the command downloads (loads data) or trains."""
+    monkeypatch.setattr(mnist, "load", lambda *a, **k: pytest.fail("loaded data before checking the options"))
+    monkeypatch.setattr(train, "train_epoch", lambda *a: pytest.fail("trained before checking the options"))
+
+
+@pytest.mark.parametrize("flags", [["--beta", "0.3"], ["--kl-warmup", "5"], ["--lr", "0.002"], ["--batch-size", "64"],
+                                   ["--epochs", "20"], ["--prior", "mog"], ["--prior", "vamp", "--prior-components",
+                                   "50"], ["--binarize"], ["--hidden", "200"], ["--latent", "2"], ["--seed", "3"]])
+def test_runs_that_differ_in_a_training_option_never_share_a_default_folder(flags):
+    recipe = train.default_out(train.prepare_config(train.parse_args([])))
+    assert train.default_out(train.prepare_config(train.parse_args(flags))) != recipe
+    assert train.default_out(train.prepare_config(train.parse_args(["--beta", "0.3", "--kl-warmup", "5"]))) != \
+        train.default_out(train.prepare_config(train.parse_args(["--beta", "0.3"])))
+
+
+def test_a_new_run_never_replaces_another_runs_files_unless_asked(finished_run, tmp_path, data_dir, capsys, no_work):
+    before = {f: (finished_run / f).read_bytes() for f in ("model.npz", "checkpoint.npz", "metrics.json")}
+    err = one_line_error(capsys, "--data-dir", data_dir, *SMALL, "--seed", "1", "--out", str(finished_run))
+    assert "holds another run" in err and "--resume" in err and "--overwrite" in err
+    other = tmp_path / "other"                          # --analyze into a folder that holds another run
+    other.mkdir()
+    (other / "metrics.json").write_text("{}")
+    assert "holds another run" in one_line_error(capsys, "--data-dir", data_dir, "--analyze",
+                                                 str(finished_run / "model.npz"), "--out", str(other))
+    assert {f: (finished_run / f).read_bytes() for f in before} == before and (other / "metrics.json").read_text() == "{}"
+
+
+def test_overwrite_replaces_the_old_run_whole(finished_run, tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    (out / "latent_space.png").write_bytes(b"an old run's figure")
+    assert run_cli("--data-dir", data_dir, *SMALL, "--epochs", "0", "--seed", "2", "--overwrite", "--out", str(out)) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["config"]["seed"] == 2 and m["config"]["epochs"] == 0 and not (out / "latent_space.png").exists()
+    assert not (out / ".lock").exists()
+
+
+LOCK_HOLDER = """import sys, time, mnist
+with mnist.claim(sys.argv[1], True, False):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_folder_in_use_is_refused_and_a_crashed_runs_lock_does_not_stay(tmp_path, data_dir, capsys):
+    out = tmp_path / "busy"
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(out)], cwd=HERE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        err = one_line_error(capsys, "--data-dir", data_dir, *SMALL, "--epochs", "0", "--out", str(out))
+        assert "in use by another run" in err
+    finally:
+        holder.kill()                                   # a crash: no chance to clean up
+        holder.wait()
+    assert run_cli("--data-dir", data_dir, *SMALL, "--epochs", "0", "--out", str(out)) == 0
+
+
+def test_the_output_folder_exists_before_anything_is_saved(finished_run, tmp_path, data_dir, capsys):
+    assert run_cli("--data-dir", data_dir, *SMALL, "--epochs", "0", "--out", str(tmp_path / "a" / "new")) == 0
+    assert (tmp_path / "a" / "new" / "model.npz").exists()
+    out = tmp_path / "continued"                        # a finished run continued into a new folder
+    assert run_cli("--data-dir", data_dir, "--resume", str(finished_run / "checkpoint.npz"), "--epochs", "3",
+                   "--out", str(out)) == 0
+    assert json.loads((out / "metrics.json").read_text())["config"]["epochs"] == 3
+    assert len(json.loads((finished_run / "metrics.json").read_text())["train_loss"]) == 2    # untouched
+
+
+@pytest.mark.parametrize("make_out, message", [
+    (lambda p: (p / "f").write_text("a file") and p / "f", "is a file, not a folder"),
+    (lambda p: (p / "f").write_text("a file") and p / "f" / "sub", "is a file, not a folder"),
+])
+def test_an_output_path_that_cannot_be_used_is_refused_before_any_work(tmp_path, data_dir, capsys, no_work, make_out,
+                                                                        message):
+    assert message in one_line_error(capsys, "--data-dir", data_dir, "--out", str(make_out(tmp_path)))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs a folder nobody can write in (Linux /proc)")
+def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(data_dir, capsys, no_work):
+    assert "cannot write in /proc" in one_line_error(capsys, "--data-dir", data_dir, "--out", "/proc/vae-run")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--betas", "1", "--resume", "c.npz"], "--resume and --betas do not go together"),
+    (["--betas", "1", "--analyze", "m.npz"], "--analyze and --betas do not go together"),
+    (["--analyze", "m.npz", "--resume", "c.npz"], "--analyze and --resume do not go together"),
+    (["--analyze", "m.npz", "--lr", "0.1"], "--analyze and --lr do not go together"),
+    (["--betas", "0", "1", "--beta", "2"], "--betas and --beta do not go together"),
+    (["--lr", "abc"], "invalid float value"), (["--lr", "nan"], "--lr: must be > 0"),
+    (["--beta", "inf"], "--beta: must be >= 0 and finite"), (["--no-such-option"], "unrecognized arguments"),
+])
+def test_options_that_cannot_work_are_refused_in_one_line(capsys, no_work, flags, message):
+    assert message in one_line_error(capsys, *flags, code=2)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--kl-warmup", "3", "--epochs", "2"], "--kl-warmup 3 is longer than the 2 epochs"),
+    (["--kl-warmup", "11"], "--kl-warmup 11 is longer than the 10 epochs"),
+])
+def test_a_warm_up_longer_than_the_run_is_refused_before_any_work(tmp_path, data_dir, capsys, no_work, flags,
+                                                                  message):
+    assert message in one_line_error(capsys, "--data-dir", data_dir, *flags, "--out", str(tmp_path / "r"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--gmm-components", "601"], "--gmm-components 601 is out of range: the mixture is fitted to 600 codes"),
+    (["--batch-size", "601"], "--batch-size 601 is out of range: the training set has 600 images"),
+    (["--posterior-image", "200"], "--posterior-image 200 is out of range: the test set has 200 images"),
+])
+def test_options_too_large_for_the_data_are_refused_before_training(tmp_path, data_dir, capsys, monkeypatch, flags,
+                                                                    message):
+    monkeypatch.setattr(train, "train_epoch", lambda *a: pytest.fail("trained before checking the options"))
+    assert message in one_line_error(capsys, "--data-dir", data_dir, *flags, "--out", str(tmp_path / "r"))
+    assert not (tmp_path / "r").exists()
+
+
+def test_resuming_a_text_file_says_it_is_not_a_model_file(tmp_path, data_dir, capsys, no_work):
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    err = one_line_error(capsys, "--data-dir", data_dir, "--resume", str(tmp_path / "notes.txt"))
+    assert "not an .npz archive" in err and "pickle" not in err
+
+
+def test_resume_says_what_it_will_train_and_keeps_the_epoch_target(finished_run, data_dir, capsys, no_work):
+    model_bytes = (finished_run / "model.npz").read_bytes()
+    ckpt = str(finished_run / "checkpoint.npz")         # trained with --epochs 2
+    assert run_cli("--data-dir", data_dir, "--resume", ckpt) == 0
+    assert "already at epoch 2 of 2: nothing to train" in capsys.readouterr().out
+    assert run_cli("--data-dir", data_dir, "--resume", ckpt, "--epochs", "2") == 0
+    assert "nothing to train" in capsys.readouterr().out
+    assert "is at epoch 2: --epochs 1 would train nothing" in one_line_error(capsys, "--data-dir", data_dir, "--resume",
+                                                                            ckpt, "--epochs", "1")
+    assert (finished_run / "model.npz").read_bytes() == model_bytes
+
+
+def test_resume_of_an_interrupted_run_trains_on_to_its_own_target(tmp_path, data_dir, capsys, monkeypatch):
+    def interrupt_in_epoch_1(state, n_steps, seen):
+        if state["step"] == 3:
+            signal.raise_signal(signal.SIGINT)
+    monkeypatch.setattr(figures, "progress_bar", interrupt_in_epoch_1)
+    out = tmp_path / "cut"
+    assert run_cli("--data-dir", data_dir, *SMALL, "--epochs", "2", "--out", str(out)) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert run_cli("--data-dir", data_dir, "--resume", str(out / "checkpoint.npz"), "--iw-samples", "2") == 0
+    assert "training epochs 1-2 (epoch 1 from step 4)" in capsys.readouterr().out
+    assert len(json.loads((out / "metrics.json").read_text())["train_loss"]) == 2      # 2, not the default 10
+
+
+@pytest.mark.parametrize("platform, maxrss, mb", [("linux", 125 * 1024, 125), ("darwin", 125 * 2 ** 20, 125)])
+def test_peak_memory_is_reported_in_megabytes_on_each_platform(monkeypatch, platform, maxrss, mb):
+    import types
+    fake = types.SimpleNamespace(RUSAGE_SELF=0, getrusage=lambda who: types.SimpleNamespace(ru_maxrss=maxrss))
+    monkeypatch.setitem(sys.modules, "resource", fake)
+    monkeypatch.setattr(sys, "platform", platform)
+    assert analysis.peak_memory_mb() == pytest.approx(mb)
+
+
+def test_peak_memory_without_resource_is_none_or_windows_own_count(monkeypatch):
+    monkeypatch.setitem(sys.modules, "resource", None)  # import resource fails, as on Windows
+    monkeypatch.setattr(os, "name", "posix")
+    assert analysis.peak_memory_mb() is None

@@ -8,13 +8,14 @@
     python train.py --benchmark                                     # time training against the matmul floor
 """
 import argparse
+import contextlib
 import json
 import math
 import os
 import signal
 import sys
+import tempfile
 import time
-import zipfile
 
 import numpy as np
 
@@ -23,7 +24,6 @@ import figures
 import mnist
 import priors
 from autograd import Adam
-from mnist import atomic_path
 
 # The recipe. Training options default to None on the command line, so that --resume can tell "not given"
 # (take the checkpoint's) from "given" (must agree with the checkpoint's).
@@ -43,22 +43,32 @@ OPTIONS = [  # flag, type, least value allowed, default (None: DEFAULTS'), help
     ("--iw-samples", int, 1, 100, "K importance samples per test image for iw_nll (default: 100; Burda et al.: 5000)"),
     ("--gmm-components", int, 1, 10, "components of the mixture fitted to the aggregated posterior (default: 10)"),
     ("--posterior-image", int, 0, 0, "index of the test image whose posterior is sampled (default: 0)")]
+NOT_TOGETHER = {  # an option, why, and the options it cannot go with
+    "analyze": ("it measures a saved model and trains nothing", ("resume", "betas", "benchmark", "epochs",
+                "batch_size", "lr", "hidden", "latent", "prior", "prior_components", "beta", "kl_warmup")),
+    "resume": ("a run continues with the options it was started with", ("betas", "benchmark", "overwrite")),
+    "betas": ("the experiment sets the KL weight of each run", ("beta", "benchmark"))}
 TEST_BINARIZATION_SEED = 2015       # --binarize: the test set is binarized once, the same for every run
 STATE_LISTS = ("train_loss", "train_recon", "train_kl", "train_objective", "kl_weight", "test_loss_curve",
                "epoch_seconds", "gradient_paths", "gradient_paths_per_unit")    # one value per epoch each
 PATHS = ("recon_mu", "kl_mu", "recon_log_var", "kl_log_var")   # the gradients that meet at the encoder's outputs
 
 
-class CheckpointError(Exception):
-    """A model file that cannot be loaded: missing, corrupt, or of another architecture."""
-
-
 class NonFiniteLoss(Exception):
     pass
 
 
+class UsageError(Exception):
+    """Options that cannot work together, or an output folder that cannot be used: found before any work starts."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):                   # one line, like every other mistake (argparse adds a usage dump)
+        self.exit(2, f"error: {message} (python train.py --help lists the options)\n")
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=sorted(mnist.DATASETS), help="default: mnist")
     p.add_argument("--data-dir", help="where the archives are looked for and downloaded to (default: data/<dataset>)")
     p.add_argument("--mirror", help="download from this URL instead of the default mirrors")
@@ -76,11 +86,15 @@ def parse_args(argv):
                    "beta, the same seed, each in <out>/beta-<BETA>; then a comparison in <out>")
     p.add_argument("--benchmark", action="store_true", help="time a few epochs against the matrix-product floor "
                    "measured in the same run; writes nothing")
+    p.add_argument("--overwrite", action="store_true", help="replace the run files already in the output folder")
     args = p.parse_args(argv)
     for flag, _, least, _, _ in OPTIONS:
         value = getattr(args, flag[2:].replace("-", "_"))
-        if value is not None and not value >= least:
-            p.error(f"argument {flag}: must be {'> 0' if least > 0 else '>= 0'}, got {value}")
+        if value is not None and not (value >= least and math.isfinite(value)):
+            p.error(f"argument {flag}: must be {'> 0' if least > 0 else '>= 0'} and finite, got {value}")
+    for a, (why, others) in NOT_TOGETHER.items():
+        for b in (b for b in others if getattr(args, a) not in (None, False) and getattr(args, b) not in (None, False)):
+            p.error(f"--{a.replace('_', '-')} and --{b.replace('_', '-')} do not go together: {why}")
     return args
 
 
@@ -164,12 +178,9 @@ def train(model, opt, x_train, x_test, state, cfg, checkpoint):
             if train_epoch(model, opt, x_train, state, cfg, stop, figures.progress_bar):
                 loss, recon, kl = analysis.negative_elbo(model, x_test, cfg["seed"])
                 state["test_loss_curve"].append(loss)
-                seconds = state["epoch_seconds"][-1]
-                print(f"epoch {state['epoch']:3d}  train {state['train_loss'][-1]:8.2f}  test {loss:8.2f} (recon "
-                      f"{recon:7.2f} + kl {kl:6.2f})  beta {state['kl_weight'][-1]:.3g}  {len(x_train) / seconds:7.0f} "
-                      f"ex/s  {seconds:5.2f} s", flush=True)
+                print(figures.epoch_line(state, loss, recon, kl, len(x_train)), flush=True)
             if checkpoint:                          # after each epoch, and where Ctrl-C stopped one
-                save_checkpoint(checkpoint, model, opt, state, cfg)
+                mnist.save_checkpoint(checkpoint, model, opt, state, cfg)
             if stop["requested"]:
                 return False
     except NonFiniteLoss as err:
@@ -181,120 +192,97 @@ def train(model, opt, x_train, x_test, state, cfg, checkpoint):
     return True
 
 
-# ---- model files and checkpoints, each written whole or not at all (mnist.atomic_path) ---------------
-
-def save_model(model, path, **extra):
-    """One .npz: the architecture, every parameter, and any extra arrays (a training checkpoint's state)."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, arch=np.array([model.n_in, model.hidden, model.latent]), prior=np.array(model.prior_name),
-                 components=np.array(model.components), **model.params(), **{"extra." + k: v for k, v in extra.items()})
-
-
-def load_model(path):
-    """(model, extra) from a file written by save_model(). Raises CheckpointError with a one-line reason."""
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-        n_in, hidden, latent = (int(v) for v in arrays["arch"])
-        model = priors.build(str(arrays["prior"]), int(arrays["components"]), n_in=n_in, hidden=hidden, latent=latent,
-                             dtype=arrays["enc.0.W"].dtype)
-        for name, p in model.params().items():
-            if arrays[name].shape != p.shape:
-                raise ValueError(f"{name} has shape {arrays[name].shape}, expected {p.shape}")
-            p[...] = arrays[name]
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file")
-    except (OSError, ValueError, EOFError, KeyError, TypeError, zipfile.BadZipFile) as err:
-        raise CheckpointError(f"{path}: not a readable model file of this project ({type(err).__name__}: {err}); "
-                              f"delete it or train again")
-    return model, {k[len("extra."):]: v for k, v in arrays.items() if k.startswith("extra.")}
-
-
-def save_checkpoint(path, model, opt, state, cfg):
-    """The model, Adam's moments and step, and the state: training continues from it to the same numbers."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    exact = {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in state.items() if k not in ("rng", "perm")}
-    save_model(model, path, cfg=np.array(json.dumps(cfg)), state=np.array(json.dumps(exact)), adam_t=np.array(opt.t),
-               rng=np.array(json.dumps(state["rng"].bit_generator.state)),
-               perm=np.zeros(0, int) if state["perm"] is None else state["perm"],
-               **{f"adam_m.{k}": v for k, v in opt.m.items()}, **{f"adam_v.{k}": v for k, v in opt.v.items()})
-
-
-def load_checkpoint(path, args):
-    """(model, opt, state, cfg) from a checkpoint; options given on the command line must agree with it."""
-    model, extra = load_model(path)
-    try:
-        cfg, state = {**DEFAULTS, **json.loads(str(extra["cfg"]))}, json.loads(str(extra["state"]))
-        state.update(rng=np.random.default_rng(), perm=extra["perm"] if extra["perm"].size else None,
-                     **{k: np.array(state[k]) for k in ("sums", "path_sums") if k in state})
-        state["rng"].bit_generator.state = json.loads(str(extra["rng"]))
-        opt = Adam(model.params(), lr=cfg["lr"])
-        opt.t = int(extra["adam_t"])
-        for k in opt.m:
-            opt.m[k][...], opt.v[k][...] = extra[f"adam_m.{k}"], extra[f"adam_v.{k}"]
-    except (KeyError, ValueError, TypeError) as err:
-        raise CheckpointError(f"{path}: not a training checkpoint or corrupt ({err}); use model.npz files for "
-                              f"inference only, or start a new run")
-    for k in DEFAULTS:
-        if getattr(args, k) not in (None, cfg[k]):
-            what = "of another architecture" if k in ARCHITECTURE else "from another run"
-            raise CheckpointError(f"{path}: checkpoint is {what}: it has --{k.replace('_', '-')} {cfg[k]}, you asked "
-                                  f"for {getattr(args, k)}; drop the flag or start a new run")
-    return model, opt, state, cfg
-
-
 # ---- the command ---------------------------------------------------------------------------------------------
+
+def prepare_config(args):
+    """A new run's training options: the recipe's, unless given on the command line."""
+    cfg = {**DEFAULTS, **{k: getattr(args, k) for k in DEFAULTS if getattr(args, k) is not None}}
+    return {**cfg, "epochs": args.epochs if args.epochs is not None else 3 if args.benchmark else 10}
+
+
+def prepare(args):
+    """(cfg, model, opt, state, out, fresh) from the options and files alone: every check that needs no data, before
+    any download or training. model is None for a new run; fresh: the output folder is not the run's own."""
+    model = opt = state = None
+    path = args.analyze or args.resume
+    if args.analyze:                                # the run's options come from the metrics.json beside the model
+        model, _ = mnist.load_model(path)
+        beside = analysis.read_metrics(os.path.join(os.path.dirname(path) or ".", "metrics.json")).get("config", {})
+        cfg = {**DEFAULTS, **beside, **{k: getattr(args, k) for k in ("dataset", "seed", "binarize")
+                                        if getattr(args, k) is not None}}
+    elif args.resume:                               # the epoch target it was started with, unless --epochs is given
+        model, opt, state, cfg = mnist.load_checkpoint(path)
+        cfg = {**DEFAULTS, **cfg}
+        for k in (k for k in DEFAULTS if getattr(args, k) not in (None, cfg[k])):
+            what = "of another architecture" if k in ARCHITECTURE else "from another run"
+            raise UsageError(f"{path}: checkpoint is {what}: it has --{k.replace('_', '-')} {cfg[k]}, you asked for "
+                             f"{getattr(args, k)}; drop the flag or start a new run")
+        cfg["epochs"] = cfg.get("epochs", 10) if args.epochs is None else args.epochs
+        if cfg["epochs"] < state["epoch"]:
+            raise UsageError(f"{path} is at epoch {state['epoch']}: --epochs {args.epochs} would train nothing; pass "
+                             f"--epochs {state['epoch'] + 1} or more to train further")
+    else:
+        cfg = prepare_config(args)
+    if not args.analyze and cfg["kl_warmup"] > cfg["epochs"]:
+        raise UsageError(f"--kl-warmup {cfg['kl_warmup']} is longer than the {cfg['epochs']} epochs: the KL weight "
+                         f"would never reach beta; shorten the warm-up or train longer")
+    out = args.out or (os.path.dirname(path) or "." if path else default_out(cfg))
+    fresh = not path or os.path.abspath(out) != os.path.abspath(os.path.dirname(path) or ".")
+    if not args.benchmark:
+        mnist.check_out(out, fresh, args.overwrite)
+    return cfg, model, opt, state, out, fresh
+
+
+def load_data(args, cfg, model):
+    """The data set, and the checks that need it (still before training)."""
+    x_train, _, x_test, y_test = mnist.load(cfg["dataset"], args.data_dir, args.mirror)
+    codes = min(len(x_train), analysis.FITTED_CODES)
+    for flag, value, limit, why in (
+            ("--posterior-image", args.posterior_image, len(x_test) - 1, f"the test set has {len(x_test)} images"),
+            ("--batch-size", cfg["batch_size"], len(x_train), f"the training set has {len(x_train)} images"),
+            ("--gmm-components", args.gmm_components, codes, f"the mixture is fitted to {codes} codes")):
+        if value > limit:
+            raise UsageError(f"{flag} {value} is out of range: {why}")
+    if model is not None and x_train.shape[1] != model.n_in:
+        raise UsageError(f"{args.analyze or args.resume}: the model takes {model.n_in} inputs, not {x_train.shape[1]}")
+    if cfg["binarize"]:                             # the test set once; the training set anew in every batch
+        x_test = mnist.binarize(x_test, np.random.default_rng(TEST_BINARIZATION_SEED))
+    return x_train, x_test, y_test
+
 
 def run(args):
     """Train a new run (or --resume one), or take a saved model (--analyze); then measure it and draw it.
     Returns (exit code, {"model", "metrics", "x_test", "y_test"} of a finished run)."""
-    path, metrics = args.analyze or args.resume, {}
-    if args.analyze:                                # the run's options come from the metrics.json beside the model
-        model, _ = load_model(args.analyze)
-        beside = analysis.read_metrics(os.path.join(os.path.dirname(path) or ".", "metrics.json"))
-        metrics = analysis.read_metrics(os.path.join(args.out, "metrics.json")) if args.out else beside
-        cfg = {**DEFAULTS, **beside.get("config", {}), **{k: getattr(args, k) for k in ("dataset", "seed", "binarize")
-                                                           if getattr(args, k) is not None}}
-    elif args.resume:
-        model, opt, state, cfg = load_checkpoint(args.resume, args)
-    else:
-        cfg = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in DEFAULTS.items()}
-    out = args.out or (os.path.dirname(path) or "." if path else default_out(cfg))
-    x_train, _, x_test, y_test = mnist.load(cfg["dataset"], args.data_dir, args.mirror)
-    if args.posterior_image >= len(x_test):          # checked before training, not after it
-        raise mnist.DataError(f"--posterior-image {args.posterior_image} is out of range: the test set has "
-                              f"{len(x_test)} images")
-    if cfg["binarize"]:                             # the test set once; the training set anew in every batch
-        x_test = mnist.binarize(x_test, np.random.default_rng(TEST_BINARIZATION_SEED))
-    if not path:
+    cfg, model, opt, state, out, fresh = prepare(args)
+    if args.resume and state["epoch"] >= cfg["epochs"]:
+        print(f"{args.resume}: already at epoch {state['epoch']} of {cfg['epochs']}: nothing to train (pass --epochs "
+              f"{state['epoch'] + 1} or more to train further)")
+        return 0, None
+    x_train, x_test, y_test = load_data(args, cfg, model)
+    if model is None:
         model, opt, state = new_run(cfg, x_train)
-    if x_train.shape[1] != model.n_in:
-        raise CheckpointError(f"{path}: the model takes {model.n_in} inputs, {cfg['dataset']} has {x_train.shape[1]}")
     if args.benchmark:                              # train a few epochs (writing nothing), then time a step's phases
-        train(model, opt, x_train, x_test, state, {**cfg, "epochs": args.epochs or 3}, checkpoint=None)
+        train(model, opt, x_train, x_test, state, cfg, checkpoint=None)
         perm = state["rng"].permutation(len(x_train))
         analysis.speed(model, opt, lambda step: batch(x_train, perm, step, cfg, state["rng"], model.latent),
                        len(x_train), cfg, state)
         return 0, None
-    if not args.analyze:
-        cfg["epochs"] = 10 if args.epochs is None else args.epochs
-        print(f"{cfg['dataset']}{' (binarized)' if cfg['binarize'] else ''}: {len(x_train)} train, {len(x_test)} test "
-              f"images; VAE {model.n_in}-{cfg['hidden']}-{cfg['latent']}-{cfg['hidden']}-{model.n_in}, "
-              f"{figures.prior_label(model)} prior, beta {cfg['beta']:g} (warm-up: {cfg['kl_warmup']} epochs), Adam lr "
-              f"{cfg['lr']}, batch {cfg['batch_size']}; writing to {out}" + (f" (resuming at epoch {state['epoch'] + 1}"
-              f", step {state['step'] * (state['perm'] is not None) + 1})" if args.resume else ""))
+    with mnist.claim(out, fresh, args.overwrite):
+        if args.analyze:
+            return 0, measure_and_draw(model, analysis.read_metrics(os.path.join(out, "metrics.json")), cfg, x_train,
+                                       x_test, y_test, out, args)
+        print(figures.run_header(cfg, model, state, len(x_train), len(x_test), out))
         if not train(model, opt, x_train, x_test, state, cfg, os.path.join(out, "checkpoint.npz")):
-            print(f"\ninterrupted at epoch {state['epoch'] + 1}, step {state['step']}; continue with: python train.py "
-                  f"--resume {os.path.join(out, 'checkpoint.npz')}" + (f" --data-dir {args.data_dir}" if args.data_dir
-                  else "") + (f" --epochs {cfg['epochs']}" if cfg["epochs"] != 10 else ""))
+            print(f"\ninterrupted at epoch {state['epoch'] + 1}, step {state['step']}; continue with: python train.py --resume "
+                  f"{os.path.join(out, 'checkpoint.npz')}" + (f" --data-dir {args.data_dir}" if args.data_dir else ""))
             return 130, None
         loss, recon, kl = analysis.negative_elbo(model, x_test, cfg["seed"])   # always beta = 1: the true -ELBO
         print(f"test negative ELBO {loss:.2f} nats (recon {recon:.2f} + kl {kl:.2f})")
-        save_model(model, os.path.join(out, "model.npz"))
+        mnist.save_model(model, os.path.join(out, "model.npz"))
         figures.save(out, figures.run_figures(model, x_test, state, cfg["seed"]))
         metrics = {"config": cfg, **{k: state[k] for k in STATE_LISTS}, "test_loss": loss, "test_recon": recon,
-                   "test_kl": kl, "examples_per_second": len(x_train) / np.mean(state["epoch_seconds"])}
-    return 0, measure_and_draw(model, metrics, cfg, x_train, x_test, y_test, out, args)
+                   "test_kl": kl, "examples_per_second": len(x_train) / np.mean(state["epoch_seconds"] or np.nan)}
+        return 0, measure_and_draw(model, metrics, cfg, x_train, x_test, y_test, out, args)
 
 
 def measure_and_draw(model, metrics, cfg, x_train, x_test, y_test, out, args):
@@ -303,7 +291,6 @@ def measure_and_draw(model, metrics, cfg, x_train, x_test, y_test, out, args):
         x_train = mnist.binarize(x_train, np.random.default_rng(TEST_BINARIZATION_SEED + 1))
     measured, found = analysis.analyze(model, x_train, x_test, cfg["seed"], args.iw_samples, args.gmm_components,
                                        args.gmm_covariance, log=lambda msg: print(msg, flush=True))
-    os.makedirs(out, exist_ok=True)
     figures.save(out, figures.analysis_figures(model, x_test, y_test, found, args.posterior_image, cfg["seed"]))
     analysis.write_metrics(os.path.join(out, "metrics.json"), {**metrics, **measured})
     print(f"wrote {'' if args.analyze else 'model.npz, '}metrics.json and figures to {out}")
@@ -311,26 +298,37 @@ def measure_and_draw(model, metrics, cfg, x_train, x_test, y_test, out, args):
 
 
 def default_out(cfg):
-    return os.path.join("runs", f"{cfg['dataset']}-h{cfg['hidden']}-z{cfg['latent']}-s{cfg['seed']}" + (
-        "" if cfg["prior"] == "standard" else f"-{cfg['prior']}") + ("-binary" if cfg["binarize"] else ""))
+    """runs/<dataset>-h<hidden>-z<latent>-s<seed>, and every training option that differs from the recipe: runs
+    that differ never share a default folder."""
+    differs = [f"{name}{cfg[key]:g}" if isinstance(cfg[key], float) else f"{name}{cfg[key]}" for key, name in (
+        ("beta", "beta"), ("kl_warmup", "warmup"), ("lr", "lr"), ("batch_size", "b"), ("epochs", "e"))
+        if cfg[key] != {**DEFAULTS, "epochs": 10}[key]]
+    prior = [] if cfg["prior"] == "standard" else [cfg["prior"] + (f"{cfg['prior_components']}" if
+                                                                    cfg["prior_components"] else "")]
+    return os.path.join("runs", "-".join([f"{cfg['dataset']}-h{cfg['hidden']}-z{cfg['latent']}-s{cfg['seed']}", *prior,
+                                          *(["binary"] if cfg["binarize"] else []), *differs]))
 
 
-def kl_weight_experiment(args):
-    """--betas: the same recipe and seed trained once per KL weight, each run in its own folder; then the table
-    (printed, and comparison.json) and the figures that compare them."""
-    out = args.out or default_out({k: v if getattr(args, k) is None else getattr(args, k)
-                                   for k, v in DEFAULTS.items()}) + "-betas"
-    runs = {}
-    for beta in args.betas:
-        code, runs[beta] = run(argparse.Namespace(**{**vars(args), "beta": beta, "out": f"{out}/beta-{beta:g}"}))
-        if code:
-            return code
-    rows = [analysis.kl_weight_row(beta, r["metrics"]) for beta, r in runs.items()]
-    analysis.write_metrics(os.path.join(out, "comparison.json"), rows)
-    print(analysis.kl_weight_table(rows))
-    models, last = {b: r["model"] for b, r in runs.items()}, runs[args.betas[-1]]
-    figures.save(out, figures.kl_weight_figures(models, last["x_test"], last["y_test"], args.posterior_image,
-                                                last["metrics"]["config"]["seed"]))
+def experiment(args):
+    """--betas: the same recipe and seed trained once per KL weight, each run in its own folder <out>/beta-<BETA>;
+    then the table (printed, and comparison.json) and the figures that compare them."""
+    out = args.out or default_out(prepare_config(args)) + "-betas"
+    variants = {f"beta = {b:g}": {"beta": b, "out": os.path.join(out, f"beta-{b:g}")} for b in args.betas}
+    every = {name: argparse.Namespace(**{**vars(args), **v}) for name, v in variants.items()}
+    for sub in every.values():                      # every run's folder is checked before the first one trains
+        prepare(sub)
+    with mnist.claim(out, True, args.overwrite):
+        runs = {}
+        for name, sub in every.items():
+            code, runs[name] = run(sub)
+            if code:
+                return code
+        rows = [analysis.comparison_row(name, r["metrics"]) for name, r in runs.items()]
+        analysis.write_metrics(os.path.join(out, "comparison.json"), rows)
+        print(analysis.comparison_table(rows))
+        last = runs[name]
+        figures.save(out, figures.comparison_figures({n: r["model"] for n, r in runs.items()}, last["x_test"],
+                                                     last["y_test"], args.posterior_image, last["metrics"]["config"]["seed"]))
     print(f"wrote comparison.json and the figures that compare the runs to {out}")
     return 0
 
@@ -338,8 +336,8 @@ def kl_weight_experiment(args):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        return kl_weight_experiment(args) if args.betas else run(args)[0]
-    except (mnist.DataError, CheckpointError, NonFiniteLoss) as err:
+        return experiment(args) if args.betas else run(args)[0]
+    except (mnist.DataError, mnist.FolderError, mnist.ModelFileError, NonFiniteLoss, UsageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:   # outside the training loop (download, analysis): every file is whole or absent
