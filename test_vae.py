@@ -296,6 +296,23 @@ def test_adam_matches_a_step_computed_by_hand():
     np.testing.assert_allclose(p, want, rtol=1e-12)
 
 
+def test_adam_never_holds_subnormal_moments_and_still_matches_the_update_by_hand():
+    # After one gradient, 1500 steps with none: m decays by beta1 and would pass below float32's smallest normal
+    # number (1.2e-38, where arithmetic is ~10x slower) near step 830. The parameters still follow Adam in float64.
+    p = np.linspace(-1, 1, 50).astype(np.float32)
+    want, m, v = p.astype(np.float64), 0.0, 0.0
+    opt = Adam({"p": p}, lr=1e-3)
+    g1 = np.linspace(0.5, 2, 50).astype(np.float32)
+    for t in range(1, 1501):
+        g = g1 if t == 1 else np.zeros_like(g1)
+        opt.step({"p": g})
+        m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g.astype(np.float64) ** 2
+        want -= 1e-3 * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
+        for a in (opt.m["p"], opt.v["p"]):
+            assert not np.any((a != 0) & (np.abs(a) < np.finfo(np.float32).tiny)), t
+    np.testing.assert_allclose(p, want, rtol=1e-5)
+
+
 # ---- sampling: the values, the means and the covariances --------------------------------------------------
 
 class RecordingDecoder:
