@@ -12,6 +12,7 @@ Two aggregated posteriors are used. The ELBO surgery and the moments take q(z) o
 of 20,000 training images: it gives a smooth density at any point, where the exact q(z) at a code is dominated by
 that code's own component. At the end: the KL-weight experiment's table, and speed(), the report of --benchmark.
 """
+import contextlib
 import json
 import math
 import os
@@ -69,17 +70,17 @@ def aggregate_posterior_moments(mu, log_var, threshold=0.01):
 
 
 def log_normal_pairs(z, mean, log_var):
-    """vae.log_normal of every row of z (N, Z) against every row of mean and log_var (M, Z): (N, M), with the
-    square expanded into matrix products, (z - m)^2 / v = z^2 / v - 2 z m / v + m^2 / v. For N = M = 10,000 (the
-    ELBO surgery) about a second instead of 15-20 s here. Its rounding error is ~1e-16 times the terms, so where
-    they pass 1e10 (variances near 0, as with no KL term) it falls back to the direct form, 16 rows at a time."""
+    """vae.log_normal of every row of z (N, Z) against every row of mean and log_var (M, Z): (N, M). log N(z; m, v)
+    is linear in (z^2, z, 1): -1/2 [z^2 . 1/v - 2 z . m/v + m^2 . 1/v + sum log v + Z log 2 pi], so all N x M
+    values come from one matrix product, [z^2, z, 1] @ W (for N = M = 10,000, the ELBO surgery: about a second
+    instead of 15-20 s). Its rounding error is ~1e-16 times the terms, so where they pass 1e10 (variances near 0, as
+    with no KL term) it falls back to the direct form, 16 rows at a time."""
     inv_var = np.exp(-log_var)
-    zz, mm = (z * z) @ inv_var.T, (mean * mean * inv_var).sum(-1)
-    if max(zz.max(), mm.max()) < 1e10:
-        sq = zz - 2 * z @ (mean * inv_var).T + mm
-    else:
-        sq = np.concatenate([((z[i:i + 16, None, :] - mean) ** 2 * inv_var).sum(-1) for i in range(0, len(z), 16)])
-    return -0.5 * (sq + log_var.sum(-1) + z.shape[-1] * LOG_2PI)
+    w = np.concatenate([-0.5 * inv_var.T, (mean * inv_var).T,                  # the weights of z^2, z and 1
+                        -0.5 * ((mean * mean * inv_var).sum(-1) + log_var.sum(-1) + z.shape[-1] * LOG_2PI)[None]])
+    if max(np.abs(w).max() * (z * z).max(initial=0.0), np.abs(w).max()) < 1e10:
+        return np.concatenate([z * z, z, np.ones((len(z), 1))], axis=1) @ w
+    return np.concatenate([log_normal(z[i:i + 16, None, :], mean, log_var) for i in range(0, len(z), 16)])
 
 
 def elbo_surgery(mu, log_var, rng, log_prior, chunk=128):
@@ -109,59 +110,81 @@ def prior_hole_fraction(gmm, z_codes, z_draws, quantile=0.01):
     return float(in_hole.mean()), float(threshold), in_hole
 
 
-def iw_nll(model, images, n_samples, rng, eps=None, batch_size=25):
+def iw_nll(model, images, n_samples, rng, eps=None, batch_size=25, progress=None):
     """Importance-weighted estimate of -log p(x) per uint8 image (one value each), from S = n_samples draws
     z_s ~ q(z|x) per image:
 
         -log p(x) ~ -log (1/S) sum_s w_s,   w_s = p(x|z_s) p(z_s) / q(z_s|x),   z_s = mu + sigma * eps_s
 
     An upper bound on -log p(x) that falls towards it as S grows (Burda et al. 2015, who call S 'k'); for S = 1
-    it is the negative ELBO with the KL estimated at the one z. eps (S, len(images), Z) may be given."""
-    s = n_samples
+    it is the negative ELBO with the KL estimated at the one z. eps (S, len(images), Z) may be given; progress, a
+    function of the fraction done. The S * B codes of a batch are decoded about 250 at a time, so that each block
+    of logits is still in the CPU's cache when log p(x|z) reads it (measured: half the time of one block of 2500)."""
+    s, latent = n_samples, model.latent
     out = np.empty(len(images))
     for i in range(0, len(images), batch_size):
         xb = mnist.to_float(images[i:i + batch_size], model.dtype)
         mu, log_var = (a.astype(np.float64) for a in model.encode(xb))
-        e = rng.standard_normal((s, len(xb), model.latent)) if eps is None else eps[:, i:i + batch_size]
+        e = rng.standard_normal((s, len(xb), latent)) if eps is None else eps[:, i:i + batch_size]
         z, _ = reparameterize_forward(mu, log_var, e)                            # (S, B, Z)
-        logits = model.decode(z.reshape(-1, model.latent).astype(model.dtype)).reshape(s, len(xb), -1)
+        k = max(1, 250 // len(xb))                                               # samples per block
+        log_px = np.concatenate([log_bernoulli(xb, model.decode(zk.reshape(-1, latent).astype(model.dtype))
+                                               .reshape(len(zk), len(xb), -1)) for zk in np.split(z, range(k, s, k))])
         # log w_s = log p(x|z_s) + log p(z_s) - log q(z_s|x), (S, B); the pixel sum in the model's dtype, then float64
-        log_w = (log_bernoulli(xb, logits).astype(np.float64)
-                 + model.log_prior(z.reshape(-1, model.latent)).reshape(s, -1)
-                 - log_normal(z, mu, log_var))
+        log_w = log_px.astype(np.float64) + model.log_prior(z.reshape(-1, latent)).reshape(s, -1) - log_normal(
+            z, mu, log_var)
         out[i:i + batch_size] = np.log(s) - logsumexp(log_w, axis=0)            # -log (1/S) sum_s w_s
+        if progress:
+            progress(min(i + batch_size, len(images)) / len(images))
     return out
 
 
-def analyze(model, x_train, x_test, seed, iw_samples, gmm_components, gmm_covariance, log=print):
-    """Every measurement above for a trained model: (metrics to record, arrays the figures draw)."""
-    rng = np.random.default_rng([seed, 3])
+@contextlib.contextmanager
+def phase(name, seconds, log, message):
+    """Say what is being measured, then record how long it took in seconds[name]."""
+    log(message)
+    t0 = time.perf_counter()
+    yield
+    seconds[name] = time.perf_counter() - t0
+
+
+def analyze(model, x_train, x_test, seed, iw_samples, gmm_components, gmm_covariance, log=print,
+            progress=lambda what: None):
+    """Every measurement above for a trained model: (metrics to record, arrays the figures draw). log(line) says
+    what each measurement is before it starts; progress(what) may give a function of the fraction done."""
+    rng, seconds = np.random.default_rng([seed, 3]), {}
     # q(z): one draw z_n ~ q(z|x_n) per training image; the mixture is fitted to 20,000 of them. Its hole threshold
     # and held-out log-likelihood come from test codes, which it was not fitted on.
-    z_train = draw_codes(*encode_all(model, x_train), rng)
+    with phase("encode", seconds, log, f"encoding {len(x_train)} training and {len(x_test)} test images"):
+        z_train = draw_codes(*encode_all(model, x_train), rng)
+        mu, log_var = encode_all(model, x_test)
     fit_on = z_train[rng.choice(len(z_train), min(len(z_train), FITTED_CODES), replace=False)]
-    gmm = fit_gmm(fit_on, gmm_components, gmm_covariance, rng=rng)
-    mu, log_var = encode_all(model, x_test)
-    z_test = draw_codes(mu, log_var, rng)
-    z_prior = model.sample_z(10000, rng)
-    hole_fraction, threshold, in_hole = prior_hole_fraction(gmm, z_test, z_prior)
-    agg_hole_fraction = prior_hole_fraction(gmm, z_test, gmm_sample(gmm, 10000, rng))[0]
-    held_out = float(gmm_log_density(gmm, z_test).mean())
-    log(f"aggregated posterior: a {gmm_components}-component {gmm_covariance} Gaussian mixture fitted to "
-        f"{len(fit_on)} training codes ({len(gmm['log_likelihood'])} EM iterations), {held_out:.2f} nats per "
-        f"held-out test code; {100 * hole_fraction:.1f}% of prior draws fall in its holes")
+    with phase("em", seconds, log, f"fitting a {gmm_components}-component {gmm_covariance} Gaussian mixture to "
+                                   f"{len(fit_on)} training codes by EM, and counting the prior's holes"):
+        gmm = fit_gmm(fit_on, gmm_components, gmm_covariance, rng=rng)
+        z_test = draw_codes(mu, log_var, rng)
+        z_prior = model.sample_z(10000, rng)
+        hole_fraction, threshold, in_hole = prior_hole_fraction(gmm, z_test, z_prior)
+        agg_hole_fraction = prior_hole_fraction(gmm, z_test, gmm_sample(gmm, 10000, rng))[0]
+        held_out = float(gmm_log_density(gmm, z_test).mean())
+    log(f"  {len(gmm['log_likelihood'])} EM iterations, {held_out:.2f} nats per held-out test code; "
+        f"{100 * hole_fraction:.1f}% of prior draws fall in its holes")
 
     # On the test set: moments of q(z), active units, ELBO surgery, the KL to the fitted q(z) instead of p(z).
-    moments = aggregate_posterior_moments(mu, log_var)
-    surgery = elbo_surgery(mu, log_var, rng, model.log_prior)
-    eps = rng.standard_normal(mu.shape)
-    z, _ = reparameterize_forward(mu, log_var, eps)
-    surgery["average_kl"] = float(model.kl_forward(mu, log_var, z, eps).mean())   # exact for N(0, I)
-    surgery["kl_to_fitted_aggregate"] = float((log_normal(z, mu, log_var) - gmm_log_density(gmm, z)).mean())
-    iw = float(iw_nll(model, x_test, iw_samples, rng).mean())          # the mean over every test image
-    log(f"importance-weighted -log p(x), S={iw_samples}: {iw:.2f} nats; I(x;z) {surgery['mutual_information']:.2f} + "
-        f"KL(q(z)||p(z)) {surgery['kl_aggregate_prior']:.2f}; {moments['active_units']} active units")
-    metrics = {"iw_nll": iw, "iw_samples": iw_samples, "aggregate_posterior": {
+    with phase("surgery", seconds, log, f"ELBO surgery on the {len(mu)} test codes: I(x;z) and KL(q(z)||p(z))"):
+        moments = aggregate_posterior_moments(mu, log_var)
+        surgery = elbo_surgery(mu, log_var, rng, model.log_prior)
+        eps = rng.standard_normal(mu.shape)
+        z, _ = reparameterize_forward(mu, log_var, eps)
+        surgery["average_kl"] = float(model.kl_forward(mu, log_var, z, eps).mean())   # exact for N(0, I)
+        surgery["kl_to_fitted_aggregate"] = float((log_normal(z, mu, log_var) - gmm_log_density(gmm, z)).mean())
+    log(f"  I(x;z) {surgery['mutual_information']:.2f} + KL(q(z)||p(z)) {surgery['kl_aggregate_prior']:.2f} nats; "
+        f"{moments['active_units']} active units")
+    with phase("iw_nll", seconds, log, f"importance-weighted bound on -log p(x), S={iw_samples} samples per test "
+                                       f"image"):
+        iw = float(iw_nll(model, x_test, iw_samples, rng, progress=progress("iw_nll")).mean())   # over every image
+    log(f"  -log p(x) <= {iw:.2f} nats")
+    metrics = {"iw_nll": iw, "iw_samples": iw_samples, "analysis_seconds": seconds, "aggregate_posterior": {
         **moments, **surgery, "prior_hole_fraction": hole_fraction, "aggregate_sample_hole_fraction": agg_hole_fraction,
         "hole_log_density_threshold": threshold,
         "gmm": {"components": gmm_components, "covariance": gmm_covariance, "fitted_on": len(fit_on),
@@ -169,6 +192,20 @@ def analyze(model, x_train, x_test, seed, iw_samples, gmm_components, gmm_covari
                 "held_out_log_likelihood": held_out}}}
     return metrics, {"gmm": gmm, "z_train": z_train, "z_prior": z_prior, "in_hole": in_hole, "moments": moments,
                      "mu_test": mu}
+
+
+def measure_and_draw(model, metrics, cfg, x_train, x_test, y_test, out, args):
+    """The after-training measurements (analysis.analyze) and their figures, merged into metrics.json."""
+    import figures                  # here: figures.py draws what this file measures, and imports it
+    if cfg["binarize"]:             # the aggregated posterior of the images the model was trained on: binary ones
+        x_train = mnist.binarize(x_train, np.random.default_rng(mnist.TEST_BINARIZATION_SEED + 1))
+    measured, found = analyze(model, x_train, x_test, cfg["seed"], args.iw_samples, args.gmm_components,
+                                       args.gmm_covariance, lambda line: print(line, flush=True), figures.progress_line)
+    print("drawing the latent space", flush=True)
+    figures.save(out, figures.analysis_figures(model, x_test, y_test, found, args.posterior_image, cfg["seed"]))
+    write_metrics(os.path.join(out, "metrics.json"), {**metrics, **measured})
+    print(f"wrote {'' if args.analyze else 'model.npz, '}metrics.json and figures to {out}")
+    return {"model": model, "metrics": {**metrics, **measured}, "x_test": x_test, "y_test": y_test}
 
 
 COMPARISON_COLUMNS = [("run", "run", "{}"), ("recon", "recon", "{:.2f}"), ("KL", "kl", "{:.2f}"),

@@ -38,6 +38,15 @@ def progress_bar(state, n_steps, seen):
         sys.stderr.flush()
 
 
+def progress_line(what):
+    """For a long measurement: a function of the fraction done that redraws '  what: 40%' on a terminal."""
+    def show(fraction):
+        if sys.stderr.isatty():
+            sys.stderr.write(f"\r  {what}: {100 * fraction:3.0f}%" + ("\r" + " " * 40 + "\r" if fraction >= 1 else ""))
+            sys.stderr.flush()
+    return show
+
+
 def run_header(cfg, model, state, n_train, n_test, out):
     """The line a run starts with: the data, the model, the recipe, and what it will train."""
     start = state["epoch"] + 1

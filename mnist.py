@@ -114,6 +114,9 @@ def to_float(images, dtype=np.float32):
     return np.divide(images, 255, dtype=dtype)
 
 
+TEST_BINARIZATION_SEED = 2015       # --binarize: the test set is binarized once, the same for every run
+
+
 def binarize(images, rng):
     """Each pixel drawn as Bernoulli(x / 255): 255 with that probability, else 0 (uint8 in, uint8 out). Drawn
     afresh every time an image is used, this is dynamic binarization (Burda et al. 2015)."""

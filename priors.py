@@ -172,43 +172,60 @@ def build(prior="standard", components=None, **arch):
 
 # ---- the first remedy: a Gaussian mixture fitted by EM to the aggregated posterior, after training ------------
 
-def fit_gmm(z, k=10, covariance="full", iters=200, tol=1e-5, rng=None):
-    """A mixture of k Gaussians fitted to the rows of z (N, D) by EM (Dempster et al. 1977).
+def fit_gmm(z, m=10, covariance="full", iters=200, tol=1e-5, rng=None, chunk=4096):
+    """A mixture of M = m Gaussians fitted to the rows of z (N, D) by EM (Dempster et al. 1977).
 
-    E-step: r_nk = pi_k N(z_n; m_k, S_k) / sum_j pi_j N(z_n; m_j, S_j), in log space with log-sum-exp.
-    M-step: N_k = sum_n r_nk, pi_k = N_k / N, m_k = sum_n r_nk z_n / N_k,
-            S_k = sum_n r_nk (z_n - m_k)(z_n - m_k)^T / N_k (or its diagonal), computed centred: the shortcut
-            E[z z^T] - m m^T cancels digits and can lose positive definiteness. Eigenvalues are floored at 1e-6
-            times the mean variance of z, so every S_k stays a valid covariance.
+    E-step: r_nj = pi_j N(z_n; m_j, S_j) / sum_i pi_i N(z_n; m_i, S_i), in log space with log-sum-exp.
+    M-step: N_j = sum_n r_nj, pi_j = N_j / N, m_j = sum_n r_nj z_n / N_j,
+            S_j = sum_n r_nj (z_n - m_j)(z_n - m_j)^T / N_j (or its diagonal).
+    Both steps are linear in the outer products c_n c_n^T of the codes about their mean, c_n = z_n - zbar,
+    computed once (N x D^2 numbers: 64 MB for N = 20,000 and D = 20; recomputed per chunk where larger):
+        log N(z_n; m_j, S_j) = -1/2 [<c_n c_n^T, P_j> - 2 c_n . P_j b_j + b_j . P_j b_j + log|S_j| + D log 2 pi],
+        sum_n r_nj (z_n - m_j)(z_n - m_j)^T = sum_n r_nj c_n c_n^T - N_j b_j b_j^T,
+    with P_j = S_j^-1 and b_j = m_j - zbar: one matrix product each, for every component at once. The shift by zbar
+    keeps the differences from cancelling digits for codes far from 0 (test). Eigenvalues of S_j are floored at 1e-6
+    times the mean variance of z, so every S_j stays a valid covariance.
     Stops when the mean log-likelihood gains less than tol. Returns {'log_pi', 'means', 'covs', 'log_likelihood'
-    (one value per iteration, never decreasing)}; covs are (k, D, D) or, for 'diag', (k, D)."""
+    (one value per iteration, never decreasing)}; covs are (M, D, D) or, for 'diag', (M, D)."""
     rng = rng or np.random.default_rng(0)
     z = np.asarray(z, dtype=np.float64)
     n, d = z.shape
-    var = z.var(axis=0)
+    zbar, var = z.mean(axis=0), z.var(axis=0)
+    c = z - zbar                                                            # the codes about their mean
     floor = 1e-6 * max(var.mean(), 1e-6)
-    gmm = {"log_pi": np.full(k, -np.log(k)), "means": z[rng.choice(n, k, replace=False)],
-           "covs": np.tile(np.diag(var + floor), (k, 1, 1)) if covariance == "full" else np.tile(var + floor, (k, 1))}
+    full = covariance == "full"
+    rows = [slice(i, i + chunk) for i in range(0, n, chunk)]
+    outer = lambda s: (c[s, :, None] * c[s, None, :]).reshape(-1, d * d) if full else c[s] * c[s]   # c c^T or c^2
+    kept = [outer(s) for s in rows] if n * d * d <= 2 ** 23 else None
+    cc = lambda i: kept[i] if kept else outer(rows[i])
+    b = z[rng.choice(n, m, replace=False)] - zbar                           # b_j = m_j - zbar
+    log_pi, eigval, eigvec = np.full(m, -np.log(m)), np.tile(var + floor, (m, 1)), np.tile(np.eye(d), (m, 1, 1))
     history = []
     for _ in range(iters):
-        log_joint = gmm["log_pi"] + gmm_component_log_density(gmm, z)       # (N, k): log pi_k N(z_n; m_k, S_k)
+        # E-step. P_j = V diag(1 / lambda) V^T from S_j's eigenvectors V and eigenvalues lambda (diag: 1 / S_j).
+        p = (eigvec / eigval[:, None, :]) @ eigvec.transpose(0, 2, 1) if full else 1 / eigval
+        pb = np.einsum("jde,je->jd", p, b) if full else p * b               # P_j b_j
+        const = (pb * b).sum(1) + np.log(eigval).sum(1) + d * LOG_2PI
+        quad = np.concatenate([cc(i) @ p.reshape(m, -1).T for i in range(len(rows))])     # <c c^T, P_j>, (N, M)
+        log_joint = log_pi - 0.5 * (quad - 2 * c @ pb.T + const)            # log pi_j N(z_n; m_j, S_j)
         log_p = logsumexp(log_joint, axis=1)                                 # log p(z_n)
         history.append(float(log_p.mean()))
         if len(history) > 1 and history[-1] - history[-2] < tol:
             break
-        r = np.exp(log_joint - log_p[:, None])                              # responsibilities r_nk
-        n_k = r.sum(axis=0) + 1e-12                                         # N_k
-        means = (r.T @ z) / n_k[:, None]                                    # m_k
-        centred = [z - m for m in means]                                    # z_n - m_k, for each k
-        if covariance == "full":
-            covs = np.stack([(r[:, j, None] * c).T @ c / n_k[j] for j, c in enumerate(centred)])
+        r = np.exp(log_joint - log_p[:, None])                              # responsibilities r_nj
+        # M-step.
+        n_j = r.sum(axis=0) + 1e-12                                         # N_j
+        b = (r.T @ c) / n_j[:, None]                                        # m_j - zbar
+        second = sum(r[s].T @ cc(i) for i, s in enumerate(rows)) / n_j[:, None]     # sum_n r_nj c_n c_n^T / N_j
+        if full:
+            covs = second.reshape(m, d, d) - b[:, :, None] * b[:, None, :]
             eigval, eigvec = np.linalg.eigh((covs + covs.transpose(0, 2, 1)) / 2)
-            covs = (eigvec * np.maximum(eigval, floor)[:, None, :]) @ eigvec.transpose(0, 2, 1)
+            eigval = np.maximum(eigval, floor)
         else:
-            covs = np.maximum(np.stack([r[:, j] @ (c * c) / n_k[j] for j, c in enumerate(centred)]), floor)
-        gmm = {"log_pi": np.log(n_k / n_k.sum()), "means": means, "covs": covs}
-    gmm["log_likelihood"] = history
-    return gmm
+            eigval = np.maximum(second - b * b, floor)
+        log_pi = np.log(n_j / n_j.sum())
+    covs = (eigvec * eigval[:, None, :]) @ eigvec.transpose(0, 2, 1) if full else eigval
+    return {"log_pi": log_pi, "means": zbar + b, "covs": covs, "log_likelihood": history}
 
 
 def gmm_component_log_density(gmm, z, chunk=4096):

@@ -905,7 +905,7 @@ def test_benchmark_prints_where_the_time_goes_and_writes_nothing(tmp_path, data_
     assert run_cli("--data-dir", data_dir, *SMALL, "--benchmark", "--epochs", "2", "--out", str(tmp_path / "b")) == 0
     out = capsys.readouterr().out
     for line in ("epoch   2", "median epoch", "per step (median of 12)", "matrix products alone", "epoch / floor",
-                 "peak memory"):
+                 "peak memory", "analysis after training: encode", "em", "surgery", "iw_nll"):
         assert line in out, out
     assert not (tmp_path / "b").exists()
 
@@ -1033,9 +1033,9 @@ def test_a_binarized_run_is_tested_on_one_fixed_binarization_and_reports_the_tru
     m = json.loads((binary_warmup_run / "metrics.json").read_text())
     model = mnist.load_model(str(binary_warmup_run / "model.npz"))[0]
     x_test = mnist.load("mnist", data_dir)[2]
-    binary = mnist.binarize(x_test, np.random.default_rng(train.TEST_BINARIZATION_SEED))
+    binary = mnist.binarize(x_test, np.random.default_rng(mnist.TEST_BINARIZATION_SEED))
     assert m["test_loss"] == pytest.approx(analysis.negative_elbo(model, binary, m["config"]["seed"])[0], rel=1e-12)
-    other = mnist.binarize(x_test, np.random.default_rng(train.TEST_BINARIZATION_SEED + 7))   # another draw
+    other = mnist.binarize(x_test, np.random.default_rng(mnist.TEST_BINARIZATION_SEED + 7))   # another draw
     assert m["test_loss"] != pytest.approx(analysis.negative_elbo(model, other, m["config"]["seed"])[0], rel=1e-6)
     assert m["test_loss"] == pytest.approx(m["test_recon"] + m["test_kl"])         # beta = 1, not 0.5
     assert m["config"]["binarize"] is True and m["config"]["beta"] == 0.5 and m["kl_weight"][1] == 0.5
@@ -1047,7 +1047,7 @@ def test_analyze_into_a_new_folder_takes_the_runs_options_from_beside_the_model(
                    "--gmm-components", "2", "--out", str(tmp_path / "again")) == 0
     a = json.loads((tmp_path / "again" / "metrics.json").read_text())["aggregate_posterior"]
     model = mnist.load_model(str(binary_warmup_run / "model.npz"))[0]
-    binary = mnist.binarize(mnist.load("mnist", data_dir)[2], np.random.default_rng(train.TEST_BINARIZATION_SEED))
+    binary = mnist.binarize(mnist.load("mnist", data_dir)[2], np.random.default_rng(mnist.TEST_BINARIZATION_SEED))
     mu = analysis.encode_all(model, binary)[0]          # the binarized test set, as the run was measured on
     np.testing.assert_allclose(a["mean"], mu.mean(0), rtol=1e-9)
     grey = analysis.encode_all(model, mnist.load("mnist", data_dir)[2])[0]
@@ -1143,7 +1143,7 @@ def test_iw_nll_of_the_test_set_is_the_mean_over_images_not_over_chunks(monkeypa
     # Each image weighs the same in the reported value, however the set is cut into batches.
     rng = np.random.default_rng(21)
     x_train, x_test = make_images(200, rng)[0].reshape(200, 784), make_images(80, rng)[0].reshape(80, 784)
-    monkeypatch.setattr(analysis, "iw_nll", lambda model, images, k, rng: np.arange(len(images), dtype=float))
+    monkeypatch.setattr(analysis, "iw_nll", lambda model, images, s, rng, progress: np.arange(len(images), dtype=float))
     metrics, _ = analysis.analyze(vae.VAE(784, 16, 2, seed=2), x_train, x_test, 0, 2, 3, "diag", log=lambda m: None)
     assert metrics["iw_nll"] == 39.5
 

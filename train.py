@@ -48,7 +48,6 @@ NOT_TOGETHER = {  # an option, why, and the options it cannot go with
                 "batch_size", "lr", "hidden", "latent", "prior", "prior_components", "beta", "kl_warmup")),
     "resume": ("a run continues with the options it was started with", ("betas", "benchmark", "overwrite")),
     "betas": ("the experiment sets the KL weight of each run", ("beta", "benchmark"))}
-TEST_BINARIZATION_SEED = 2015       # --binarize: the test set is binarized once, the same for every run
 STATE_LISTS = ("train_loss", "train_recon", "train_kl", "train_objective", "kl_weight", "test_loss_curve",
                "epoch_seconds", "gradient_paths", "gradient_paths_per_unit")    # one value per epoch each
 PATHS = ("recon_mu", "kl_mu", "recon_log_var", "kl_log_var")   # the gradients that meet at the encoder's outputs
@@ -246,7 +245,7 @@ def load_data(args, cfg, model):
     if model is not None and x_train.shape[1] != model.n_in:
         raise UsageError(f"{args.analyze or args.resume}: the model takes {model.n_in} inputs, not {x_train.shape[1]}")
     if cfg["binarize"]:                             # the test set once; the training set anew in every batch
-        x_test = mnist.binarize(x_test, np.random.default_rng(TEST_BINARIZATION_SEED))
+        x_test = mnist.binarize(x_test, np.random.default_rng(mnist.TEST_BINARIZATION_SEED))
     return x_train, x_test, y_test
 
 
@@ -266,11 +265,14 @@ def run(args):
         perm = state["rng"].permutation(len(x_train))
         analysis.speed(model, opt, lambda step: batch(x_train, perm, step, cfg, state["rng"], model.latent),
                        len(x_train), cfg, state)
+        seconds = analysis.analyze(model, x_train, x_test, cfg["seed"], args.iw_samples, args.gmm_components,
+                                   args.gmm_covariance, log=lambda line: None)[0]["analysis_seconds"]
+        print("analysis after training: " + ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items()))
         return 0, None
     with mnist.claim(out, fresh, args.overwrite):
         if args.analyze:
-            return 0, measure_and_draw(model, analysis.read_metrics(os.path.join(out, "metrics.json")), cfg, x_train,
-                                       x_test, y_test, out, args)
+            return 0, analysis.measure_and_draw(model, analysis.read_metrics(os.path.join(out, "metrics.json")), cfg,
+                                                x_train, x_test, y_test, out, args)
         print(figures.run_header(cfg, model, state, len(x_train), len(x_test), out))
         if not train(model, opt, x_train, x_test, state, cfg, os.path.join(out, "checkpoint.npz")):
             print(f"\ninterrupted at epoch {state['epoch'] + 1}, step {state['step']}; continue with: python train.py --resume "
@@ -282,19 +284,7 @@ def run(args):
         figures.save(out, figures.run_figures(model, x_test, state, cfg["seed"]))
         metrics = {"config": cfg, **{k: state[k] for k in STATE_LISTS}, "test_loss": loss, "test_recon": recon,
                    "test_kl": kl, "examples_per_second": len(x_train) / np.mean(state["epoch_seconds"] or np.nan)}
-        return 0, measure_and_draw(model, metrics, cfg, x_train, x_test, y_test, out, args)
-
-
-def measure_and_draw(model, metrics, cfg, x_train, x_test, y_test, out, args):
-    """The after-training measurements (analysis.analyze) and their figures, merged into metrics.json."""
-    if cfg["binarize"]:             # the aggregated posterior of the images the model was trained on: binary ones
-        x_train = mnist.binarize(x_train, np.random.default_rng(TEST_BINARIZATION_SEED + 1))
-    measured, found = analysis.analyze(model, x_train, x_test, cfg["seed"], args.iw_samples, args.gmm_components,
-                                       args.gmm_covariance, log=lambda msg: print(msg, flush=True))
-    figures.save(out, figures.analysis_figures(model, x_test, y_test, found, args.posterior_image, cfg["seed"]))
-    analysis.write_metrics(os.path.join(out, "metrics.json"), {**metrics, **measured})
-    print(f"wrote {'' if args.analyze else 'model.npz, '}metrics.json and figures to {out}")
-    return {"model": model, "metrics": {**metrics, **measured}, "x_test": x_test, "y_test": y_test}
+        return 0, analysis.measure_and_draw(model, metrics, cfg, x_train, x_test, y_test, out, args)
 
 
 def default_out(cfg):
