@@ -24,7 +24,7 @@ import numpy as np
 import mnist
 from autograd import matmul_floor
 from priors import fit_gmm, gmm_log_density, gmm_sample, logsumexp
-from vae import LOG_2PI, log_bernoulli, log_normal, reparameterize_forward
+from vae import LOG_2PI, log_normal, reparameterize_forward
 
 
 FITTED_CODES = 20000    # the mixture that stands in for q(z) is fitted to this many training codes
@@ -117,19 +117,21 @@ def iw_nll(model, images, n_samples, rng, eps=None, batch_size=25, progress=None
         -log p(x) ~ -log (1/S) sum_s w_s,   w_s = p(x|z_s) p(z_s) / q(z_s|x),   z_s = mu + sigma * eps_s
 
     An upper bound on -log p(x) that falls towards it as S grows (Burda et al. 2015, who call S 'k'); for S = 1
-    it is the negative ELBO with the KL estimated at the one z. eps (S, len(images), Z) may be given; progress, a
+    it is the negative ELBO with the KL estimated at the one z. images: uint8 pixels, or intensities already in
+    [0, 1] (float). eps (S, len(images), Z) may be given; progress, a
     function of the fraction done. The S * B codes of a batch are decoded about 250 at a time, so that each block
     of logits is still in the CPU's cache when log p(x|z) reads it (measured: half the time of one block of 2500)."""
     s, latent = n_samples, model.latent
     out = np.empty(len(images))
     for i in range(0, len(images), batch_size):
-        xb = mnist.to_float(images[i:i + batch_size], model.dtype)
+        xb = images[i:i + batch_size]
+        xb = mnist.to_float(xb, model.dtype) if xb.dtype == np.uint8 else xb.astype(model.dtype)
         mu, log_var = (a.astype(np.float64) for a in model.encode(xb))
         e = rng.standard_normal((s, len(xb), latent)) if eps is None else eps[:, i:i + batch_size]
         z, _ = reparameterize_forward(mu, log_var, e)                            # (S, B, Z)
         k = max(1, 250 // len(xb))                                               # samples per block
-        log_px = np.concatenate([log_bernoulli(xb, model.decode(zk.reshape(-1, latent).astype(model.dtype))
-                                               .reshape(len(zk), len(xb), -1)) for zk in np.split(z, range(k, s, k))])
+        log_px = np.concatenate([model.likelihood.log_density(xb, model.decode(zk.reshape(-1, latent).astype(
+            model.dtype)).reshape(len(zk), len(xb), -1)) for zk in np.split(z, range(k, s, k))])
         # log w_s = log p(x|z_s) + log p(z_s) - log q(z_s|x), (S, B); the pixel sum in the model's dtype, then float64
         log_w = log_px.astype(np.float64) + model.log_prior(z.reshape(-1, latent)).reshape(s, -1) - log_normal(
             z, mu, log_var)
@@ -137,6 +139,27 @@ def iw_nll(model, images, n_samples, rng, eps=None, batch_size=25, progress=None
         if progress:
             progress(min(i + batch_size, len(images)) / len(images))
     return out
+
+
+def likelihood_measures(model, x_test, iw_samples, rng, seconds, log, progress):
+    """For a density over grey levels (the Gaussian, the continuous Bernoulli): a bound in bits per dimension on the
+    8-bit test images by uniform dequantization (Theis et al. 2016). With x = (pixel + u) / 256, u ~ U(0, 1)^D,
+        -log P(pixels) <= -E_u log p(x) + D log 256,
+    since P(pixels) = 256^-D E_u p(x) >= 256^-D exp(E_u log p(x)); -log p(x) is bounded by iw_nll at one u per image.
+    The Bernoulli on grey levels has no such number: it is not a density over [0, 1], so it assigns no probability
+    to a pixel's bin. And the learned or fixed sigma of a Gaussian decoder."""
+    found, lk = {}, model.likelihood
+    if lk.name == "gaussian":
+        found["decoder_sigma"] = float(np.exp(lk.log_sigma()).ravel()[0])
+    if lk.name != "bernoulli":
+        with phase("bits_per_dim", seconds, log, "the same bound on uniformly dequantized test images, in bits per "
+                                                 "dimension"):
+            x = (x_test + rng.random(x_test.shape)) / 256                   # (pixel + u) / 256, in (0, 1)
+            nll = iw_nll(model, x, iw_samples, rng, progress=progress("bits per dimension")).mean()
+            d = x_test.shape[1]
+            found["bits_per_dim"] = float((nll + d * math.log(256)) / (d * math.log(2)))
+        log(f"  {found['bits_per_dim']:.3f} bits per dimension on the 8-bit images")
+    return found
 
 
 @contextlib.contextmanager
@@ -184,7 +207,9 @@ def analyze(model, x_train, x_test, seed, iw_samples, gmm_components, gmm_covari
                                        f"image"):
         iw = float(iw_nll(model, x_test, iw_samples, rng, progress=progress("iw_nll")).mean())   # over every image
     log(f"  -log p(x) <= {iw:.2f} nats")
-    metrics = {"iw_nll": iw, "iw_samples": iw_samples, "analysis_seconds": seconds, "aggregate_posterior": {
+    metrics = {"iw_nll": iw, "iw_samples": iw_samples, **likelihood_measures(model, x_test, iw_samples, rng, seconds, log,
+                                                                            progress)}
+    metrics = {**metrics, "analysis_seconds": seconds, "aggregate_posterior": {
         **moments, **surgery, "prior_hole_fraction": hole_fraction, "aggregate_sample_hole_fraction": agg_hole_fraction,
         "hole_log_density_threshold": threshold,
         "gmm": {"components": gmm_components, "covariance": gmm_covariance, "fitted_on": len(fit_on),
@@ -210,18 +235,37 @@ def measure_and_draw(model, metrics, cfg, x_train, x_test, y_test, out, args):
 
 COMPARISON_COLUMNS = [("run", "run", "{}"), ("recon", "recon", "{:.2f}"), ("KL", "kl", "{:.2f}"),
                       ("test -ELBO", "negative_elbo", "{:.2f}"), ("iw_nll", "iw_nll", "{:.2f}"),
-                      ("active", "active_units", "{:d}"), ("Var q(z) per dim", "variance_range", "{0[0]:.2f}-{0[1]:.2f}"),
+                      ("bits/dim", "bits_per_dim", "{:.3f}"), ("active", "active_units", "{:d}"),
+                      ("Var q(z) per dim", "variance_range", "{0[0]:.2f}-{0[1]:.2f}"),
                       ("KL(q(z)||p(z))", "kl_aggregate_prior", "{:.2f}"), ("I(x;z)", "mutual_information", "{:.2f}"),
-                      ("holes", "prior_hole_fraction", "{:.1%}")]
+                      ("holes", "prior_hole_fraction", "{:.1%}"), ("sigma", "decoder_sigma", "{:.4g}"),
+                      ("pull on mu: recon / KL", "pulls_on_mu", "{0[0]:.3g} / {0[1]:.3g}")]
 
 
 def comparison_row(name, metrics):
-    """One row of a comparison of runs (--betas), from a run's metrics.json. Every number is at beta = 1."""
-    a = metrics["aggregate_posterior"]
-    return {"run": name, "beta": metrics["config"]["beta"], "recon": metrics["test_recon"], "kl": metrics["test_kl"],
+    """One row of a comparison of runs (--betas, --likelihoods), from a run's metrics.json: every number at beta = 1,
+    in nats of the run's own likelihood; the pulls on mu are the last epoch's RMS of the two gradient paths."""
+    a, paths = metrics["aggregate_posterior"], metrics["gradient_paths"]
+    return {"run": name, "beta": metrics["config"]["beta"], "likelihood": metrics["config"].get("likelihood"),
+            "bits_per_dim": metrics.get("bits_per_dim"), "decoder_sigma": metrics.get("decoder_sigma"),
+            "pulls_on_mu": [paths["recon_mu"][-1], paths["kl_mu"][-1]] if paths["recon_mu"] else None,
+            "recon": metrics["test_recon"], "kl": metrics["test_kl"],
             "negative_elbo": metrics["test_loss"], "iw_nll": metrics["iw_nll"], "active_units": a["active_units"],
             "variance_range": [min(a["variance"]), max(a["variance"])], "kl_aggregate_prior": a["kl_aggregate_prior"],
             "mutual_information": a["mutual_information"], "prior_hole_fraction": a["prior_hole_fraction"]}
+
+
+def compare(runs, out, image_index, prefix):
+    """After --betas or --likelihoods: {name: run(...)'s result} as a table (printed, and comparison.json in out)
+    and the figures that compare the runs."""
+    import figures
+    rows = [comparison_row(name, r["metrics"]) for name, r in runs.items()]
+    write_metrics(os.path.join(out, "comparison.json"), rows)
+    print(comparison_table(rows))
+    last = list(runs.values())[-1]
+    figures.save(out, figures.comparison_figures({n: r["model"] for n, r in runs.items()}, last["x_test"],
+                                                 last["y_test"], image_index, last["metrics"]["config"]["seed"], prefix))
+    print(f"wrote comparison.json and the figures that compare the runs to {out}")
 
 
 def comparison_table(rows):
@@ -233,10 +277,11 @@ def comparison_table(rows):
     return "\n".join(lines)
 
 
-def speed(model, opt, make_batch, n_images, cfg, state):
+def speed(model, opt, make_batch, x_train, x_test, cfg, state, args):
     """--benchmark, after a few epochs of training: the median epoch; the median time of each phase of a step over
     up to 100 more steps (make_batch(step) -> x, eps); the floor that the step's matrix products alone set, timed
-    in the same run; and the peak memory of the process."""
+    in the same run; the peak memory of the process; and the phases of the analysis after training."""
+    n_images = len(x_train)
     phases = {"batching": [], "forward": [], "backward": [], "adam": []}
     n_steps, grads = math.ceil(n_images / cfg["batch_size"]), model.grads()
     for step in range(min(100, n_steps)):
@@ -259,6 +304,9 @@ def speed(model, opt, make_batch, n_images, cfg, state):
           f"s/epoch (elementwise work, optimizer, batching)")
     peak = peak_memory_mb()
     print("peak memory (max RSS of this process): " + (f"{peak:.0f} MB" if peak else "not reported on this platform"))
+    seconds = analyze(model, x_train, x_test, cfg["seed"], args.iw_samples, args.gmm_components, args.gmm_covariance,
+                      log=lambda line: None)[0]["analysis_seconds"]
+    print("analysis after training: " + ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items()))
 
 
 def peak_memory_mb():

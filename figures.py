@@ -55,6 +55,7 @@ def run_header(cfg, model, state, n_train, n_test, out):
         plan += f" (epoch {start} from step {state['step'] + 1})"
     return (f"{cfg['dataset']}{' (binarized)' if cfg['binarize'] else ''}: {n_train} train, {n_test} test images; VAE "
             f"{model.n_in}-{cfg['hidden']}-{cfg['latent']}-{cfg['hidden']}-{model.n_in}, {prior_label(model)} prior, "
+            f"{likelihood_label(model)} likelihood, "
             f"beta {cfg['beta']:g} (warm-up: {cfg['kl_warmup']} epochs), Adam lr {cfg['lr']}, batch "
             f"{cfg['batch_size']}; {plan}; writing to {out}")
 
@@ -77,6 +78,12 @@ def image_grid(ax, images, rows, title=None):
     ax.set_axis_off()
     if title:
         ax.set_title(title, fontsize=10)
+
+
+def likelihood_label(model):
+    sigma = model.likelihood.sigma
+    return {"bernoulli": "Bernoulli", "cb": "continuous Bernoulli"}.get(model.likelihood.name) or (
+        f"Gaussian (sigma {sigma:g})" if isinstance(sigma, float) else "Gaussian (learned sigma)")
 
 
 def prior_label(model):
@@ -157,12 +164,28 @@ def analysis_figures(model, x_test, y_test, found, image_index, seed):
     from matplotlib.patches import Rectangle
     axes[1].add_patch(Rectangle((0.5, 0.5), 28, 28, fill=False, edgecolor="tab:red", linewidth=2))
     z_agg = priors.gmm_sample(found["gmm"], 64, rng).astype(model.dtype)
-    image_grid(axes[2], sigmoid(model.decode(z_agg)), rows=8,
+    image_grid(axes[2], model.likelihood.mean(model.decode(z_agg)), rows=8,
                title="aggregated posterior: z ~ mixture\nfitted to the training codes")
-    figs = {"samples_three_ways.png": three, "prior_vs_aggregate.png": marginals(model, found)}
+    figs = {"samples_three_ways.png": three, "prior_vs_aggregate.png": marginals(model, found),
+            "samples_mean_and_draw.png": mean_and_draw(model, rng)}
     if model.latent == 2:
         figs.update(latent_plane(model, found["mu_test"], y_test, found["z_prior"], found["in_hole"]))
     return figs
+
+
+def mean_and_draw(model, rng, n=12):
+    """Prior draws z ~ p(z) decoded two ways: the mean E[x|z] of p(x|z) (what the other figures show: the decoder's
+    picture of x), and one sample x ~ p(x|z) (what the model generates, noise included). For the continuous
+    Bernoulli, lambda = sigmoid(l) too: not its mean."""
+    logits = model.decode(model.sample_z(n, rng).astype(model.dtype))
+    rows = {"mean E[x|z]": model.likelihood.mean(logits), "a sample x ~ p(x|z)": model.likelihood.sample(logits, rng)}
+    if model.likelihood.name == "cb":
+        rows["lambda = sigmoid(l), not the mean"] = sigmoid(logits)
+    fig = new_figure(figsize=(9, 1.1 * len(rows) + 0.5))
+    for ax, (title, images) in zip(fig.subplots(len(rows), 1, squeeze=False)[:, 0], rows.items()):
+        image_grid(ax, np.clip(images, 0, 1), rows=1, title=title)
+    fig.suptitle(f"{n} prior draws, decoded by the {likelihood_label(model)} likelihood", fontsize=10)
+    return fig
 
 
 def mixture_marginal(grid, pi, means, variances):
@@ -239,13 +262,13 @@ def latent_plane(model, mu, labels, z_prior, in_hole):
         gx, gy = np.quantile(z_prior[:, 0], levels), np.quantile(z_prior[:, 1], levels)
     z = np.stack(np.meshgrid(gx, gy[::-1]), -1).reshape(-1, 2).astype(model.dtype)
     manifold = new_figure(figsize=(7, 7))
-    image_grid(manifold.subplots(), sigmoid(model.decode(z)), rows=n,
+    image_grid(manifold.subplots(), model.likelihood.mean(model.decode(z)), rows=n,
                title=f"decoded grid of prior quantiles ({50 / n:.1f}% .. {100 - 50 / n:.1f}% per axis):\n"
                      "z0 grows to the right, z1 upwards, as in latent_space.png")
     return {"latent_space.png": space, "latent_manifold.png": manifold}
 
 
-def comparison_figures(models, x_test, y_test, image_index, seed):
+def comparison_figures(models, x_test, y_test, image_index, seed, prefix):
     """A comparison of runs (--betas), {name: model}: for each run a row of prior samples and of posterior samples of
     the same test image; for Z = 2, each run's test codes against the prior."""
     x = mnist.to_float(x_test[image_index:image_index + 1], next(iter(models.values())).dtype)
@@ -258,10 +281,10 @@ def comparison_figures(models, x_test, y_test, image_index, seed):
         row[0].set_title(f"{name}: prior samples", fontsize=9, loc="left")
         row[1].set_title(f"{name}: posterior samples of test image {image_index} (first: the image)",
                          fontsize=9, loc="left")
-    figs = {"kl_weight_samples.png": fig}
+    figs = {f"{prefix}_samples.png": fig}
     if all(model.latent == 2 for model in models.values()):
         plane = new_figure(figsize=(3.3 * len(models), 3.6))
         for ax, (name, model) in zip(plane.subplots(1, len(models), squeeze=False)[0], models.items()):
             draw_codes_against_prior(ax, model, analysis.encode_all(model, x_test)[0], y_test, name)
-        figs["kl_weight_latent.png"] = plane
+        figs[f"{prefix}_latent.png"] = plane
     return figs

@@ -247,6 +247,21 @@ def claim(out, fresh, overwrite):
             os.rmdir(out)                           # a run that wrote nothing leaves no empty folder behind
 
 
+def default_out(cfg, recipe):
+    """A run's default folder: runs/<dataset>-h<hidden>-z<latent>-s<seed>, and every training option in cfg that
+    differs from the recipe's (train.DEFAULTS): runs that differ never share a default folder."""
+    differs = [f"{name}{cfg[key]:g}" if isinstance(cfg[key], float) else f"{name}{cfg[key]}" for key, name in (
+        ("beta", "beta"), ("kl_warmup", "warmup"), ("lr", "lr"), ("batch_size", "b"), ("epochs", "e"))
+        if cfg[key] != {**recipe, "epochs": 10}[key]]
+    prior = [] if cfg["prior"] == "standard" else [cfg["prior"] + (f"{cfg['prior_components']}" if
+                                                                    cfg["prior_components"] else "")]
+    likelihood = [] if cfg["likelihood"] == "bernoulli" else [cfg["likelihood"] + (
+        f"-sigma{cfg['decoder_sigma']:g}" if isinstance(cfg["decoder_sigma"], float) else "-sigma-learned"
+        if cfg["decoder_sigma"] else "")]
+    return os.path.join("runs", "-".join([f"{cfg['dataset']}-h{cfg['hidden']}-z{cfg['latent']}-s{cfg['seed']}", *prior,
+                                          *likelihood, *(["binary"] if cfg["binarize"] else []), *differs]))
+
+
 # ---- a run's files: the model, a training checkpoint ----------------------------------------------------------
 
 class ModelFileError(Exception):
@@ -257,7 +272,9 @@ def save_model(model, path, **extra):
     """One .npz: the architecture, every parameter, and any extra arrays (a training checkpoint's state)."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, arch=np.array([model.n_in, model.hidden, model.latent]), prior=np.array(model.prior_name),
-                 components=np.array(model.components), **model.params(), **{"extra." + k: v for k, v in extra.items()})
+                 components=np.array(model.components), likelihood=np.array(model.likelihood.name),
+                 decoder_sigma=np.array(str(model.likelihood.sigma)), **model.params(),
+                 **{"extra." + k: v for k, v in extra.items()})
 
 
 def load_model(path):
@@ -270,8 +287,11 @@ def load_model(path):
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
         n_in, hidden, latent = (int(v) for v in arrays["arch"])
+        likelihood = str(arrays.get("likelihood", "bernoulli"))         # files from before the likelihoods: Bernoulli
+        sigma = str(arrays.get("decoder_sigma", "None"))
         model = priors.build(str(arrays["prior"]), int(arrays["components"]), n_in=n_in, hidden=hidden, latent=latent,
-                      dtype=arrays["enc.0.W"].dtype)
+                             dtype=arrays["enc.0.W"].dtype, likelihood=likelihood,
+                             decoder_sigma=None if sigma == "None" else sigma if sigma == "learned" else float(sigma))
         for name, p in model.params().items():
             if arrays[name].shape != p.shape:
                 raise ValueError(f"{name} has shape {arrays[name].shape}, expected {p.shape}")

@@ -75,9 +75,9 @@ class MixturePriorVAE(VAE):
     log-variances and unnormalised log-weights, parameters 'prior.means', 'prior.log_vars', 'prior.log_weights'."""
     prior_name = "mog"
 
-    def __init__(self, n_in=784, hidden=400, latent=20, seed=0, dtype=np.float32, components=10):
+    def __init__(self, n_in=784, hidden=400, latent=20, seed=0, dtype=np.float32, components=10, **likelihood):
         rng = np.random.default_rng(seed)
-        super().__init__(n_in, hidden, latent, rng, dtype)             # the networks first: a seed gives the same
+        super().__init__(n_in, hidden, latent, rng, dtype, **likelihood)   # the networks first: a seed, the same ones
         self.components = components
         self.prior = self.new_prior_params(rng, dtype)
         self.prior_grads = {name: np.zeros_like(p) for name, p in self.prior.items()}
@@ -132,8 +132,8 @@ class VampPriorVAE(MixturePriorVAE):
     of their own through the encoder's weights, so those weights get two gradients, which backward() adds up."""
     prior_name = "vamp"
 
-    def __init__(self, n_in=784, hidden=400, latent=20, seed=0, dtype=np.float32, components=100):
-        super().__init__(n_in, hidden, latent, seed, dtype, components)
+    def __init__(self, n_in=784, hidden=400, latent=20, seed=0, dtype=np.float32, components=100, **likelihood):
+        super().__init__(n_in, hidden, latent, seed, dtype, components, **likelihood)
         self.pseudo_encoder = self.encoder.twin()      # the same weights, caches and gradients of its own
 
     def new_prior_params(self, rng, dtype):            # u = clip(w); train.py starts w at training images
@@ -165,7 +165,7 @@ PRIORS = {"standard": (VAE, 0), "mog": (MixturePriorVAE, 10), "vamp": (VampPrior
 
 def build(prior="standard", components=None, **arch):
     """The VAE with this prior ('standard', 'mog' or 'vamp'; components: its K, or the default), for the arguments
-    of vae.VAE (n_in, hidden, latent, seed, dtype)."""
+    of vae.VAE (n_in, hidden, latent, seed, dtype, likelihood, decoder_sigma)."""
     cls, default_k = PRIORS[prior]
     return cls(**arch) if cls is VAE else cls(**arch, components=components or default_k)
 

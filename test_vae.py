@@ -132,9 +132,105 @@ def test_kl_mixture_backward_matches_finite_differences():
     assert_grads_close(check_piece(forward, priors.kl_mixture_backward, inputs), 1e-7)
 
 
-def small_vae_batch(seed=3, n_in=12, hidden=7, latent=3, batch=5, prior="standard"):
+def test_gaussian_nll_backward_matches_finite_differences():
+    rng = np.random.default_rng(22)
+    logits, x, log_sigma = rng.standard_normal((6, 9)) * 2, rng.uniform(0, 1, (6, 9)), np.array([-1.3])
+    dnll = rng.uniform(0.5, 1.5, 6)
+    dlogits, dlog_sigma = vae.gaussian_nll_backward(dnll, vae.gaussian_nll_forward(logits, x, log_sigma)[1])
+    loss = lambda: float((dnll * vae.gaussian_nll_forward(logits, x, log_sigma)[0]).sum())
+    errors = grad_check(loss, {"logits": logits, "log_sigma": log_sigma},
+                        {"logits": dlogits, "log_sigma": np.array([dlog_sigma])})
+    assert_grads_close(errors, 1e-7)
+
+
+def test_continuous_bernoulli_nll_backward_matches_finite_differences():
+    rng = np.random.default_rng(23)
+    logits = rng.standard_normal((6, 9)) * 3
+    logits[0, :4] = [0.0, 1e-3, -0.15, 0.25]            # on both sides of the series' switch at |l| = 0.2
+    errors = check_piece(vae.cb_nll_forward, lambda d, c: [vae.cb_nll_backward(d, c)],
+                         {"logits": logits, "x": rng.uniform(0, 1, (6, 9))})
+    assert_grads_close(errors, 1e-7)
+
+
+def exact_log_c_and_grad(l):
+    """log C(l) = log(l / tanh(l/2)) and its derivative 1/l - 1/sinh(l), with 60 significant digits (decimal)."""
+    import decimal
+    with decimal.localcontext() as ctx:
+        ctx.prec = 60
+        d = decimal.Decimal(l)
+        if d == 0:
+            return math.log(2), 0.0
+        e = d.exp()
+        log_c = (d * (e + 1) / (e - 1)).ln()              # l / tanh(l/2) = l (e^l + 1) / (e^l - 1)
+        grad = 1 / d - 2 / (e - 1 / e)                     # 1/l - 1/sinh(l)
+        return float(log_c), float(grad)
+
+
+@pytest.mark.parametrize("dtype, rtol", [(np.float64, 1e-13), (np.float32, 3e-7)])
+def test_continuous_bernoulli_log_normalizer_is_exact_and_smooth_at_one_half(dtype, rtol):
+    # log C has a removable singularity at l = 0 (lambda = 1/2): value log 2, derivative 0.
+    points = np.array([0.0, 1e-4, -1e-4, 1e-2, -1e-2, 0.19, 0.21, -3.0, 30.0, -80.0], dtype)
+    exact = np.array([exact_log_c_and_grad(float(l)) for l in points])
+    np.testing.assert_allclose(vae.cb_log_normalizer(points), exact[:, 0].astype(dtype), rtol=rtol)
+    got = vae.cb_log_normalizer_grad(points)
+    assert got.dtype == dtype and vae.cb_log_normalizer(points).dtype == dtype
+    np.testing.assert_allclose(got, exact[:, 1].astype(dtype), rtol=rtol, atol=rtol * 1e-4)
+
+
+@pytest.mark.parametrize("lam", [0.02, 0.3, 0.5, 0.5 + 1e-7, 0.7, 0.999])
+def test_continuous_bernoulli_is_a_density_whose_mean_is_not_lambda(lam):
+    # Quadrature on [0, 1] (Gauss-Legendre, 200 nodes): the density integrates to 1, and its mean is
+    # lambda / (2 lambda - 1) + 1 / (2 artanh(1 - 2 lambda)), the paper's formula, which is not lambda.
+    nodes, weights = np.polynomial.legendre.leggauss(200)
+    x, w = (nodes + 1) / 2, weights / 2
+    logit = math.log(lam / (1 - lam))
+    density = np.exp(-vae.cb_nll_forward(np.full((len(x), 1), logit), x[:, None])[0])
+    assert w @ density == pytest.approx(1, abs=1e-10)
+    mean = float(vae.cb_mean(np.array([logit]))[0])
+    assert w @ (x * density) == pytest.approx(mean, abs=1e-10)
+    if abs(lam - 0.5) > 1e-3:
+        assert mean == pytest.approx(lam / (2 * lam - 1) + 1 / (2 * math.atanh(1 - 2 * lam)), rel=1e-9)
+        assert abs(mean - lam) > 0.01                   # showing lambda as the mean is the error the paper names
+
+
+def test_fixed_sigma_gaussian_gradient_is_mse_plus_beta_kl_with_beta_two_sigma_squared():
+    # -log N(x; m, s^2) = |x - m|^2 / (2 s^2) + const: its gradient with KL weight 1 is 1 / (2 s^2) times the
+    # gradient of |x - m|^2 + 2 s^2 KL. sigma = 1/sqrt(2) makes the reconstruction term the squared error itself.
+    for sigma in (1.0, 0.1):
+        a, x, eps = small_vae_batch(likelihood="gaussian", decoder_sigma=sigma)
+        b, _, _ = small_vae_batch(likelihood="gaussian", decoder_sigma=1 / math.sqrt(2))
+        a.forward(x, eps)
+        a.backward(beta=1.0)
+        b.forward(x, eps)
+        b.backward(beta=2 * sigma ** 2)
+        for name, g in a.grads().items():
+            np.testing.assert_allclose(g * 2 * sigma ** 2, b.grads()[name], rtol=1e-10, atol=1e-14, err_msg=name)
+        m = vae.sigmoid(b.decode(b.encode(x)[0] + np.exp(0.5 * b.encode(x)[1]) * eps))
+        recon = b.forward(x, eps)[1]
+        assert recon == pytest.approx(((x - m) ** 2).sum(1).mean() + 12 * 0.5 * math.log(math.pi), rel=1e-12)
+
+
+@pytest.mark.parametrize("likelihood, sigma", [("bernoulli", None), ("gaussian", 0.2), ("cb", None)])
+def test_samples_of_p_x_given_z_have_the_likelihoods_mean_and_spread(likelihood, sigma):
+    model, _, _ = small_vae_batch(likelihood=likelihood, decoder_sigma=sigma)
+    logits = np.tile(np.array([[-3.0, -0.5, 0.0, 1e-3, 0.7, 4.0]]), (100_000, 1))
+    x = model.likelihood.sample(logits, np.random.default_rng(24))
+    np.testing.assert_allclose(x.mean(0), model.likelihood.mean(logits[0]), atol=0.006)
+    if likelihood == "gaussian":
+        np.testing.assert_allclose(x.std(0), 0.2, rtol=0.01)
+    if likelihood == "cb":                              # on [0, 1], with the CDF (e^(l x) - 1) / (e^l - 1)
+        assert x.min() >= 0 and x.max() <= 1
+        l = logits[0, 5]
+        assert np.mean(x[:, 5] < 0.5) == pytest.approx(np.expm1(l * 0.5) / np.expm1(l), abs=0.005)
+    if likelihood == "bernoulli":
+        assert set(np.unique(x)) == {0.0, 1.0}
+
+
+def small_vae_batch(seed=3, n_in=12, hidden=7, latent=3, batch=5, prior="standard", likelihood="bernoulli",
+                    decoder_sigma=None):
     rng = np.random.default_rng(seed)
-    model = priors.build(prior, 4, n_in=n_in, hidden=hidden, latent=latent, seed=seed, dtype=np.float64)
+    model = priors.build(prior, 4, n_in=n_in, hidden=hidden, latent=latent, seed=seed, dtype=np.float64,
+                         likelihood=likelihood, decoder_sigma=decoder_sigma)
     if prior == "vamp":                                 # pseudo-inputs inside (0, 1), away from the clip's kinks
         model.prior["w"][...] = rng.uniform(0.05, 0.95, model.prior["w"].shape)
     x = rng.uniform(0, 1, (batch, n_in))                # intensities in [0, 1], as the images are
@@ -142,21 +238,29 @@ def small_vae_batch(seed=3, n_in=12, hidden=7, latent=3, batch=5, prior="standar
     return model, x, eps
 
 
+LIKELIHOOD_CASES = [("bernoulli", None, set()), ("gaussian", 0.3, set()),
+                    ("gaussian", "learned", {"likelihood.log_sigma"}), ("cb", None, set())]
+
+
 @pytest.mark.parametrize("beta", [1.0, 0.3, 2.5])
 @pytest.mark.parametrize("prior, prior_params", [("standard", set()),
                                                   ("mog", {"prior.means", "prior.log_vars", "prior.log_weights"}),
                                                   ("vamp", {"prior.w"})])
-def test_objective_backward_matches_finite_differences_for_every_parameter(prior, prior_params, beta):
+@pytest.mark.parametrize("likelihood, sigma, likelihood_params", LIKELIHOOD_CASES)
+def test_objective_backward_matches_finite_differences_for_every_parameter(prior, prior_params, beta, likelihood,
+                                                                          sigma, likelihood_params):
     # The objective is recon + beta * KL; beta = 1 is the negative ELBO. A beta applied to the reconstruction
-    # path, or missing from one KL path, fails here for beta != 1.
-    model, x, eps = small_vae_batch(prior=prior)
+    # path, or missing from one KL path, fails here for beta != 1; so does any likelihood's wrong dL/dlogits.
+    model, x, eps = small_vae_batch(prior=prior, likelihood=likelihood, decoder_sigma=sigma)
+    if sigma == "learned":
+        model.likelihood.params["log_sigma"][...] = -0.7
     model.forward(x, eps)
     model.backward(beta)
     analytic = {k: g.copy() for k, g in model.grads().items()}
     objective = lambda: (lambda loss, recon, kl: recon + beta * kl)(*model.forward(x, eps))
     errors = grad_check(objective, model.params(), analytic)
     assert set(errors) == {"enc.0.W", "enc.0.b", "enc.2.W", "enc.2.b", "dec.0.W", "dec.0.b", "dec.2.W",
-                           "dec.2.b"} | prior_params
+                           "dec.2.b"} | prior_params | likelihood_params
     assert_grads_close(errors, 1e-6)
 
 
@@ -267,10 +371,11 @@ def test_reparameterized_gradient_of_expectation_matches_analytic_value():
     np.testing.assert_allclose(dlog_var, sigma2 + 0.5 * (sigma2 - 1), atol=0.02)
 
 
-@pytest.mark.parametrize("prior", ["standard", "mog", "vamp"])
-def test_a_training_step_stays_in_float32(prior):
+@pytest.mark.parametrize("prior, likelihood, sigma", [("standard", "bernoulli", None), ("mog", "gaussian", "learned"),
+                                                     ("vamp", "cb", None), ("standard", "gaussian", 0.5)])
+def test_a_training_step_stays_in_float32(prior, likelihood, sigma):
     rng = np.random.default_rng(12)
-    model = priors.build(prior, 3, n_in=784, hidden=16, latent=4, seed=0)   # float32, as train.py builds it
+    model = priors.build(prior, 3, n_in=784, hidden=16, latent=4, seed=0, likelihood=likelihood, decoder_sigma=sigma)
     opt = Adam(model.params())
     model.forward(mnist.to_float(rng.integers(0, 256, (8, 784)).astype(np.uint8)),
                   rng.standard_normal((8, 4), dtype=np.float32))
@@ -1131,12 +1236,13 @@ def test_the_hole_threshold_comes_from_codes_the_mixture_was_not_fitted_on(monke
 
 
 def test_the_comparison_table_shows_every_column_of_every_row():
-    row = {"run": "beta = 0.3", "recon": 230.0, "kl": 9.5, "negative_elbo": 239.5, "iw_nll": 237.25, "active_units": 12,
-           "variance_range": [0.25, 1.5], "kl_aggregate_prior": 2.0, "mutual_information": 7.5,
-           "prior_hole_fraction": 0.125}
+    row = {"run": "beta = 0.3", "recon": 230.0, "kl": 9.5, "negative_elbo": 239.5, "iw_nll": 237.25, "bits_per_dim": None,
+           "active_units": 12, "variance_range": [0.25, 1.5], "kl_aggregate_prior": 2.0, "mutual_information": 7.5,
+           "prior_hole_fraction": 0.125, "decoder_sigma": 0.0812, "pulls_on_mu": [5.7, 0.77]}
     lines = analysis.comparison_table([row]).splitlines()
-    assert lines[0].startswith("| run | recon | KL | test -ELBO | iw_nll |") and len(lines) == 3
-    assert lines[2] == "| beta = 0.3 | 230.00 | 9.50 | 239.50 | 237.25 | 12 | 0.25-1.50 | 2.00 | 7.50 | 12.5% |"
+    assert lines[0].startswith("| run | recon | KL | test -ELBO | iw_nll | bits/dim |") and len(lines) == 3
+    assert lines[2] == ("| beta = 0.3 | 230.00 | 9.50 | 239.50 | 237.25 | - | 12 | 0.25-1.50 | 2.00 | 7.50 | 12.5% | "
+                        "0.0812 | 5.7 / 0.77 |")
 
 
 def test_iw_nll_of_the_test_set_is_the_mean_over_images_not_over_chunks(monkeypatch):
@@ -1162,6 +1268,13 @@ def one_line_error(capsys, *args, code=1):
 
 
 @pytest.fixture
+def no_figures(monkeypatch):
+    """Draw nothing: for tests of files and folders, which do not look at the figures (and run faster so)."""
+    for name in ("run_figures", "analysis_figures"):
+        monkeypatch.setattr(figures, name, lambda *a, **k: {})
+
+
+@pytest.fixture
 def no_work(monkeypatch):
     """Fail the test if the command downloads (loads data) or trains."""
     monkeypatch.setattr(mnist, "load", lambda *a, **k: pytest.fail("loaded data before checking the options"))
@@ -1172,10 +1285,10 @@ def no_work(monkeypatch):
                                    ["--epochs", "20"], ["--prior", "mog"], ["--prior", "vamp", "--prior-components",
                                    "50"], ["--binarize"], ["--hidden", "200"], ["--latent", "2"], ["--seed", "3"]])
 def test_runs_that_differ_in_a_training_option_never_share_a_default_folder(flags):
-    recipe = train.default_out(train.prepare_config(train.parse_args([])))
-    assert train.default_out(train.prepare_config(train.parse_args(flags))) != recipe
-    assert train.default_out(train.prepare_config(train.parse_args(["--beta", "0.3", "--kl-warmup", "5"]))) != \
-        train.default_out(train.prepare_config(train.parse_args(["--beta", "0.3"])))
+    recipe = mnist.default_out(train.prepare_config(train.parse_args([])), train.DEFAULTS)
+    assert mnist.default_out(train.prepare_config(train.parse_args(flags)), train.DEFAULTS) != recipe
+    assert mnist.default_out(train.prepare_config(train.parse_args(["--beta", "0.3", "--kl-warmup", "5"])), train.DEFAULTS) != \
+        mnist.default_out(train.prepare_config(train.parse_args(["--beta", "0.3"])), train.DEFAULTS)
 
 
 def test_a_new_run_never_replaces_another_runs_files_unless_asked(finished_run, tmp_path, data_dir, capsys, no_work):
@@ -1207,7 +1320,7 @@ with mnist.claim(sys.argv[1], True, False):
 """
 
 
-def test_a_folder_in_use_is_refused_and_a_crashed_runs_lock_does_not_stay(tmp_path, data_dir, capsys):
+def test_a_folder_in_use_is_refused_and_a_crashed_runs_lock_does_not_stay(tmp_path, data_dir, capsys, no_figures):
     out = tmp_path / "busy"
     holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(out)], cwd=HERE, stdout=subprocess.PIPE,
                               text=True)
@@ -1221,7 +1334,7 @@ def test_a_folder_in_use_is_refused_and_a_crashed_runs_lock_does_not_stay(tmp_pa
     assert run_cli("--data-dir", data_dir, *SMALL, "--epochs", "0", "--out", str(out)) == 0
 
 
-def test_the_output_folder_exists_before_anything_is_saved(finished_run, tmp_path, data_dir, capsys):
+def test_the_output_folder_exists_before_anything_is_saved(finished_run, tmp_path, data_dir, capsys, no_figures):
     assert run_cli("--data-dir", data_dir, *SMALL, "--epochs", "0", "--out", str(tmp_path / "a" / "new")) == 0
     assert (tmp_path / "a" / "new" / "model.npz").exists()
     out = tmp_path / "continued"                        # a finished run continued into a new folder
@@ -1253,6 +1366,15 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(data
     (["--betas", "0", "1", "--beta", "2"], "--betas and --beta do not go together"),
     (["--lr", "abc"], "invalid float value"), (["--lr", "nan"], "--lr: must be > 0"),
     (["--beta", "inf"], "--beta: must be >= 0 and finite"), (["--no-such-option"], "unrecognized arguments"),
+    (["--likelihood", "gaussian", "--decoder-sigma", "0"], "must be a number > 0 or 'learned', got '0'"),
+    (["--likelihood", "gaussian", "--decoder-sigma", "-1"], "must be a number > 0 or 'learned', got '-1'"),
+    (["--likelihood", "gaussian", "--decoder-sigma", "wide"], "must be a number > 0 or 'learned', got 'wide'"),
+    (["--decoder-sigma", "1"], "--decoder-sigma is the Gaussian likelihood's"),
+    (["--likelihood", "cb", "--decoder-sigma", "learned"], "--decoder-sigma is the Gaussian likelihood's"),
+    (["--likelihoods", "gaussian"], "'gaussian' is not bernoulli, gaussian:SIGMA"),
+    (["--likelihoods", "cb:1"], "'cb:1' is not bernoulli"), (["--likelihoods", "gaussian:0"], "got '0'"),
+    (["--likelihoods", "cb", "--betas", "1"], "--betas and --likelihoods do not go together"),
+    (["--analyze", "m.npz", "--likelihood", "cb"], "--analyze and --likelihood do not go together"),
 ])
 def test_options_that_cannot_work_are_refused_in_one_line(capsys, no_work, flags, message):
     assert message in one_line_error(capsys, *flags, code=2)
@@ -1297,14 +1419,16 @@ def test_resume_says_what_it_will_train_and_keeps_the_epoch_target(finished_run,
     assert (finished_run / "model.npz").read_bytes() == model_bytes
 
 
-def test_resume_of_an_interrupted_run_trains_on_to_its_own_target(tmp_path, data_dir, capsys, monkeypatch):
+def test_resume_of_an_interrupted_run_trains_on_to_its_own_target(tmp_path, data_dir, capsys, monkeypatch,
+                                                                 no_figures):
     def interrupt_in_epoch_1(state, n_steps, seen):
         if state["step"] == 3:
             signal.raise_signal(signal.SIGINT)
+    real_progress_bar = figures.progress_bar
     monkeypatch.setattr(figures, "progress_bar", interrupt_in_epoch_1)
     out = tmp_path / "cut"
     assert run_cli("--data-dir", data_dir, *SMALL, "--epochs", "2", "--out", str(out)) == 130
-    monkeypatch.undo()
+    monkeypatch.setattr(figures, "progress_bar", real_progress_bar)
     capsys.readouterr()
     assert run_cli("--data-dir", data_dir, "--resume", str(out / "checkpoint.npz"), "--iw-samples", "2") == 0
     assert "training epochs 1-2 (epoch 1 from step 4)" in capsys.readouterr().out
@@ -1324,3 +1448,61 @@ def test_peak_memory_without_resource_is_none_or_windows_own_count(monkeypatch):
     monkeypatch.setitem(sys.modules, "resource", None)  # import resource fails, as on Windows
     monkeypatch.setattr(os, "name", "posix")
     assert analysis.peak_memory_mb() is None
+
+
+# ---- the likelihoods on the command line ----------------------------------------------------------------------
+
+def test_a_checkpoint_of_another_likelihood_is_refused(finished_run, data_dir, capsys, no_work):
+    err = one_line_error(capsys, "--data-dir", data_dir, "--resume", str(finished_run / "checkpoint.npz"),
+                         "--likelihood", "gaussian", "--decoder-sigma", "0.5")
+    assert "another architecture" in err and "--likelihood bernoulli" in err
+
+
+def test_a_model_file_from_before_the_likelihoods_loads_as_bernoulli(tmp_path):
+    model, x, eps = small_vae_batch()
+    mnist.save_model(model, str(tmp_path / "m.npz"))
+    with np.load(tmp_path / "m.npz") as f:
+        old = {k: f[k] for k in f.files if k not in ("likelihood", "decoder_sigma")}
+    np.savez(tmp_path / "old.npz", **old)
+    loaded = mnist.load_model(str(tmp_path / "old.npz"))[0]
+    assert loaded.likelihood.name == "bernoulli" and loaded.forward(x, eps) == model.forward(x, eps)
+
+
+@pytest.fixture(scope="module")
+def likelihood_experiment(tmp_path_factory, data_dir):
+    """The likelihood experiment with a learned-sigma Gaussian and the continuous Bernoulli, one epoch each."""
+    out = tmp_path_factory.mktemp("runs") / "likelihoods"
+    assert run_cli("--data-dir", data_dir, *SMALL, "--epochs", "1", "--likelihoods", "gaussian:learned", "cb",
+                   "--out", str(out)) == 0
+    return out
+
+
+def test_the_likelihood_experiment_trains_one_run_per_likelihood_and_compares_them(likelihood_experiment):
+    rows = json.loads((likelihood_experiment / "comparison.json").read_text())
+    assert [r["run"] for r in rows] == ["gaussian, sigma learned", "cb"]
+    assert [r["likelihood"] for r in rows] == ["gaussian", "cb"]
+    for row, folder in zip(rows, ("gaussian-sigma-learned", "cb")):
+        m = json.loads((likelihood_experiment / folder / "metrics.json").read_text())
+        assert row["negative_elbo"] == m["test_loss"] and 0 < row["bits_per_dim"] < 1e3, row
+        assert (likelihood_experiment / folder / "samples_mean_and_draw.png").stat().st_size > 0
+    sigma = float(np.exp(mnist.load_model(str(likelihood_experiment / "gaussian-sigma-learned" / "model.npz"))[0]
+                         .params()["likelihood.log_sigma"][0]))
+    assert rows[0]["decoder_sigma"] == pytest.approx(sigma) and sigma < 1      # learned: down from its start at 1
+    assert rows[1]["decoder_sigma"] is None and all(len(r["pulls_on_mu"]) == 2 for r in rows)
+    assert (likelihood_experiment / "likelihood_samples.png").stat().st_size > 0
+
+
+def test_the_bits_per_dimension_bound_uses_dequantized_pixels(monkeypatch):
+    # With q(z|x) the true posterior, -log p(x) is exact for every S, so the bound is E_u[-log p((pixel + u)/256)]
+    # + D log 256 in bits per dimension: check it against a direct computation with the same draws.
+    model, _, _ = small_vae_batch(likelihood="cb")
+    model.decoder.layers[0].params["W"][...] = 0        # p(x|z) = p(x): the true posterior is the prior N(0, I),
+    for p in model.encoder.layers[-1].params.values():  # and q(z|x) is made N(0, I) too
+        p[...] = 0
+    pixels = np.random.default_rng(25).integers(0, 256, (30, 12)).astype(np.uint8)
+    found = analysis.likelihood_measures(model, pixels, 3, np.random.default_rng(26), {}, lambda line: None,
+                                         lambda what: None)
+    u = np.random.default_rng(26).random(pixels.shape)
+    logits = model.decode(np.zeros((1, 3)))
+    nll = vae.cb_nll_forward(np.broadcast_to(logits, pixels.shape), (pixels + u) / 256)[0]
+    assert found["bits_per_dim"] == pytest.approx((nll.mean() + 12 * math.log(256)) / (12 * math.log(2)), rel=1e-6)

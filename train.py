@@ -28,8 +28,10 @@ from autograd import Adam
 # The recipe. Training options default to None on the command line, so that --resume can tell "not given"
 # (take the checkpoint's) from "given" (must agree with the checkpoint's).
 DEFAULTS = {"dataset": "mnist", "hidden": 400, "latent": 20, "prior": "standard", "prior_components": None,
-            "batch_size": 128, "lr": 1e-3, "seed": 0, "beta": 1.0, "kl_warmup": 0, "binarize": False}
-ARCHITECTURE = ("hidden", "latent", "prior", "prior_components")   # of the training options, those of the model
+            "likelihood": "bernoulli", "decoder_sigma": None, "batch_size": 128, "lr": 1e-3, "seed": 0, "beta": 1.0,
+            "kl_warmup": 0, "binarize": False}
+ARCHITECTURE = ("hidden", "latent", "prior", "prior_components", "likelihood", "decoder_sigma")   # the model's
+LIKELIHOODS = ["bernoulli", "gaussian:1", "gaussian:0.1", "gaussian:learned", "cb"]   # --likelihoods' default
 OPTIONS = [  # flag, type, least value allowed, default (None: DEFAULTS'), help
     ("--epochs", int, 0, None, "total epochs (default: 10; 3 with --benchmark)"),
     ("--batch-size", int, 1, None, "default: 128"),
@@ -44,10 +46,12 @@ OPTIONS = [  # flag, type, least value allowed, default (None: DEFAULTS'), help
     ("--gmm-components", int, 1, 10, "components of the mixture fitted to the aggregated posterior (default: 10)"),
     ("--posterior-image", int, 0, 0, "index of the test image whose posterior is sampled (default: 0)")]
 NOT_TOGETHER = {  # an option, why, and the options it cannot go with
-    "analyze": ("it measures a saved model and trains nothing", ("resume", "betas", "benchmark", "epochs",
-                "batch_size", "lr", "hidden", "latent", "prior", "prior_components", "beta", "kl_warmup")),
-    "resume": ("a run continues with the options it was started with", ("betas", "benchmark", "overwrite")),
-    "betas": ("the experiment sets the KL weight of each run", ("beta", "benchmark"))}
+    "analyze": ("it measures a saved model and trains nothing", ("resume", "betas", "likelihoods", "benchmark", "epochs",
+                *(k for k in DEFAULTS if k not in ("dataset", "seed", "binarize")))),
+    "resume": ("a run continues with the options it was started with", ("betas", "likelihoods", "benchmark",
+                                                                         "overwrite")),
+    "betas": ("the experiment sets the KL weight of each run", ("beta", "benchmark", "likelihoods")),
+    "likelihoods": ("the experiment sets each run's likelihood", ("likelihood", "decoder_sigma", "benchmark"))}
 STATE_LISTS = ("train_loss", "train_recon", "train_kl", "train_objective", "kl_weight", "test_loss_curve",
                "epoch_seconds", "gradient_paths", "gradient_paths_per_unit")    # one value per epoch each
 PATHS = ("recon_mu", "kl_mu", "recon_log_var", "kl_log_var")   # the gradients that meet at the encoder's outputs
@@ -61,17 +65,34 @@ class UsageError(Exception):
     """Options that cannot work together, or an output folder that cannot be used: found before any work starts."""
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):                   # one line, like every other mistake (argparse adds a usage dump)
-        self.exit(2, f"error: {message} (python train.py --help lists the options)\n")
+def decoder_sigma(text):
+    """--decoder-sigma: 'learned', or a number > 0."""
+    try:
+        value = text if text == "learned" else float(text)
+    except ValueError:
+        value = math.nan
+    if value != "learned" and not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a number > 0 or 'learned', got {text!r}")
+    return value
+
+
+def likelihood(spec):
+    """--likelihoods: bernoulli, cb, or gaussian:SIGMA (SIGMA a number > 0, or 'learned'). -> (name, sigma)"""
+    name, _, sigma = spec.partition(":")
+    if name in ("bernoulli", "cb", "gaussian") and bool(sigma) == (name == "gaussian"):
+        return name, decoder_sigma(sigma) if sigma else None
+    raise argparse.ArgumentTypeError(f"{spec!r} is not bernoulli, gaussian:SIGMA (SIGMA > 0 or learned) or cb")
 
 
 def parse_args(argv):
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: p.exit(2, f"error: {message} (python train.py --help lists the options)\n")  # one line
     p.add_argument("--dataset", choices=sorted(mnist.DATASETS), help="default: mnist")
     p.add_argument("--data-dir", help="where the archives are looked for and downloaded to (default: data/<dataset>)")
     p.add_argument("--mirror", help="download from this URL instead of the default mirrors")
     p.add_argument("--prior", choices=sorted(priors.PRIORS), help="p(z): N(0, I) (standard), a mixture (mog), VampPrior")
+    p.add_argument("--likelihood", choices=("bernoulli", "gaussian", "cb"), help="p(x|z); default: bernoulli")
+    p.add_argument("--decoder-sigma", type=decoder_sigma, help="the Gaussian's sigma: > 0, or learned (default)")
     p.add_argument("--binarize", action="store_true", default=None, help="train on pixels drawn as Bernoulli("
                    "intensity) each time an image is used; the test set is binarized once")
     for flag, kind, _, default, text in OPTIONS:
@@ -79,10 +100,11 @@ def parse_args(argv):
     p.add_argument("--gmm-covariance", choices=("full", "diag"), default="full", help="default: full")
     p.add_argument("--out", help="output folder (default: runs/<dataset>-h<hidden>-z<latent>-s<seed>[-...])")
     p.add_argument("--resume", metavar="CHECKPOINT", help="continue the run saved in this checkpoint.npz")
-    p.add_argument("--analyze", metavar="MODEL", help="no training: measure and draw the latent space of this "
-                   "model.npz (figures and metrics.json go beside it, or to --out)")
+    p.add_argument("--analyze", metavar="MODEL", help="measure and draw a saved model.npz again (beside it, or --out)")
     p.add_argument("--betas", type=float, nargs="+", metavar="BETA", help="the KL-weight experiment: one run per "
                    "beta, the same seed, each in <out>/beta-<BETA>; then a comparison in <out>")
+    p.add_argument("--likelihoods", nargs="*", type=likelihood, metavar="SPEC", help="the likelihood experiment, "
+                   f"like --betas: a run per SPEC (default: {' '.join(LIKELIHOODS)}), then a comparison")
     p.add_argument("--benchmark", action="store_true", help="time a few epochs against the matrix-product floor "
                    "measured in the same run; writes nothing")
     p.add_argument("--overwrite", action="store_true", help="replace the run files already in the output folder")
@@ -91,6 +113,8 @@ def parse_args(argv):
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None and not (value >= least and math.isfinite(value)):
             p.error(f"argument {flag}: must be {'> 0' if least > 0 else '>= 0'} and finite, got {value}")
+    if args.decoder_sigma is not None and args.likelihood != "gaussian":
+        p.error("--decoder-sigma is the Gaussian likelihood's: add --likelihood gaussian, or drop it")
     for a, (why, others) in NOT_TOGETHER.items():
         for b in (b for b in others if getattr(args, a) not in (None, False) and getattr(args, b) not in (None, False)):
             p.error(f"--{a.replace('_', '-')} and --{b.replace('_', '-')} do not go together: {why}")
@@ -102,7 +126,8 @@ def parse_args(argv):
 def new_run(cfg, x_train):
     """The model, its optimizer, and the state that, with the parameters, makes a run resumable."""
     model = priors.build(cfg["prior"], cfg["prior_components"], n_in=x_train.shape[1], hidden=cfg["hidden"],
-                         latent=cfg["latent"], seed=cfg["seed"])
+                         latent=cfg["latent"], seed=cfg["seed"], likelihood=cfg["likelihood"],
+                         decoder_sigma=cfg["decoder_sigma"])
     cfg["prior_components"] = model.components
     if cfg["prior"] == "vamp":  # pseudo-inputs start as K random training images + N(0, 0.01^2), as in the paper
         rng, u = np.random.default_rng([cfg["seed"], 6]), model.prior["w"]
@@ -196,6 +221,8 @@ def train(model, opt, x_train, x_test, state, cfg, checkpoint):
 def prepare_config(args):
     """A new run's training options: the recipe's, unless given on the command line."""
     cfg = {**DEFAULTS, **{k: getattr(args, k) for k in DEFAULTS if getattr(args, k) is not None}}
+    if cfg["likelihood"] == "gaussian" and cfg["decoder_sigma"] is None:
+        cfg["decoder_sigma"] = "learned"
     return {**cfg, "epochs": args.epochs if args.epochs is not None else 3 if args.benchmark else 10}
 
 
@@ -225,7 +252,7 @@ def prepare(args):
     if not args.analyze and cfg["kl_warmup"] > cfg["epochs"]:
         raise UsageError(f"--kl-warmup {cfg['kl_warmup']} is longer than the {cfg['epochs']} epochs: the KL weight "
                          f"would never reach beta; shorten the warm-up or train longer")
-    out = args.out or (os.path.dirname(path) or "." if path else default_out(cfg))
+    out = args.out or (os.path.dirname(path) or "." if path else mnist.default_out(cfg, DEFAULTS))
     fresh = not path or os.path.abspath(out) != os.path.abspath(os.path.dirname(path) or ".")
     if not args.benchmark:
         mnist.check_out(out, fresh, args.overwrite)
@@ -254,8 +281,7 @@ def run(args):
     Returns (exit code, {"model", "metrics", "x_test", "y_test"} of a finished run)."""
     cfg, model, opt, state, out, fresh = prepare(args)
     if args.resume and state["epoch"] >= cfg["epochs"]:
-        print(f"{args.resume}: already at epoch {state['epoch']} of {cfg['epochs']}: nothing to train (pass --epochs "
-              f"{state['epoch'] + 1} or more to train further)")
+        print(f"{args.resume}: already at epoch {state['epoch']} of {cfg['epochs']}: nothing to train (--epochs N trains on)")
         return 0, None
     x_train, x_test, y_test = load_data(args, cfg, model)
     if model is None:
@@ -263,11 +289,8 @@ def run(args):
     if args.benchmark:                              # train a few epochs (writing nothing), then time a step's phases
         train(model, opt, x_train, x_test, state, cfg, checkpoint=None)
         perm = state["rng"].permutation(len(x_train))
-        analysis.speed(model, opt, lambda step: batch(x_train, perm, step, cfg, state["rng"], model.latent),
-                       len(x_train), cfg, state)
-        seconds = analysis.analyze(model, x_train, x_test, cfg["seed"], args.iw_samples, args.gmm_components,
-                                   args.gmm_covariance, log=lambda line: None)[0]["analysis_seconds"]
-        print("analysis after training: " + ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items()))
+        analysis.speed(model, opt, lambda step: batch(x_train, perm, step, cfg, state["rng"], model.latent), x_train,
+                       x_test, cfg, state, args)
         return 0, None
     with mnist.claim(out, fresh, args.overwrite):
         if args.analyze:
@@ -287,23 +310,17 @@ def run(args):
         return 0, analysis.measure_and_draw(model, metrics, cfg, x_train, x_test, y_test, out, args)
 
 
-def default_out(cfg):
-    """runs/<dataset>-h<hidden>-z<latent>-s<seed>, and every training option that differs from the recipe: runs
-    that differ never share a default folder."""
-    differs = [f"{name}{cfg[key]:g}" if isinstance(cfg[key], float) else f"{name}{cfg[key]}" for key, name in (
-        ("beta", "beta"), ("kl_warmup", "warmup"), ("lr", "lr"), ("batch_size", "b"), ("epochs", "e"))
-        if cfg[key] != {**DEFAULTS, "epochs": 10}[key]]
-    prior = [] if cfg["prior"] == "standard" else [cfg["prior"] + (f"{cfg['prior_components']}" if
-                                                                    cfg["prior_components"] else "")]
-    return os.path.join("runs", "-".join([f"{cfg['dataset']}-h{cfg['hidden']}-z{cfg['latent']}-s{cfg['seed']}", *prior,
-                                          *(["binary"] if cfg["binarize"] else []), *differs]))
-
-
 def experiment(args):
-    """--betas: the same recipe and seed trained once per KL weight, each run in its own folder <out>/beta-<BETA>;
-    then the table (printed, and comparison.json) and the figures that compare them."""
-    out = args.out or default_out(prepare_config(args)) + "-betas"
-    variants = {f"beta = {b:g}": {"beta": b, "out": os.path.join(out, f"beta-{b:g}")} for b in args.betas}
+    """--betas or --likelihoods: the same recipe and seed trained once per KL weight or likelihood, each run in its
+    own folder <out>/beta-<BETA> or <out>/<SPEC>; then the table (printed, and comparison.json) and the figures."""
+    out = args.out or mnist.default_out(prepare_config(args), DEFAULTS) + ("-betas" if args.betas else "-likelihoods")
+    if args.betas:
+        variants = {f"beta = {b:g}": {"beta": b, "out": os.path.join(out, f"beta-{b:g}")} for b in args.betas}
+    else:
+        specs = [(name, sigma, f"{sigma:g}" if isinstance(sigma, float) else sigma)
+                 for name, sigma in args.likelihoods or [likelihood(spec) for spec in LIKELIHOODS]]
+        variants = {name + (f", sigma {s}" if s else ""): {"likelihood": name, "decoder_sigma": sigma,
+                    "out": os.path.join(out, name + (f"-sigma-{s}" if s else ""))} for name, sigma, s in specs}
     every = {name: argparse.Namespace(**{**vars(args), **v}) for name, v in variants.items()}
     for sub in every.values():                      # every run's folder is checked before the first one trains
         prepare(sub)
@@ -313,20 +330,14 @@ def experiment(args):
             code, runs[name] = run(sub)
             if code:
                 return code
-        rows = [analysis.comparison_row(name, r["metrics"]) for name, r in runs.items()]
-        analysis.write_metrics(os.path.join(out, "comparison.json"), rows)
-        print(analysis.comparison_table(rows))
-        last = runs[name]
-        figures.save(out, figures.comparison_figures({n: r["model"] for n, r in runs.items()}, last["x_test"],
-                                                     last["y_test"], args.posterior_image, last["metrics"]["config"]["seed"]))
-    print(f"wrote comparison.json and the figures that compare the runs to {out}")
+        analysis.compare(runs, out, args.posterior_image, "kl_weight" if args.betas else "likelihood")
     return 0
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        return experiment(args) if args.betas else run(args)[0]
+        return experiment(args) if args.betas or args.likelihoods is not None else run(args)[0]
     except (mnist.DataError, mnist.FolderError, mnist.ModelFileError, NonFiniteLoss, UsageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
