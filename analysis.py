@@ -2,7 +2,7 @@
 and how its aggregated posterior sits against its prior.
 
     -ELBO = -log p(x|z) + KL(q(z|x) || p(z))                       negative_elbo: the test loss, at beta = 1
-    -log p(x) ~ -log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x)        iw_nll: importance weighting (Burda et al. 2015)
+    -log p(x) ~ -log (1/S) sum_s p(x|z_s) p(z_s) / q(z_s|x)        iw_nll: importance weighting (Burda et al. 2015)
     q(z) = (1/N) sum_n q(z|x_n)        the aggregated posterior: the codes of all the images together
     mean_n KL(q(z|x_n) || p(z)) = I(x; z) + KL(q(z) || p(z))       elbo_surgery (Hoffman & Johnson 2016)
     holes                              prior draws that land where q(z) has (almost) no mass, and decode to blends
@@ -119,8 +119,8 @@ def iw_nll(model, images, n_samples, rng, eps=None, batch_size=25, progress=None
     An upper bound on -log p(x) that falls towards it as S grows (Burda et al. 2015, who call S 'k'); for S = 1
     it is the negative ELBO with the KL estimated at the one z. images: uint8 pixels, or intensities already in
     [0, 1] (float). eps (S, len(images), Z) may be given; progress, a
-    function of the fraction done. The S * B codes of a batch are decoded about 250 at a time, so that each block
-    of logits is still in the CPU's cache when log p(x|z) reads it (measured: half the time of one block of 2500)."""
+    function of the fraction done. The S * B codes of a batch are decoded about 250 at a time: the logits held
+    at once stay under a megabyte whatever S (with S = 1000, one block per batch would hold 80 MB per array)."""
     s, latent = n_samples, model.latent
     out = np.empty(len(images))
     for i in range(0, len(images), batch_size):
@@ -129,9 +129,9 @@ def iw_nll(model, images, n_samples, rng, eps=None, batch_size=25, progress=None
         mu, log_var = (a.astype(np.float64) for a in model.encode(xb))
         e = rng.standard_normal((s, len(xb), latent)) if eps is None else eps[:, i:i + batch_size]
         z, _ = reparameterize_forward(mu, log_var, e)                            # (S, B, Z)
-        k = max(1, 250 // len(xb))                                               # samples per block
+        per_block = max(1, 250 // len(xb))                                       # samples per block
         log_px = np.concatenate([model.likelihood.log_density(xb, model.decode(zk.reshape(-1, latent).astype(
-            model.dtype)).reshape(len(zk), len(xb), -1)) for zk in np.split(z, range(k, s, k))])
+            model.dtype)).reshape(len(zk), len(xb), -1)) for zk in np.split(z, range(per_block, s, per_block))])
         # log w_s = log p(x|z_s) + log p(z_s) - log q(z_s|x), (S, B); the pixel sum in the model's dtype, then float64
         log_w = log_px.astype(np.float64) + model.log_prior(z.reshape(-1, latent)).reshape(s, -1) - log_normal(
             z, mu, log_var)
@@ -154,7 +154,7 @@ def likelihood_measures(model, x_test, iw_samples, rng, seconds, log, progress):
     if lk.name != "bernoulli":
         with phase("bits_per_dim", seconds, log, "the same bound on uniformly dequantized test images, in bits per "
                                                  "dimension"):
-            x = (x_test + rng.random(x_test.shape)) / 256                   # (pixel + u) / 256, in (0, 1)
+            x = (x_test + rng.random(x_test.shape)) / 256       # (pixel + u) / 256: pixel k's bin is [k, k+1) / 256
             nll = iw_nll(model, x, iw_samples, rng, progress=progress("bits per dimension")).mean()
             d = x_test.shape[1]
             found["bits_per_dim"] = float((nll + d * math.log(256)) / (d * math.log(2)))
@@ -207,9 +207,9 @@ def analyze(model, x_train, x_test, seed, iw_samples, gmm_components, gmm_covari
                                        f"image"):
         iw = float(iw_nll(model, x_test, iw_samples, rng, progress=progress("iw_nll")).mean())   # over every image
     log(f"  -log p(x) <= {iw:.2f} nats")
-    metrics = {"iw_nll": iw, "iw_samples": iw_samples, **likelihood_measures(model, x_test, iw_samples, rng, seconds, log,
-                                                                            progress)}
-    metrics = {**metrics, "analysis_seconds": seconds, "aggregate_posterior": {
+    metrics = {"iw_nll": iw, "iw_samples": iw_samples,
+               **likelihood_measures(model, x_test, iw_samples, rng, seconds, log, progress),
+               "analysis_seconds": seconds, "aggregate_posterior": {
         **moments, **surgery, "prior_hole_fraction": hole_fraction, "aggregate_sample_hole_fraction": agg_hole_fraction,
         "hole_log_density_threshold": threshold,
         "gmm": {"components": gmm_components, "covariance": gmm_covariance, "fitted_on": len(fit_on),
@@ -262,15 +262,16 @@ def compare(runs, out, image_index, prefix):
     rows = [comparison_row(name, r["metrics"]) for name, r in runs.items()]
     write_metrics(os.path.join(out, "comparison.json"), rows)
     print(comparison_table(rows))
-    last = list(runs.values())[-1]
-    figures.save(out, figures.comparison_figures({n: r["model"] for n, r in runs.items()}, last["x_test"],
-                                                 last["y_test"], image_index, last["metrics"]["config"]["seed"], prefix))
+    last, models = list(runs.values())[-1], {n: r["model"] for n, r in runs.items()}
+    figures.save(out, figures.comparison_figures(models, last["x_test"], last["y_test"], image_index,
+                                                 last["metrics"]["config"]["seed"], prefix))
     print(f"wrote comparison.json and the figures that compare the runs to {out}")
 
 
 def comparison_table(rows):
     """The rows as a Markdown table, as docs/experiments.md shows it ('-' where a run has no such number)."""
-    lines = ["| " + " | ".join(title for title, _, _ in COMPARISON_COLUMNS) + " |", "|" + "---|" * len(COMPARISON_COLUMNS)]
+    lines = ["| " + " | ".join(title for title, _, _ in COMPARISON_COLUMNS) + " |",
+             "|" + "---|" * len(COMPARISON_COLUMNS)]
     for row in rows:
         lines.append("| " + " | ".join("-" if row.get(key) is None else form.format(row[key])
                                        for _, key, form in COMPARISON_COLUMNS) + " |")

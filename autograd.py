@@ -4,6 +4,7 @@ Every layer follows one contract (the CS231n one, with the cache kept on the lay
     y = layer.forward(x)       keeps exactly what backward needs
     dx = layer.backward(dy)    returns dL/dx and stores dL/dparam in layer.grads (Linear can skip dL/dx, or
                                give some rows of it only: need_dx)
+ReLU works in place: its forward overwrites its input (a Linear's fresh output), its backward overwrites dy.
 Shapes: x is (B, n_in), y is (B, n_out); B is the batch size.
 """
 import copy

@@ -60,6 +60,14 @@ def run_header(cfg, model, state, n_train, n_test, out):
             f"{cfg['batch_size']}; {plan}; writing to {out}")
 
 
+def interrupted_line(state, checkpoint, data_dir):
+    """The line Ctrl-C ends a run with: where it stopped, and the command that continues it."""
+    where = f"at epoch {state['epoch'] + 1}, step {state['step']}" if state["perm"] is not None else \
+        f"after epoch {state['epoch']}"
+    return f"\ninterrupted {where}; continue with: python train.py --resume {checkpoint}" + (
+        f" --data-dir {data_dir}" if data_dir else "")
+
+
 def epoch_line(state, loss, recon, kl, n_train):
     """The line each epoch ends with: its mean training loss, the test loss, the KL weight, the speed."""
     seconds = state["epoch_seconds"][-1]
@@ -81,7 +89,7 @@ def image_grid(ax, images, rows, title=None):
 
 
 def likelihood_label(model):
-    sigma = model.likelihood.sigma
+    sigma = model.likelihood.decoder_sigma
     return {"bernoulli": "Bernoulli", "cb": "continuous Bernoulli"}.get(model.likelihood.name) or (
         f"Gaussian (sigma {sigma:g})" if isinstance(sigma, float) else "Gaussian (learned sigma)")
 

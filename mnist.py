@@ -256,7 +256,7 @@ def default_out(cfg, recipe):
     prior = [] if cfg["prior"] == "standard" else [cfg["prior"] + (f"{cfg['prior_components']}" if
                                                                     cfg["prior_components"] else "")]
     likelihood = [] if cfg["likelihood"] == "bernoulli" else [cfg["likelihood"] + (
-        f"-sigma{cfg['decoder_sigma']:g}" if isinstance(cfg["decoder_sigma"], float) else "-sigma-learned"
+        f"-sigma-{cfg['decoder_sigma']:g}" if isinstance(cfg["decoder_sigma"], float) else "-sigma-learned"
         if cfg["decoder_sigma"] else "")]
     return os.path.join("runs", "-".join([f"{cfg['dataset']}-h{cfg['hidden']}-z{cfg['latent']}-s{cfg['seed']}", *prior,
                                           *likelihood, *(["binary"] if cfg["binarize"] else []), *differs]))
@@ -273,7 +273,7 @@ def save_model(model, path, **extra):
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, arch=np.array([model.n_in, model.hidden, model.latent]), prior=np.array(model.prior_name),
                  components=np.array(model.components), likelihood=np.array(model.likelihood.name),
-                 decoder_sigma=np.array(str(model.likelihood.sigma)), **model.params(),
+                 decoder_sigma=np.array(str(model.likelihood.decoder_sigma)), **model.params(),
                  **{"extra." + k: v for k, v in extra.items()})
 
 

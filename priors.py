@@ -1,13 +1,17 @@
-"""Learned priors: vae.VAE with p(z) = N(0, I) replaced by a prior with parameters of its own, learned with the rest.
+"""Priors other than N(0, I), the two remedies for the holes a prior's draws can fall into.
 
+Learned with the model: vae.VAE with p(z) = N(0, I) replaced by a prior with parameters of its own.
     MixturePriorVAE   p(z) = sum_k pi_k N(z; m_k, diag(s_k^2)),  pi = softmax(log_weights)     ('mog')
     VampPriorVAE      p(z) = (1/K) sum_k q(z|u_k), K pseudo-inputs u_k (Tomczak & Welling 2018) ('vamp')
+Here K is the number of the prior's components. What changes against vae.VAE: the four prior methods (kl_forward,
+kl_backward, sample_z, log_prior) and the parameters (__init__, params, grads); the training step, VAE.forward
+and VAE.backward, is the standard one, to which the VampPrior adds the second gradient of the encoder's weights.
+A mixture has no closed-form KL, so the KL is estimated at the same sampled z = mu + sigma * eps as the
+reconstruction (K&W eq. 6): KL ~ log q(z|x) - log p(z). Its gradient reaches mu and log_var through z, so here
+z's path through the reparameterization carries the KL's gradient too.
 
-Here K is the number of the prior's components. What changes against vae.VAE, and nothing else: the four prior
-methods (kl_forward, kl_backward, sample_z, log_prior) and the parameters. The training step, VAE.forward and
-VAE.backward, is the standard one. A mixture has no closed-form KL, so the KL is estimated at the same sampled
-z = mu + sigma * eps as the reconstruction (K&W eq. 6): KL ~ log q(z|x) - log p(z). Its gradient reaches mu and
-log_var through z, so here z's path through the reparameterization carries the KL's gradient too.
+Fitted after training: a mixture of M Gaussians fitted by EM to the aggregated posterior's codes (fit_gmm), to
+sample from instead of N(0, I) and to measure the holes with (analysis.py). And build(), a model of any prior.
 """
 import math
 
@@ -108,13 +112,13 @@ class MixturePriorVAE(VAE):
         dz, dlog_var_q, dmeans, dlog_vars, dlog_pi = kl_mixture_backward(dkl, self.kl_cache)
         self.mixture_backward(dmeans, dlog_vars, dlog_pi)
         dmu, dlog_var = reparameterize_backward(dz, self.z_cache)      # the prior's pull on z, on to mu and log_var
-        return dmu, dlog_var + dlog_var_q
+        return dmu, dlog_var + dlog_var_q       # the KL's two paths to log_var: through z, and -1/2 from log q
 
     def mixture_backward(self, dmeans, dlog_vars, dlog_pi):
         self.prior_grads["means"][...] = dmeans
         self.prior_grads["log_vars"][...] = dlog_vars
         pi = np.exp(self.mixture()[2])          # log pi = a - logsumexp(a): d log pi_j / d a_k = delta_jk - pi_k,
-        self.prior_grads["log_weights"][...] = dlog_pi - pi * dlog_pi.sum()  # dL/da_k = dlog_pi_k - pi_k sum_j dlog_pi_j
+        self.prior_grads["log_weights"][...] = dlog_pi - pi * dlog_pi.sum()  # dL/da_k = dlog_pi_k - pi_k sum_j ...
 
     def sample_z(self, n, rng):
         """n draws (float64) from the learned mixture."""
@@ -172,8 +176,8 @@ def build(prior="standard", components=None, **arch):
 
 # ---- the first remedy: a Gaussian mixture fitted by EM to the aggregated posterior, after training ------------
 
-def fit_gmm(z, m=10, covariance="full", iters=200, tol=1e-5, rng=None, chunk=4096):
-    """A mixture of M = m Gaussians fitted to the rows of z (N, D) by EM (Dempster et al. 1977).
+def fit_gmm(z, components=10, covariance="full", iters=200, tol=1e-5, rng=None, chunk=4096):
+    """A mixture of M = components Gaussians fitted to the rows of z (N, D) by EM (Dempster et al. 1977).
 
     E-step: r_nj = pi_j N(z_n; m_j, S_j) / sum_i pi_i N(z_n; m_i, S_i), in log space with log-sum-exp.
     M-step: N_j = sum_n r_nj, pi_j = N_j / N, m_j = sum_n r_nj z_n / N_j,
@@ -198,15 +202,16 @@ def fit_gmm(z, m=10, covariance="full", iters=200, tol=1e-5, rng=None, chunk=409
     outer = lambda s: (c[s, :, None] * c[s, None, :]).reshape(-1, d * d) if full else c[s] * c[s]   # c c^T or c^2
     kept = [outer(s) for s in rows] if n * d * d <= 2 ** 23 else None
     cc = lambda i: kept[i] if kept else outer(rows[i])
-    b = z[rng.choice(n, m, replace=False)] - zbar                           # b_j = m_j - zbar
-    log_pi, eigval, eigvec = np.full(m, -np.log(m)), np.tile(var + floor, (m, 1)), np.tile(np.eye(d), (m, 1, 1))
+    b = z[rng.choice(n, components, replace=False)] - zbar                           # b_j = m_j - zbar
+    log_pi = np.full(components, -np.log(components))                       # S_j = V diag(lambda) V^T, from diag(var)
+    eigval, eigvec = np.tile(var + floor, (components, 1)), np.tile(np.eye(d), (components, 1, 1))
     history = []
     for _ in range(iters):
         # E-step. P_j = V diag(1 / lambda) V^T from S_j's eigenvectors V and eigenvalues lambda (diag: 1 / S_j).
         p = (eigvec / eigval[:, None, :]) @ eigvec.transpose(0, 2, 1) if full else 1 / eigval
         pb = np.einsum("jde,je->jd", p, b) if full else p * b               # P_j b_j
         const = (pb * b).sum(1) + np.log(eigval).sum(1) + d * LOG_2PI
-        quad = np.concatenate([cc(i) @ p.reshape(m, -1).T for i in range(len(rows))])     # <c c^T, P_j>, (N, M)
+        quad = np.concatenate([cc(i) @ p.reshape(components, -1).T for i in range(len(rows))])   # <c c^T, P_j>
         log_joint = log_pi - 0.5 * (quad - 2 * c @ pb.T + const)            # log pi_j N(z_n; m_j, S_j)
         log_p = logsumexp(log_joint, axis=1)                                 # log p(z_n)
         history.append(float(log_p.mean()))
@@ -218,7 +223,7 @@ def fit_gmm(z, m=10, covariance="full", iters=200, tol=1e-5, rng=None, chunk=409
         b = (r.T @ c) / n_j[:, None]                                        # m_j - zbar
         second = sum(r[s].T @ cc(i) for i, s in enumerate(rows)) / n_j[:, None]     # sum_n r_nj c_n c_n^T / N_j
         if full:
-            covs = second.reshape(m, d, d) - b[:, :, None] * b[:, None, :]
+            covs = second.reshape(components, d, d) - b[:, :, None] * b[:, None, :]
             eigval, eigvec = np.linalg.eigh((covs + covs.transpose(0, 2, 1)) / 2)
             eigval = np.maximum(eigval, floor)
         else:

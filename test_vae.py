@@ -1,5 +1,5 @@
 """The suite: every gradient against finite differences, the estimators against closed forms and exact values,
-the data and the training CLI against generated files. Offline (loopback only); about 25 s on 2 cores."""
+the data and the training CLI against generated files. Offline (loopback only); about 20 s on 2 cores, under 30 s."""
 import builtins
 import contextlib
 import functools
@@ -94,6 +94,18 @@ def check_piece(forward, backward, inputs, seed=4):
     out, cache = forward(**inputs)
     grads = dict(zip(inputs, backward(dout, cache)))
     return grad_check(lambda: float((dout * forward(**inputs)[0]).sum()), {k: inputs[k] for k in grads}, grads)
+
+
+def small_vae_batch(seed=3, n_in=12, hidden=7, latent=3, batch=5, prior="standard", likelihood="bernoulli",
+                    decoder_sigma=None):
+    rng = np.random.default_rng(seed)
+    model = priors.build(prior, 4, n_in=n_in, hidden=hidden, latent=latent, seed=seed, dtype=np.float64,
+                         likelihood=likelihood, decoder_sigma=decoder_sigma)
+    if prior == "vamp":                                 # pseudo-inputs inside (0, 1), away from the clip's kinks
+        model.prior["w"][...] = rng.uniform(0.05, 0.95, model.prior["w"].shape)
+    x = rng.uniform(0, 1, (batch, n_in))                # intensities in [0, 1], as the images are
+    eps = rng.standard_normal((batch, latent))
+    return model, x, eps
 
 
 def test_bernoulli_nll_backward_matches_finite_differences():
@@ -224,18 +236,6 @@ def test_samples_of_p_x_given_z_have_the_likelihoods_mean_and_spread(likelihood,
         assert np.mean(x[:, 5] < 0.5) == pytest.approx(np.expm1(l * 0.5) / np.expm1(l), abs=0.005)
     if likelihood == "bernoulli":
         assert set(np.unique(x)) == {0.0, 1.0}
-
-
-def small_vae_batch(seed=3, n_in=12, hidden=7, latent=3, batch=5, prior="standard", likelihood="bernoulli",
-                    decoder_sigma=None):
-    rng = np.random.default_rng(seed)
-    model = priors.build(prior, 4, n_in=n_in, hidden=hidden, latent=latent, seed=seed, dtype=np.float64,
-                         likelihood=likelihood, decoder_sigma=decoder_sigma)
-    if prior == "vamp":                                 # pseudo-inputs inside (0, 1), away from the clip's kinks
-        model.prior["w"][...] = rng.uniform(0.05, 0.95, model.prior["w"].shape)
-    x = rng.uniform(0, 1, (batch, n_in))                # intensities in [0, 1], as the images are
-    eps = rng.standard_normal((batch, latent))
-    return model, x, eps
 
 
 LIKELIHOOD_CASES = [("bernoulli", None, set()), ("gaussian", 0.3, set()),
@@ -1369,8 +1369,9 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(data
     (["--likelihood", "gaussian", "--decoder-sigma", "0"], "must be a number > 0 or 'learned', got '0'"),
     (["--likelihood", "gaussian", "--decoder-sigma", "-1"], "must be a number > 0 or 'learned', got '-1'"),
     (["--likelihood", "gaussian", "--decoder-sigma", "wide"], "must be a number > 0 or 'learned', got 'wide'"),
-    (["--decoder-sigma", "1"], "--decoder-sigma is the Gaussian likelihood's"),
-    (["--likelihood", "cb", "--decoder-sigma", "learned"], "--decoder-sigma is the Gaussian likelihood's"),
+    (["--decoder-sigma", "1"], "--decoder-sigma needs --likelihood gaussian"),
+    (["--likelihood", "cb", "--decoder-sigma", "learned"], "--decoder-sigma needs --likelihood gaussian"),
+    (["--prior-components", "5"], "--prior-components needs --prior mog or vamp"),
     (["--likelihoods", "gaussian"], "'gaussian' is not bernoulli, gaussian:SIGMA"),
     (["--likelihoods", "cb:1"], "'cb:1' is not bernoulli"), (["--likelihoods", "gaussian:0"], "got '0'"),
     (["--likelihoods", "cb", "--betas", "1"], "--betas and --likelihoods do not go together"),
@@ -1393,6 +1394,7 @@ def test_a_warm_up_longer_than_the_run_is_refused_before_any_work(tmp_path, data
     (["--gmm-components", "601"], "--gmm-components 601 is out of range: the mixture is fitted to 600 codes"),
     (["--batch-size", "601"], "--batch-size 601 is out of range: the training set has 600 images"),
     (["--posterior-image", "200"], "--posterior-image 200 is out of range: the test set has 200 images"),
+    (["--prior", "vamp", "--prior-components", "601"], "--prior-components 601 is out of range"),
 ])
 def test_options_too_large_for_the_data_are_refused_before_training(tmp_path, data_dir, capsys, monkeypatch, flags,
                                                                     message):

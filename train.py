@@ -1,10 +1,10 @@
 """Train the VAE on MNIST (or Fashion-MNIST) and write the model, metrics and figures.
 
     python train.py                       # the reference recipe: 784-400-20-400-784, Adam 1e-3, batch 128, 10 epochs
-    python train.py --dataset fashion --data-dir /usr/share/datasets/fashion-mnist
     python train.py --resume runs/mnist-h400-z20-s0/checkpoint.npz --epochs 20
     python train.py --analyze runs/mnist-h400-z20-s0/model.npz     # measure and draw the latent space again
     python train.py --betas 0 0.1 0.3 1 3                           # the KL-weight experiment: a run per beta
+    python train.py --likelihoods                                   # the likelihood experiment: a run per p(x|z)
     python train.py --benchmark                                     # time training against the matmul floor
 """
 import argparse
@@ -42,12 +42,12 @@ OPTIONS = [  # flag, type, least value allowed, default (None: DEFAULTS'), help
     ("--beta", float, 0, None, "the KL weight: train on recon + beta * KL (default: 1, the negative ELBO)"),
     ("--kl-warmup", int, 0, None, "epochs over which the KL weight rises linearly from 0 to beta (default: 0)"),
     ("--seed", int, 0, None, "default: 0"),
-    ("--iw-samples", int, 1, 100, "K importance samples per test image for iw_nll (default: 100; Burda et al.: 5000)"),
+    ("--iw-samples", int, 1, 100, "S importance samples per test image for iw_nll (default: 100; Burda et al.: 5000)"),
     ("--gmm-components", int, 1, 10, "components of the mixture fitted to the aggregated posterior (default: 10)"),
     ("--posterior-image", int, 0, 0, "index of the test image whose posterior is sampled (default: 0)")]
 NOT_TOGETHER = {  # an option, why, and the options it cannot go with
-    "analyze": ("it measures a saved model and trains nothing", ("resume", "betas", "likelihoods", "benchmark", "epochs",
-                *(k for k in DEFAULTS if k not in ("dataset", "seed", "binarize")))),
+    "analyze": ("it measures a saved model and trains nothing", ("resume", "betas", "likelihoods", "benchmark",
+                "epochs", *(k for k in DEFAULTS if k not in ("dataset", "seed", "binarize")))),
     "resume": ("a run continues with the options it was started with", ("betas", "likelihoods", "benchmark",
                                                                          "overwrite")),
     "betas": ("the experiment sets the KL weight of each run", ("beta", "benchmark", "likelihoods")),
@@ -58,11 +58,11 @@ PATHS = ("recon_mu", "kl_mu", "recon_log_var", "kl_log_var")   # the gradients t
 
 
 class NonFiniteLoss(Exception):
-    pass
+    """The loss became NaN or infinite."""
 
 
 class UsageError(Exception):
-    """Options that cannot work together, or an output folder that cannot be used: found before any work starts."""
+    """Options that cannot work together, or that the data or a file cannot serve: found before any training."""
 
 
 def decoder_sigma(text):
@@ -90,7 +90,7 @@ def parse_args(argv):
     p.add_argument("--dataset", choices=sorted(mnist.DATASETS), help="default: mnist")
     p.add_argument("--data-dir", help="where the archives are looked for and downloaded to (default: data/<dataset>)")
     p.add_argument("--mirror", help="download from this URL instead of the default mirrors")
-    p.add_argument("--prior", choices=sorted(priors.PRIORS), help="p(z): N(0, I) (standard), a mixture (mog), VampPrior")
+    p.add_argument("--prior", choices=sorted(priors.PRIORS), help="p(z): N(0, I) (standard), a mixture, VampPrior")
     p.add_argument("--likelihood", choices=("bernoulli", "gaussian", "cb"), help="p(x|z); default: bernoulli")
     p.add_argument("--decoder-sigma", type=decoder_sigma, help="the Gaussian's sigma: > 0, or learned (default)")
     p.add_argument("--binarize", action="store_true", default=None, help="train on pixels drawn as Bernoulli("
@@ -101,20 +101,20 @@ def parse_args(argv):
     p.add_argument("--out", help="output folder (default: runs/<dataset>-h<hidden>-z<latent>-s<seed>[-...])")
     p.add_argument("--resume", metavar="CHECKPOINT", help="continue the run saved in this checkpoint.npz")
     p.add_argument("--analyze", metavar="MODEL", help="measure and draw a saved model.npz again (beside it, or --out)")
-    p.add_argument("--betas", type=float, nargs="+", metavar="BETA", help="the KL-weight experiment: one run per "
-                   "beta, the same seed, each in <out>/beta-<BETA>; then a comparison in <out>")
+    p.add_argument("--betas", type=float, nargs="+", metavar="BETA", help="the KL-weight experiment: a run per beta")
     p.add_argument("--likelihoods", nargs="*", type=likelihood, metavar="SPEC", help="the likelihood experiment, "
                    f"like --betas: a run per SPEC (default: {' '.join(LIKELIHOODS)}), then a comparison")
-    p.add_argument("--benchmark", action="store_true", help="time a few epochs against the matrix-product floor "
-                   "measured in the same run; writes nothing")
+    p.add_argument("--benchmark", action="store_true", help="time training and the analysis; writes nothing")
     p.add_argument("--overwrite", action="store_true", help="replace the run files already in the output folder")
     args = p.parse_args(argv)
     for flag, _, least, _, _ in OPTIONS:
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None and not (value >= least and math.isfinite(value)):
             p.error(f"argument {flag}: must be {'> 0' if least > 0 else '>= 0'} and finite, got {value}")
-    if args.decoder_sigma is not None and args.likelihood != "gaussian":
-        p.error("--decoder-sigma is the Gaussian likelihood's: add --likelihood gaussian, or drop it")
+    for flag, given, needs in (("--decoder-sigma", args.decoder_sigma, args.likelihood == "gaussian"),
+                               ("--prior-components", args.prior_components, args.prior in ("mog", "vamp"))):
+        if given is not None and not needs:
+            p.error(f"{flag} needs {'--likelihood gaussian' if flag[2] == 'd' else '--prior mog or vamp'}")
     for a, (why, others) in NOT_TOGETHER.items():
         for b in (b for b in others if getattr(args, a) not in (None, False) and getattr(args, b) not in (None, False)):
             p.error(f"--{a.replace('_', '-')} and --{b.replace('_', '-')} do not go together: {why}")
@@ -125,9 +125,8 @@ def parse_args(argv):
 
 def new_run(cfg, x_train):
     """The model, its optimizer, and the state that, with the parameters, makes a run resumable."""
-    model = priors.build(cfg["prior"], cfg["prior_components"], n_in=x_train.shape[1], hidden=cfg["hidden"],
-                         latent=cfg["latent"], seed=cfg["seed"], likelihood=cfg["likelihood"],
-                         decoder_sigma=cfg["decoder_sigma"])
+    model = priors.build(cfg["prior"], cfg["prior_components"], n_in=x_train.shape[1],
+                         **{k: cfg[k] for k in ("hidden", "latent", "seed", "likelihood", "decoder_sigma")})
     cfg["prior_components"] = model.components
     if cfg["prior"] == "vamp":  # pseudo-inputs start as K random training images + N(0, 0.01^2), as in the paper
         rng, u = np.random.default_rng([cfg["seed"], 6]), model.prior["w"]
@@ -139,8 +138,8 @@ def new_run(cfg, x_train):
 
 
 def kl_weight(cfg, global_step, n_steps):
-    """beta; during a warm-up of N epochs, beta * t / (N * steps per epoch) at global step t (counted from 0):
-    0 at the first step, beta from the first step of epoch N + 1 on (Bowman et al. 2016; Sonderby et al. 2016)."""
+    """beta; during a warm-up of W epochs, beta * t / (W * steps per epoch) at global step t (counted from 0):
+    0 at the first step, beta from the first step of epoch W + 1 on (Bowman et al. 2016; Sonderby et al. 2016)."""
     return cfg["beta"] * min(1.0, global_step / (cfg["kl_warmup"] * n_steps)) if cfg["kl_warmup"] else cfg["beta"]
 
 
@@ -221,8 +220,7 @@ def train(model, opt, x_train, x_test, state, cfg, checkpoint):
 def prepare_config(args):
     """A new run's training options: the recipe's, unless given on the command line."""
     cfg = {**DEFAULTS, **{k: getattr(args, k) for k in DEFAULTS if getattr(args, k) is not None}}
-    if cfg["likelihood"] == "gaussian" and cfg["decoder_sigma"] is None:
-        cfg["decoder_sigma"] = "learned"
+    cfg["decoder_sigma"] = cfg["decoder_sigma"] or ("learned" if cfg["likelihood"] == "gaussian" else None)
     return {**cfg, "epochs": args.epochs if args.epochs is not None else 3 if args.benchmark else 10}
 
 
@@ -237,8 +235,8 @@ def prepare(args):
         cfg = {**DEFAULTS, **beside, **{k: getattr(args, k) for k in ("dataset", "seed", "binarize")
                                         if getattr(args, k) is not None}}
     elif args.resume:                               # the epoch target it was started with, unless --epochs is given
-        model, opt, state, cfg = mnist.load_checkpoint(path)
-        cfg = {**DEFAULTS, **cfg}
+        model, opt, state, saved = mnist.load_checkpoint(path)
+        cfg = {**DEFAULTS, **saved}                 # a checkpoint from before an option was added has its default
         for k in (k for k in DEFAULTS if getattr(args, k) not in (None, cfg[k])):
             what = "of another architecture" if k in ARCHITECTURE else "from another run"
             raise UsageError(f"{path}: checkpoint is {what}: it has --{k.replace('_', '-')} {cfg[k]}, you asked for "
@@ -266,7 +264,9 @@ def load_data(args, cfg, model):
     for flag, value, limit, why in (
             ("--posterior-image", args.posterior_image, len(x_test) - 1, f"the test set has {len(x_test)} images"),
             ("--batch-size", cfg["batch_size"], len(x_train), f"the training set has {len(x_train)} images"),
-            ("--gmm-components", args.gmm_components, codes, f"the mixture is fitted to {codes} codes")):
+            ("--gmm-components", args.gmm_components, codes, f"the mixture is fitted to {codes} codes"),
+            ("--prior-components", (cfg["prior"] == "vamp") * (cfg["prior_components"] or 0), len(x_train), "a "
+             f"VampPrior starts from that many of the {len(x_train)} training images")):
         if value > limit:
             raise UsageError(f"{flag} {value} is out of range: {why}")
     if model is not None and x_train.shape[1] != model.n_in:
@@ -281,7 +281,8 @@ def run(args):
     Returns (exit code, {"model", "metrics", "x_test", "y_test"} of a finished run)."""
     cfg, model, opt, state, out, fresh = prepare(args)
     if args.resume and state["epoch"] >= cfg["epochs"]:
-        print(f"{args.resume}: already at epoch {state['epoch']} of {cfg['epochs']}: nothing to train (--epochs N trains on)")
+        print(f"{args.resume}: already at epoch {state['epoch']} of {cfg['epochs']}: nothing to train (--epochs "
+              f"{state['epoch'] + 1} or more trains on)")
         return 0, None
     x_train, x_test, y_test = load_data(args, cfg, model)
     if model is None:
@@ -298,8 +299,7 @@ def run(args):
                                                 x_train, x_test, y_test, out, args)
         print(figures.run_header(cfg, model, state, len(x_train), len(x_test), out))
         if not train(model, opt, x_train, x_test, state, cfg, os.path.join(out, "checkpoint.npz")):
-            print(f"\ninterrupted at epoch {state['epoch'] + 1}, step {state['step']}; continue with: python train.py --resume "
-                  f"{os.path.join(out, 'checkpoint.npz')}" + (f" --data-dir {args.data_dir}" if args.data_dir else ""))
+            print(figures.interrupted_line(state, os.path.join(out, "checkpoint.npz"), args.data_dir))
             return 130, None
         loss, recon, kl = analysis.negative_elbo(model, x_test, cfg["seed"])   # always beta = 1: the true -ELBO
         print(f"test negative ELBO {loss:.2f} nats (recon {recon:.2f} + kl {kl:.2f})")

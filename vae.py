@@ -10,7 +10,8 @@ This file is the standard VAE and nothing else. It reads top to bottom: the form
 and the reparameterization as three forward/backward pairs in the CS231n style (forward(...) -> out, cache;
 backward(d<out>, cache) -> gradients; each grad-checked alone); and the model, whose forward and backward compose
 those pairs in the paper's order. A learned prior is a subclass in priors.py that replaces the prior's four
-methods at the end of the class; the training step stays as it is here.
+methods at the end of the class and adds its parameters; the training step is this one (the VampPrior adds one
+line to backward). Other likelihoods p(x|z) are the last section of this file.
 """
 import math
 
@@ -58,7 +59,8 @@ def bernoulli_nll_forward(logits, x):
 
 
 def bernoulli_nll_backward(dnll, cache):
-    logits, x, e = cache                                # d/dl [softplus(l) - x l] = sigmoid(l) - x, where
+    logits, x, e = cache                                # d/dl [softplus(l) - x l] = sigmoid(l) - x, with sigmoid(l)
+                                                        # from the forward's e, not a second transcendental (tanh):
     s = e / (1 + e)                                     # sigmoid(-|l|) = e / (1 + e), in (0, 1/2]
     sigmoid_l = 0.5 + np.copysign(0.5 - s, logits)      # sigmoid(l): 1 - s for l >= 0, s for l < 0
     return (sigmoid_l - x) * dnll[:, None]
@@ -98,7 +100,7 @@ class Bernoulli:
     """p(x|z) = prod_j Bernoulli(x_j; sigmoid(l_j)), the recipe's likelihood: the pair above, log p(x|z), the mean
     E[x|z] = sigmoid(l) and a draw. On grey levels x in [0, 1] it is a cross-entropy, not a normalised density: the
     end of this file has the variations."""
-    name, sigma, params, grads = "bernoulli", None, {}, {}
+    name, decoder_sigma, params, grads = "bernoulli", None, {}, {}
     forward, backward = staticmethod(bernoulli_nll_forward), staticmethod(bernoulli_nll_backward)
     log_density, mean = staticmethod(log_bernoulli), staticmethod(sigmoid)
 
@@ -117,7 +119,7 @@ class VAE:
         # (the reference recipe's fc21 and fc22), with one matrix product instead of two.
         self.encoder = MLP([n_in, hidden, 2 * latent], rng, dtype)
         self.decoder = MLP([latent, hidden, n_in], rng, dtype)
-        # p(x|z): the Bernoulli, or one of the variations at the end of this file ('gaussian', 'cb').
+        # p(x|z): the Bernoulli, or one of the variations defined at the end of this file ('gaussian', 'cb').
         self.likelihood = Bernoulli() if likelihood == "bernoulli" else LIKELIHOODS[likelihood](decoder_sigma, dtype)
 
     def params(self):
@@ -146,7 +148,7 @@ class VAE:
         in nats per example, loss = recon + kl. A deterministic function of (params, x, eps)."""
         mu, log_var = self.encode(x)                                    # q(z|x) = N(mu, diag(exp(log_var)))
         z, self.z_cache = reparameterize_forward(mu, log_var, eps)      # z = mu + sigma * eps
-        logits = self.decoder.forward(z)                                # p(x|z) = Bernoulli(sigmoid(logits))
+        logits = self.decoder.forward(z)                                # the parameters of p(x|z)
         recon, self.recon_cache = self.likelihood.forward(logits, x)    # -log p(x|z): bernoulli_nll_forward
         kl = self.kl_forward(mu, log_var, z, eps)                       # KL(q(z|x) || p(z))
         recon, kl = float(recon.mean()), float(kl.mean())
@@ -160,12 +162,12 @@ class VAE:
         drecon = np.full(len(eps), 1.0 / len(eps), sigma.dtype)     # each example's share of the batch mean
         dkl = beta * drecon                             # the KL weight beta enters every KL path through dkl
         # Reconstruction: -log p(x|z) -> logits -> decoder -> z -> (mu, log_var).
-        dlogits = self.likelihood.backward(drecon, self.recon_cache)    # (sigmoid(logits) - x) / B
+        dlogits = self.likelihood.backward(drecon, self.recon_cache)    # Bernoulli: (sigmoid(logits) - x) / B
         dz = self.decoder.backward(dlogits)
         dmu_rec, dlog_var_rec = reparameterize_backward(dz, self.z_cache)   # dz, and dz * eps * sigma / 2
         # KL(q(z|x) || p(z)) -> (mu, log_var).
-        dmu_kl, dlog_var_kl = self.kl_backward(dkl)     # beta * mu / B, and beta * (sigma^2 - 1) / (2B)
-        dmu = dmu_rec + dmu_kl                  # dL/dmu = dz + beta * mu / B
+        dmu_kl, dlog_var_kl = self.kl_backward(dkl)     # N(0, I): beta * mu / B, and beta * (sigma^2 - 1) / (2B)
+        dmu = dmu_rec + dmu_kl                  # dL/dmu = dz + beta * mu / B                       (N(0, I))
         dlog_var = dlog_var_rec + dlog_var_kl   # dL/dlog_var = dz * eps * sigma / 2 + beta * (sigma^2 - 1) / (2B)
         self.paths = {"recon_mu": dmu_rec, "kl_mu": dmu_kl, "recon_log_var": dlog_var_rec, "kl_log_var": dlog_var_kl}
         # [mu, log_var] -> encoder weights. dL/dx is never needed: x is data.
@@ -217,7 +219,7 @@ class VAE:
     def arch(self):
         return {"n_in": self.n_in, "hidden": self.hidden, "latent": self.latent, "prior": self.prior_name,
                 "components": self.components, "likelihood": self.likelihood.name,
-                "decoder_sigma": getattr(self.likelihood, "sigma", None)}
+                "decoder_sigma": self.likelihood.decoder_sigma}
 
 
 # ---- variations: other likelihoods p(x|z), each replacing the Bernoulli pair ------------------------------------
@@ -297,11 +299,11 @@ class Gaussian:
     name = "gaussian"
 
     def __init__(self, sigma, dtype):
-        self.sigma = "learned" if sigma in (None, "learned") else float(sigma)
-        learned = self.sigma == "learned"
+        self.decoder_sigma = "learned" if sigma in (None, "learned") else float(sigma)     # the setting
+        learned = self.decoder_sigma == "learned"
         self.params = {"log_sigma": np.zeros(1, dtype)} if learned else {}
         self.grads = {"log_sigma": np.zeros(1, dtype)} if learned else {}
-        self.fixed_log_sigma = None if learned else np.full(1, math.log(self.sigma), dtype)   # in the model's dtype
+        self.fixed_log_sigma = None if learned else np.full(1, math.log(self.decoder_sigma), dtype)   # model's dtype
 
     def log_sigma(self):
         return self.params["log_sigma"] if self.params else self.fixed_log_sigma
@@ -327,7 +329,7 @@ class Gaussian:
 
 class ContinuousBernoulli:
     """Replaces the Bernoulli: p(x|z) = prod_j CB(x_j; sigmoid(l_j)), the Bernoulli normalised over [0, 1]."""
-    name, sigma, params, grads = "cb", None, {}, {}
+    name, decoder_sigma, params, grads = "cb", None, {}, {}
     forward, backward, mean = staticmethod(cb_nll_forward), staticmethod(cb_nll_backward), staticmethod(cb_mean)
 
     def log_density(self, x, logits):
