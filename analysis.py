@@ -43,7 +43,7 @@ def draw_codes(mu, log_var, rng):
     return reparameterize_forward(mu, log_var, rng.standard_normal(mu.shape))[0]
 
 
-def negative_elbo(model, images, seed, batch_size=500):
+def negative_elbo(model, images, seed, batch_size=250):
     """Test negative ELBO (loss, recon, kl) in nats per example, one z per image, with the same eps every
     time it is called (so epochs and runs compare)."""
     rng = np.random.default_rng([seed, 1])          # a stream of its own: evaluating never moves training's

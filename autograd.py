@@ -130,8 +130,8 @@ class Adam:
             np.sqrt(v, out=tmp); tmp += eps_t                             # sqrt(v') + eps_t
             np.divide(m, tmp, out=tmp); tmp *= a_t; p -= tmp              # theta -= a_t m' / (sqrt(v') + eps_t)
             if self.t % 100 == 0:                                         # no subnormal moments (docstring)
-                m[np.abs(m) < 1e-30] = 0
-                v[np.abs(v) < 1e-30] = 0
+                m[np.abs(m, out=tmp) < 1e-30] = 0
+                v[np.abs(v, out=tmp) < 1e-30] = 0
 
 
 def grad_check(loss_fn, params, analytic, h=1e-5, n_checks=None, rng=None):
