@@ -109,6 +109,7 @@ class Bernoulli:
 
 
 class VAE:
+    """The standard VAE: an MLP encoder for q(z|x), z = mu + sigma * eps, an MLP decoder for p(x|z), prior N(0, I)."""
     prior_name, components = "standard", 0              # p(z) = N(0, I), no components; priors.py: learned ones
 
     def __init__(self, n_in=784, hidden=400, latent=20, seed=0, dtype=np.float32, likelihood="bernoulli",
