@@ -116,8 +116,7 @@ class VAE:
                  decoder_sigma=None):
         rng = np.random.default_rng(seed)               # seed: an int (or the Generator a subclass goes on using)
         self.n_in, self.hidden, self.latent = n_in, hidden, latent
-        # One output layer of 2Z units, split into mu and log_var: the same as two heads of Z units each
-        # (the reference recipe's fc21 and fc22), with one matrix product instead of two.
+        # One output layer of 2Z units split into mu and log_var: the recipe's two heads (fc21, fc22) in one product.
         self.encoder = MLP([n_in, hidden, 2 * latent], rng, dtype)
         self.decoder = MLP([latent, hidden, n_in], rng, dtype)
         # p(x|z): the Bernoulli, or one of the variations defined at the end of this file ('gaussian', 'cb').
