@@ -155,6 +155,8 @@ def load(dataset="mnist", data_dir=None, mirror=None, checksums=None, log=print)
     data_dir = data_dir or os.path.join("data", dataset)
     mirrors = [mirror] if mirror else DATASETS[dataset]["mirrors"]
     checksums = checksums or DATASETS[dataset]["checksums"]
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise DataError(f"--data-dir {data_dir} is a file, not a folder")
     missing = [n for n in FILES if not os.path.exists(os.path.join(data_dir, n))]
     created = missing and not os.path.isdir(data_dir)
     os.makedirs(data_dir, exist_ok=True)

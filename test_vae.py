@@ -1376,6 +1376,8 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(data
     (["--likelihoods", "cb:1"], "'cb:1' is not bernoulli"), (["--likelihoods", "gaussian:0"], "got '0'"),
     (["--likelihoods", "cb", "--betas", "1"], "--betas and --likelihoods do not go together"),
     (["--analyze", "m.npz", "--likelihood", "cb"], "--analyze and --likelihood do not go together"),
+    (["--betas", "0", "-1"], "--betas: must be >= 0 and finite, got -1.0"), (["--betas", "1", "1"], "repeats a value"),
+    (["--likelihoods", "cb", "cb"], "--likelihoods repeats a value"),
 ])
 def test_options_that_cannot_work_are_refused_in_one_line(capsys, no_work, flags, message):
     assert message in one_line_error(capsys, *flags, code=2)
@@ -1401,6 +1403,11 @@ def test_options_too_large_for_the_data_are_refused_before_training(tmp_path, da
     monkeypatch.setattr(train, "train_epoch", lambda *a: pytest.fail("trained before checking the options"))
     assert message in one_line_error(capsys, "--data-dir", data_dir, *flags, "--out", str(tmp_path / "r"))
     assert not (tmp_path / "r").exists()
+
+
+def test_a_data_dir_that_is_a_file_is_refused_in_one_line(tmp_path, capsys):
+    (tmp_path / "archives").write_text("not a folder")
+    assert "is a file, not a folder" in one_line_error(capsys, "--data-dir", str(tmp_path / "archives"))
 
 
 def test_resuming_a_text_file_says_it_is_not_a_model_file(tmp_path, data_dir, capsys, no_work):

@@ -25,8 +25,7 @@ import mnist
 import priors
 from autograd import Adam
 
-# The recipe. Training options default to None on the command line, so that --resume can tell "not given"
-# (take the checkpoint's) from "given" (must agree with the checkpoint's).
+# The recipe. Options default to None on the command line: --resume takes the checkpoint's unless they are given.
 DEFAULTS = {"dataset": "mnist", "hidden": 400, "latent": 20, "prior": "standard", "prior_components": None,
             "likelihood": "bernoulli", "decoder_sigma": None, "batch_size": 128, "lr": 1e-3, "seed": 0, "beta": 1.0,
             "kl_warmup": 0, "binarize": False}
@@ -48,8 +47,7 @@ OPTIONS = [  # flag, type, least value allowed, default (None: DEFAULTS'), help
 NOT_TOGETHER = {  # an option, why, and the options it cannot go with
     "analyze": ("it measures a saved model and trains nothing", ("resume", "betas", "likelihoods", "benchmark",
                 "epochs", *(k for k in DEFAULTS if k not in ("dataset", "seed", "binarize")))),
-    "resume": ("a run continues with the options it was started with", ("betas", "likelihoods", "benchmark",
-                                                                         "overwrite")),
+    "resume": ("a run continues with its own options", ("betas", "likelihoods", "benchmark", "overwrite")),
     "betas": ("the experiment sets the KL weight of each run", ("beta", "benchmark", "likelihoods")),
     "likelihoods": ("the experiment sets each run's likelihood", ("likelihood", "decoder_sigma", "benchmark"))}
 STATE_LISTS = ("train_loss", "train_recon", "train_kl", "train_objective", "kl_weight", "test_loss_curve",
@@ -105,16 +103,18 @@ def parse_args(argv):
     p.add_argument("--likelihoods", nargs="*", type=likelihood, metavar="SPEC", help="the likelihood experiment, "
                    f"like --betas: a run per SPEC (default: {' '.join(LIKELIHOODS)}), then a comparison")
     p.add_argument("--benchmark", action="store_true", help="time training and the analysis; writes nothing")
-    p.add_argument("--overwrite", action="store_true", help="replace the run files already in the output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace the run files in the output folder")
     args = p.parse_args(argv)
-    for flag, _, least, _, _ in OPTIONS:
-        value = getattr(args, flag[2:].replace("-", "_"))
+    values = [(f, least, getattr(args, f[2:].replace("-", "_"))) for f, _, least, _, _ in OPTIONS]
+    for flag, least, value in values + [("--betas", 0, beta) for beta in args.betas or []]:
         if value is not None and not (value >= least and math.isfinite(value)):
             p.error(f"argument {flag}: must be {'> 0' if least > 0 else '>= 0'} and finite, got {value}")
     for flag, given, needs in (("--decoder-sigma", args.decoder_sigma, args.likelihood == "gaussian"),
                                ("--prior-components", args.prior_components, args.prior in ("mog", "vamp"))):
         if given is not None and not needs:
             p.error(f"{flag} needs {'--likelihood gaussian' if flag[2] == 'd' else '--prior mog or vamp'}")
+    if len(set(runs := [str(value) for value in args.betas or args.likelihoods or []])) < len(runs):
+        p.error(f"--{'betas' if args.betas else 'likelihoods'} repeats a value: each run needs a folder of its own")
     for a, (why, others) in NOT_TOGETHER.items():
         for b in (b for b in others if getattr(args, a) not in (None, False) and getattr(args, b) not in (None, False)):
             p.error(f"--{a.replace('_', '-')} and --{b.replace('_', '-')} do not go together: {why}")
