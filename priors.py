@@ -35,10 +35,15 @@ def mixture_log_density(z, means, log_vars, log_pi):
     return log_p, np.exp(a - log_p[:, None])
 
 
+def draw_components(log_pi, n, rng):
+    """n component indices k ~ pi, from log-weights log_pi (normalised here, shifted by their max: no overflow)."""
+    pi = np.exp(log_pi - log_pi.max())
+    return rng.choice(len(pi), size=n, p=pi / pi.sum())
+
+
 def sample_mixture(means, log_vars, log_pi, n, rng):
     """n draws from sum_k pi_k N(m_k, diag(exp(log_vars_k))): a component k ~ pi, then z = m_k + s_k * eps."""
-    pi = np.exp(log_pi - log_pi.max())
-    k = rng.choice(len(pi), size=n, p=pi / pi.sum())
+    k = draw_components(log_pi, n, rng)
     return reparameterize_forward(means[k], log_vars[k], rng.standard_normal((n, means.shape[1])))[0]
 
 
@@ -263,6 +268,6 @@ def gmm_sample(gmm, n, rng):
     """n draws from the fitted mixture: a component k ~ pi, then z = m_k + L_k eps (S_k = L_k L_k^T)."""
     if gmm["covs"].ndim == 2:
         return sample_mixture(gmm["means"], np.log(gmm["covs"]), gmm["log_pi"], n, rng)
-    k = rng.choice(len(gmm["means"]), size=n, p=np.exp(gmm["log_pi"]) / np.exp(gmm["log_pi"]).sum())
+    k = draw_components(gmm["log_pi"], n, rng)
     eps = rng.standard_normal((n, gmm["means"].shape[1]))
     return gmm["means"][k] + np.einsum("nij,nj->ni", np.linalg.cholesky(gmm["covs"])[k], eps)
