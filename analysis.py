@@ -69,21 +69,22 @@ def aggregate_posterior_moments(mu, log_var, threshold=0.01):
             "activity": activity.tolist(), "active_units": int((activity > threshold).sum())}
 
 
-def log_normal_pairs(z, mean, log_var):
-    """vae.log_normal of every row of z (N, Z) against every row of mean and log_var (M, Z): (N, M). log N(z; m, v)
-    is linear in (z^2, z, 1): -1/2 [z^2 . 1/v - 2 z . m/v + m^2 . 1/v + sum log v + Z log 2 pi], so all N x M
-    values come from one matrix product, [z^2, z, 1] @ W (for N = M = 10,000, the ELBO surgery: about a second
-    instead of 15-20 s). Its rounding error is ~1e-16 times the terms, so where they pass 1e10 (variances near 0, as
-    with no KL term) it falls back to the direct form, 16 rows at a time."""
+def log_normal_pairs(z, mean, log_var, rows=64):
+    """vae.log_normal of every row of z (N, Z) against every row of mean and log_var (M, Z): (N, M), yielded `rows`
+    rows at a time. log N(z; m, v) is linear in (z^2, z, 1): -1/2 [z^2 . 1/v - 2 z . m/v + m^2 . 1/v + sum log v +
+    Z log 2 pi], so a block is one product [z^2, z, 1] @ W, W made once (the ELBO surgery's 10,000 x 10,000: 1 s, not
+    15-20). Its rounding error is ~1e-16 times the terms: where they pass 1e10 (variances near 0) the direct form."""
     inv_var = np.exp(-log_var)
     w = np.concatenate([-0.5 * inv_var.T, (mean * inv_var).T,                  # the weights of z^2, z and 1
                         -0.5 * ((mean * mean * inv_var).sum(-1) + log_var.sum(-1) + z.shape[-1] * LOG_2PI)[None]])
-    if max(np.abs(w).max() * (z * z).max(initial=0.0), np.abs(w).max()) < 1e10:
-        return np.concatenate([z * z, z, np.ones((len(z), 1))], axis=1) @ w
-    return np.concatenate([log_normal(z[i:i + 16, None, :], mean, log_var) for i in range(0, len(z), 16)])
+    exact = max(np.abs(w).max() * (z * z).max(initial=0.0), np.abs(w).max()) < 1e10
+    for i in range(0, len(z), rows):
+        zi = z[i:i + rows]
+        yield (np.concatenate([zi * zi, zi, np.ones((len(zi), 1))], 1) @ w if exact
+               else log_normal(zi[:, None], mean, log_var))
 
 
-def elbo_surgery(mu, log_var, rng, log_prior, chunk=128):
+def elbo_surgery(mu, log_var, rng, log_prior):
     """Split the average KL term as Hoffman & Johnson (2016): with q(z) = (1/N) sum_n q(z|x_n),
 
         mean_n KL(q(z|x_n) || p(z)) = I(x; z) + KL(q(z) || p(z)),
@@ -95,8 +96,7 @@ def elbo_surgery(mu, log_var, rng, log_prior, chunk=128):
     mu, log_var = np.asarray(mu, np.float64), np.asarray(log_var, np.float64)
     z = draw_codes(mu, log_var, rng)
     log_q_own = log_normal(z, mu, log_var)                                  # log q(z_n | x_n)
-    log_q_agg = np.concatenate([logsumexp(log_normal_pairs(z[i:i + chunk], mu, log_var), axis=1)
-                                for i in range(0, len(z), chunk)]) - np.log(len(z))   # log q(z_n)
+    log_q_agg = np.concatenate([logsumexp(b, 1) for b in log_normal_pairs(z, mu, log_var)]) - np.log(len(z))  # q(z_n)
     mi, kl_agg = float((log_q_own - log_q_agg).mean()), float((log_q_agg - log_prior(z)).mean())
     return {"mutual_information": mi, "kl_aggregate_prior": kl_agg,
             "mutual_information_plus_kl_aggregate_prior": mi + kl_agg}
@@ -118,9 +118,9 @@ def iw_nll(model, images, n_samples, rng, eps=None, batch_size=25, progress=None
 
     An upper bound on -log p(x) that falls towards it as S grows (Burda et al. 2015, who call S 'k'); for S = 1
     it is the negative ELBO with the KL estimated at the one z. images: uint8 pixels, or intensities already in
-    [0, 1] (float). eps (S, len(images), Z) may be given; progress, a
-    function of the fraction done. The S * B codes of a batch are decoded about 250 at a time: the logits held
-    at once stay under a megabyte whatever S (with S = 1000, one block per batch would hold 80 MB per array)."""
+    [0, 1] (float). eps (S, len(images), Z) may be given; progress, a function of the fraction done. The S * B
+    codes of a batch are decoded 250 at a time: the arrays of a block stay in the CPU's cache (a megabyte; larger
+    blocks measured slower), whatever S (with S = 1000, one block per batch would hold 80 MB per array)."""
     s, latent = n_samples, model.latent
     out = np.empty(len(images))
     for i in range(0, len(images), batch_size):

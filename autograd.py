@@ -126,7 +126,7 @@ class Adam:
         for k, p in self.params.items():
             g, m, v, tmp = grads[k], self.m[k], self.v[k], self.tmp[k]
             m *= b1; m += g                                               # m' = beta1 m' + g
-            np.multiply(g, g, out=tmp); v *= b2; v += tmp                 # v' = beta2 v' + g^2
+            np.square(g, out=tmp); v *= b2; v += tmp                      # v' = beta2 v' + g^2
             np.sqrt(v, out=tmp); tmp += eps_t                             # sqrt(v') + eps_t
             np.divide(m, tmp, out=tmp); tmp *= a_t; p -= tmp              # theta -= a_t m' / (sqrt(v') + eps_t)
             if self.t % 100 == 0:                                         # no subnormal moments (docstring)

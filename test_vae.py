@@ -646,12 +646,12 @@ def test_log_normal_pairs_equals_the_direct_form():
     rng = np.random.default_rng(16)
     z, m, lv = rng.standard_normal((7, 4)), rng.standard_normal((5, 4)), rng.uniform(-2, 1, (5, 4))
     direct = np.array([[direct_log_normal(zi, mk, np.exp(lvk)) for mk, lvk in zip(m, lv)] for zi in z])
-    np.testing.assert_allclose(analysis.log_normal_pairs(z, m, lv), direct, rtol=1e-12)
+    np.testing.assert_allclose(np.concatenate(list(analysis.log_normal_pairs(z, m, lv, rows=3))), direct, rtol=1e-12)
     np.testing.assert_allclose(vae.log_normal(z[:, None, :], m, lv), direct, rtol=1e-12)
     # Variances near 0 (a model trained with no KL term): the expansion would cancel every digit.
     lv, z = np.full((5, 4), -45.0), m[[0, 0, 1, 3, 4, 4, 2]] + 1e-10 * rng.standard_normal((7, 4))
     direct = np.array([[direct_log_normal(zi, mk, np.exp(lvk)) for mk, lvk in zip(m, lv)] for zi in z])
-    np.testing.assert_allclose(analysis.log_normal_pairs(z, m, lv), direct, rtol=1e-9)
+    np.testing.assert_allclose(np.concatenate(list(analysis.log_normal_pairs(z, m, lv, rows=3))), direct, rtol=1e-9)
 
 
 def test_aggregate_posterior_moments_match_a_hand_computation():

@@ -24,8 +24,7 @@ LOG_2PI = math.log(2 * math.pi)     # a Python float: it leaves float32 arrays f
 
 # ---- the formulas ------------------------------------------------------------------------------------------
 
-def sigmoid(logits):
-    # 1 / (1 + exp(-l)) = (1 + tanh(l / 2)) / 2: the same function, with no exp to overflow for any l.
+def sigmoid(logits):                    # 1 / (1 + exp(-l)) = (1 + tanh(l / 2)) / 2, with no exp to overflow
     return 0.5 + 0.5 * np.tanh(0.5 * logits)
 
 
@@ -38,12 +37,13 @@ def log_normal(z, mean, log_var):
 def log_bernoulli(x, logits, e=None):
     """log p(x|z) = sum_j x_j l_j - softplus(l_j), summed over the last axis; for x in {0, 1} this is
     sum_j x_j log p_j + (1 - x_j) log(1 - p_j) with p = sigmoid(l). softplus(l) = log(1 + e^l) is written
-    max(l, 0) + log(1 + e), e = exp(-|l|) in (0, 1], which is stable for any l (e may be given, if computed already).
-    log(1 + e), not log1p(e): NumPy has no vectorised float32 log1p on AVX2 CPUs (4x slower than log(1 + e) there,
-    measured), and for e in (0, 1] rounding 1 + e costs at most 2^-24 relative, so log(1 + e) is off by at most
-    6e-8 per pixel, below float32's own rounding of the sum."""
-    e = np.exp(-np.abs(logits)) if e is None else e
-    return (x * logits - np.maximum(logits, 0) - np.log(1 + e)).sum(-1)
+    max(l, 0) + log(1 + e), e = exp(-|l|) in (0, 1], stable for any l (e may be given, if computed already), and
+    sum_j max(l_j, 0) = (sum_j l_j + sum_j |l_j|) / 2. Each sum over pixels is a product with a vector of ones (x . l
+    by einsum): 2.6 instead of 12 ns a pixel with x broadcast over iw_nll's samples (measured). log(1 + e), not
+    log1p(e): no vectorised float32 log1p on AVX2 CPUs (4x slower); rounding 1 + e costs at most 6e-8 a pixel."""
+    abs_l, ones = np.abs(logits), np.ones(logits.shape[-1], logits.dtype)
+    e = np.exp(-abs_l) if e is None else e
+    return np.einsum("...j,...j->...", x, logits) - 0.5 * (logits @ ones + abs_l @ ones) - np.log(1 + e) @ ones
 
 
 # ---- the loss, piece by piece: forward(...) -> (out, cache), backward(d<out>, cache) -> gradients ------------
