@@ -86,7 +86,7 @@ class MixturePriorVAE(VAE):
 
     def __init__(self, n_in=784, hidden=400, latent=20, seed=0, dtype=np.float32, components=10, **likelihood):
         rng = np.random.default_rng(seed)
-        super().__init__(n_in, hidden, latent, rng, dtype, **likelihood)   # the networks first: a seed, the same ones
+        super().__init__(n_in, hidden, latent, rng, dtype, **likelihood)   # networks first: a seed gives vae.VAE's
         self.components = components
         self.prior = self.new_prior_params(rng, dtype)
         self.prior_grads = {name: np.zeros_like(p) for name, p in self.prior.items()}
@@ -182,20 +182,20 @@ def build(prior="standard", components=None, **arch):
 # ---- the first remedy: a Gaussian mixture fitted by EM to the aggregated posterior, after training ------------
 
 def fit_gmm(z, components=10, covariance="full", iters=200, tol=1e-5, rng=None, chunk=4096):
-    """A mixture of M = components Gaussians fitted to the rows of z (N, D) by EM (Dempster et al. 1977).
+    """A mixture of M = components Gaussians fitted to the rows of z (N, Z) by EM (Dempster et al. 1977).
 
     E-step: r_nj = pi_j N(z_n; m_j, S_j) / sum_i pi_i N(z_n; m_i, S_i), in log space with log-sum-exp.
     M-step: N_j = sum_n r_nj, pi_j = N_j / N, m_j = sum_n r_nj z_n / N_j,
             S_j = sum_n r_nj (z_n - m_j)(z_n - m_j)^T / N_j (or its diagonal).
     Both steps are linear in the outer products c_n c_n^T of the codes about their mean, c_n = z_n - zbar,
-    computed once (N x D^2 numbers: 64 MB for N = 20,000 and D = 20; recomputed per chunk where larger):
-        log N(z_n; m_j, S_j) = -1/2 [<c_n c_n^T, P_j> - 2 c_n . P_j b_j + b_j . P_j b_j + log|S_j| + D log 2 pi],
+    computed once (N x Z^2 numbers: 64 MB for N = 20,000 and Z = 20; recomputed per chunk where larger):
+        log N(z_n; m_j, S_j) = -1/2 [<c_n c_n^T, P_j> - 2 c_n . P_j b_j + b_j . P_j b_j + log|S_j| + Z log 2 pi],
         sum_n r_nj (z_n - m_j)(z_n - m_j)^T = sum_n r_nj c_n c_n^T - N_j b_j b_j^T,
     with P_j = S_j^-1 and b_j = m_j - zbar: one matrix product each, for every component at once. The shift by zbar
     keeps the differences from cancelling digits for codes far from 0 (test). Eigenvalues of S_j are floored at 1e-6
     times the mean variance of z, so every S_j stays a valid covariance.
     Stops when the mean log-likelihood gains less than tol. Returns {'log_pi', 'means', 'covs', 'log_likelihood'
-    (one value per iteration, never decreasing)}; covs are (M, D, D) or, for 'diag', (M, D)."""
+    (one value per iteration, never decreasing)}; covs are (M, Z, Z) or, for 'diag', (M, Z)."""
     rng = rng or np.random.default_rng(0)
     z = np.asarray(z, dtype=np.float64)
     n, d = z.shape
@@ -216,7 +216,7 @@ def fit_gmm(z, components=10, covariance="full", iters=200, tol=1e-5, rng=None, 
         p = (eigvec / eigval[:, None, :]) @ eigvec.transpose(0, 2, 1) if full else 1 / eigval
         pb = np.einsum("jde,je->jd", p, b) if full else p * b               # P_j b_j
         const = (pb * b).sum(1) + np.log(eigval).sum(1) + d * LOG_2PI
-        # <c_n c_n^T, P_j> for all n and j, as (P c c^T)^T: 1.6x faster than cc @ P^T in OpenBLAS (measured)
+        # <c_n c_n^T, P_j> for all n and j, as (P c c^T)^T: 1.6x faster than cc @ P^T in OpenBLAS (docs, section 6)
         quad = np.concatenate([(p.reshape(components, -1) @ cc(i).T).T for i in range(len(rows))])
         log_joint = log_pi - 0.5 * (quad - 2 * c @ pb.T + const)            # log pi_j N(z_n; m_j, S_j)
         log_p = logsumexp(log_joint, axis=1)                                 # log p(z_n)
@@ -248,9 +248,9 @@ def gmm_component_log_density(gmm, z, chunk=4096):
         for i in range(0, len(z), chunk):
             out[i:i + chunk] = log_normal(z[i:i + chunk, None, :], gmm["means"], np.log(gmm["covs"]))
         return out
-    # Full: with S_k = L_k L_k^T (Cholesky), log N = -1/2 (|L_k^-1 (z - m_k)|^2 + log|S_k| + D log 2 pi), where
+    # Full: with S_k = L_k L_k^T (Cholesky), log N = -1/2 (|L_k^-1 (z - m_k)|^2 + log|S_k| + Z log 2 pi), where
     # log|S_k| / 2 = sum_i log (L_k)_ii. All k components in one product: y = z A - m A, A_k = L_k^-T.
-    chol_inv = np.linalg.inv(np.linalg.cholesky(gmm["covs"]))                # (k, D, D): L_k^-1
+    chol_inv = np.linalg.inv(np.linalg.cholesky(gmm["covs"]))                # (k, Z, Z): L_k^-1
     a = chol_inv.transpose(0, 2, 1)                                         # A_k = L_k^-T
     a_all, m_a = a.transpose(1, 0, 2).reshape(d, k * d), np.einsum("kd,kde->ke", gmm["means"], a)
     log_det_half = -np.log(np.diagonal(chol_inv, axis1=1, axis2=2)).sum(1)  # sum log L_ii = -sum log (L^-1)_ii

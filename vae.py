@@ -10,8 +10,8 @@ This file is the standard VAE and nothing else. It reads top to bottom: the form
 and the reparameterization as three forward/backward pairs in the CS231n style (forward(...) -> out, cache;
 backward(d<out>, cache) -> gradients; each grad-checked alone); and the model, whose forward and backward compose
 those pairs in the paper's order. A learned prior is a subclass in priors.py that replaces the prior's four
-methods at the end of the class and adds its parameters; the training step is this one (the VampPrior adds one
-line to backward). Other likelihoods p(x|z) are the last section of this file.
+methods (the class's middle section) and adds its parameters; the training step is this one (the VampPrior adds
+its pseudo-inputs' encoder gradients in backward). Other likelihoods p(x|z) are the last section of this file.
 """
 import math
 
@@ -36,14 +36,15 @@ def log_normal(z, mean, log_var):
 
 def log_bernoulli(x, logits, e=None):
     """log p(x|z) = sum_j x_j l_j - softplus(l_j), summed over the last axis; for x in {0, 1} this is
-    sum_j x_j log p_j + (1 - x_j) log(1 - p_j) with p = sigmoid(l). softplus(l) = log(1 + e^l) is written
-    max(l, 0) + log(1 + e), e = exp(-|l|) in (0, 1], stable for any l (e may be given, if computed already), and
-    sum_j max(l_j, 0) = (sum_j l_j + sum_j |l_j|) / 2. Each sum over pixels is a product with a vector of ones (x . l
-    by einsum): 2.6 instead of 12 ns a pixel with x broadcast over iw_nll's samples (measured). log(1 + e), not
-    log1p(e): no vectorised float32 log1p on AVX2 CPUs (4x slower); rounding 1 + e costs at most 6e-8 a pixel."""
-    abs_l, ones = np.abs(logits), np.ones(logits.shape[-1], logits.dtype)
-    e = np.exp(-abs_l) if e is None else e
-    return np.einsum("...j,...j->...", x, logits) - 0.5 * (logits @ ones + abs_l @ ones) - np.log(1 + e) @ ones
+    sum_j x_j log p_j + (1 - x_j) log(1 - p_j) with p = sigmoid(l). softplus(l) = log(1 + e^l) = max(l, 0) + log(1 + e),
+    e = exp(-|l|) in (0, 1], stable for any l (e may be given), and sum_j max(l_j, 0) = (sum_j l_j + sum_j |l_j|) / 2.
+    Sums over pixels are products with a vector of ones (x . l by einsum): 2.6, not 12 ns a pixel in iw_nll. log(1 + e),
+    not log1p: no vectorised float32 log1p on AVX2 (4x slower); 1 + e rounds by at most 6e-8 (docs/experiments.md 6)."""
+    ones, t = np.ones(logits.shape[-1], logits.dtype), np.abs(logits)    # t: one scratch array, overwritten in place
+    sum_max = 0.5 * (logits @ ones + t @ ones)                              # sum_j max(l_j, 0)
+    e = np.exp(np.negative(t, out=t), out=t) if e is None else e           # e = exp(-|l|)
+    np.log(np.add(e, 1, out=t), out=t)                                      # log(1 + e)
+    return np.einsum("...j,...j->...", x, logits) - sum_max - t @ ones
 
 
 # ---- the loss, piece by piece: forward(...) -> (out, cache), backward(d<out>, cache) -> gradients ------------
@@ -116,7 +117,8 @@ class VAE:
                  decoder_sigma=None):
         rng = np.random.default_rng(seed)               # seed: an int (or the Generator a subclass goes on using)
         self.n_in, self.hidden, self.latent = n_in, hidden, latent
-        # One output layer of 2Z units split into mu and log_var: the recipe's two heads (fc21, fc22) in one product.
+        # 2Z outputs split into mu and log_var (the recipe's heads fc21, fc22 in one product); log_var, not sigma:
+        # any real output is valid, and sigma = exp(log_var / 2) is positive whatever the network gives.
         self.encoder = MLP([n_in, hidden, 2 * latent], rng, dtype)
         self.decoder = MLP([latent, hidden, n_in], rng, dtype)
         # p(x|z): the Bernoulli, or one of the variations defined at the end of this file ('gaussian', 'cb').
@@ -200,7 +202,7 @@ class VAE:
         return self.likelihood.mean(self.decode(mu))
 
     def sample_prior(self, n, rng):
-        """n images decoded from z ~ p(z), the prior: draws from the whole data distribution."""
+        """n draws z ~ p(z), the prior, decoded to the means E[x|z] of p(x|z) (likelihood.sample draws x itself)."""
         return self.likelihood.mean(self.decode(self.sample_z(n, rng).astype(self.dtype)))
 
     def sample_posterior(self, x, n, rng):
