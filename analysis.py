@@ -90,13 +90,14 @@ def elbo_surgery(mu, log_var, rng, log_prior):
         mean_n KL(q(z|x_n) || p(z)) = I(x; z) + KL(q(z) || p(z)),
         I(x; z) = E_n E_q(z|x_n)[log q(z|x_n) - log q(z)],  KL(q(z)||p(z)) = E_q(z)[log q(z) - log p(z)].
 
-    Each is estimated with one z_n ~ q(z|x_n) per data point; log q(z) sums over all N components
-    (log-sum-exp; the N x N Gaussian densities as matrix products). log_prior: a function of z, log p(z).
-    Returns the two terms in nats and their sum, to be compared with the average KL computed directly."""
+    Each is estimated with one z_n ~ q(z|x_n) per data point; log q(z) sums over all N components (log-sum-exp;
+    the N x N Gaussian densities as matrix products). log_prior: a function of z, log p(z). Returns the two terms
+    in nats and their sum, to be compared with the average KL computed directly."""
     mu, log_var = np.asarray(mu, np.float64), np.asarray(log_var, np.float64)
     z = draw_codes(mu, log_var, rng)
     log_q_own = log_normal(z, mu, log_var)                                  # log q(z_n | x_n)
-    log_q_agg = np.concatenate([logsumexp(b, 1) for b in log_normal_pairs(z, mu, log_var)]) - np.log(len(z))  # q(z_n)
+    pairs = log_normal_pairs(z, mu, log_var)                                # log q(z_n | x_m), rows at a time
+    log_q_agg = np.concatenate([logsumexp(b, 1, overwrite=True) for b in pairs]) - np.log(len(z))   # log q(z_n)
     mi, kl_agg = float((log_q_own - log_q_agg).mean()), float((log_q_agg - log_prior(z)).mean())
     return {"mutual_information": mi, "kl_aggregate_prior": kl_agg,
             "mutual_information_plus_kl_aggregate_prior": mi + kl_agg}
@@ -135,7 +136,7 @@ def iw_nll(model, images, n_samples, rng, eps=None, batch_size=25, progress=None
         # log w_s = log p(x|z_s) + log p(z_s) - log q(z_s|x), (S, B); the pixel sum in the model's dtype, then float64
         log_w = log_px.astype(np.float64) + model.log_prior(z.reshape(-1, latent)).reshape(s, -1) - log_normal(
             z, mu, log_var)
-        out[i:i + batch_size] = np.log(s) - logsumexp(log_w, axis=0)            # -log (1/S) sum_s w_s
+        out[i:i + batch_size] = np.log(s) - logsumexp(log_w, 0, overwrite=True)  # -log (1/S) sum_s w_s
         if progress:
             progress(min(i + batch_size, len(images)) / len(images))
     return out
@@ -165,8 +166,7 @@ def likelihood_measures(model, x_test, iw_samples, rng, seconds, log, progress):
 @contextlib.contextmanager
 def phase(name, seconds, log, message):
     """Say what is being measured, then record how long it took in seconds[name]."""
-    log(message)
-    t0 = time.perf_counter()
+    log(message); t0 = time.perf_counter()
     yield
     seconds[name] = time.perf_counter() - t0
 

@@ -277,8 +277,8 @@ def latent_plane(model, mu, labels, z_prior, in_hole):
 
 
 def comparison_figures(models, x_test, y_test, image_index, seed, prefix):
-    """A comparison of runs (--betas, --likelihoods), {name: model}: for each run a row of prior samples and of posterior samples of
-    the same test image; for Z = 2, each run's test codes against the prior."""
+    """A comparison of runs (--betas, --likelihoods), {name: model}: for each run a row of prior samples and of
+    posterior samples of the same test image; for Z = 2, each run's test codes against the prior."""
     x = mnist.to_float(x_test[image_index:image_index + 1], next(iter(models.values())).dtype)
     fig = new_figure(figsize=(14, 2.3 * len(models) + 0.4))
     axes = fig.subplots(len(models), 2, squeeze=False)

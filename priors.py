@@ -21,10 +21,12 @@ import numpy as np
 from vae import LOG_2PI, VAE, log_normal, reparameterize_backward, reparameterize_forward
 
 
-def logsumexp(a, axis):
-    """log sum_i exp(a_i) = m + log sum_i exp(a_i - m), m = max_i a_i: no overflow, no log(0) for finite a."""
+def logsumexp(a, axis, overwrite=False):
+    """log sum_i exp(a_i) = m + log sum_i exp(a_i - m), m = max_i a_i: no overflow, no log(0) for finite a.
+    overwrite=True: a is scratch, its values lost (no copy of a large a: the ELBO surgery's blocks, 0.3 s)."""
     m = a.max(axis=axis, keepdims=True)
-    return (m + np.log(np.exp(a - m).sum(axis=axis, keepdims=True))).squeeze(axis)
+    e = np.exp(np.subtract(a, m, out=a if overwrite else None), out=a if overwrite else None)   # exp(a_i - m)
+    return (m + np.log(e.sum(axis=axis, keepdims=True))).squeeze(axis)
 
 
 def mixture_log_density(z, means, log_vars, log_pi):
@@ -262,7 +264,7 @@ def gmm_component_log_density(gmm, z, chunk=4096):
 
 def gmm_log_density(gmm, z):
     """log q_fit(z) = log sum_k pi_k N(z; m_k, S_k), per row of z."""
-    return logsumexp(gmm["log_pi"] + gmm_component_log_density(gmm, z), axis=1)
+    return logsumexp(gmm["log_pi"] + gmm_component_log_density(gmm, z), axis=1, overwrite=True)
 
 
 def gmm_sample(gmm, n, rng):
