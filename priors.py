@@ -218,7 +218,7 @@ def fit_gmm(z, components=10, covariance="full", iters=200, tol=1e-5, rng=None, 
         p = (eigvec / eigval[:, None, :]) @ eigvec.transpose(0, 2, 1) if full else 1 / eigval
         pb = np.einsum("jde,je->jd", p, b) if full else p * b               # P_j b_j
         const = (pb * b).sum(1) + np.log(eigval).sum(1) + d * LOG_2PI
-        # <c_n c_n^T, P_j> for all n and j, as (P c c^T)^T: 1.6x faster than cc @ P^T in OpenBLAS (docs, section 6)
+        # <c_n c_n^T, P_j> for all n and j, as (P c c^T)^T: 1.2-1.6x faster than cc @ P^T (docs, section 6)
         quad = np.concatenate([(p.reshape(components, -1) @ cc(i).T).T for i in range(len(rows))])
         log_joint = log_pi - 0.5 * (quad - 2 * c @ pb.T + const)            # log pi_j N(z_n; m_j, S_j)
         log_p = logsumexp(log_joint, axis=1)                                 # log p(z_n)
