@@ -35,11 +35,10 @@ def log_normal(z, mean, log_var):
 
 
 def log_bernoulli(x, logits, e=None):
-    """log p(x|z) = sum_j x_j l_j - softplus(l_j), summed over the last axis; for x in {0, 1} this is
-    sum_j x_j log p_j + (1 - x_j) log(1 - p_j) with p = sigmoid(l). softplus(l) = log(1 + e^l) = max(l, 0) + log(1 + e),
-    e = exp(-|l|) in (0, 1], stable for any l (e may be given), and sum_j max(l_j, 0) = (sum_j l_j + sum_j |l_j|) / 2.
-    Sums over pixels are products with a vector of ones (x . l by einsum): 1.7, not 5.6 ns a pixel in iw_nll. log(1 + e),
-    not log1p: no vectorised float32 log1p on AVX2 (4x slower); 1 + e rounds by at most 6e-8 (docs/experiments.md 6)."""
+    """log p(x|z) = sum_j x_j l_j - softplus(l_j) over the last axis (for x in {0, 1}: sum_j x_j log p_j + (1 - x_j)
+    log(1 - p_j), p = sigmoid(l)). softplus(l) = max(l, 0) + log(1 + e), e = exp(-|l|) in (0, 1]: stable for any l
+    (e may be given); sum_j max(l_j, 0) = (sum_j l_j + sum_j |l_j|) / 2. Pixel sums are products with ones (1.7, not
+    5.6 ns a pixel); log(1 + e), not log1p (no SIMD float32 log1p on AVX2), off by <= 6e-8 (docs/experiments.md 6)."""
     ones, t = np.ones(logits.shape[-1], logits.dtype), np.abs(logits)    # t: one scratch array, overwritten in place
     sum_max = 0.5 * (logits @ ones + t @ ones)                              # sum_j max(l_j, 0)
     e = np.exp(np.negative(t, out=t), out=t) if e is None else e           # e = exp(-|l|)
@@ -48,9 +47,8 @@ def log_bernoulli(x, logits, e=None):
 
 
 # ---- the loss, piece by piece: forward(...) -> (out, cache), backward(d<out>, cache) -> gradients ------------
-# The two loss terms return one value per example (B,); their backward takes the gradient of the loss with respect
-# to that value (B,): 1/B for a batch mean. The reparameterization maps (mu, log_var) (B, Z) to z (B, Z); its
-# backward takes dz (B, Z).
+# Each loss term returns one value per example (B,); its backward takes the loss's gradient with respect to that
+# value (B,): 1/B for a batch mean. The reparameterization maps (mu, log_var) (B, Z) to z (B, Z), backward dz to both.
 
 def bernoulli_nll_forward(logits, x):
     """Reconstruction term -log p(x|z) per example, from the decoder's logits (B, D) and images x (B, D) in [0, 1].
