@@ -154,7 +154,7 @@ def gradient_paths(paths, per_unit):
         ax.minorticks_off(); ax.grid(alpha=0.3)
     for ax in (rms, mean):
         ax.set_xticks(units, [str(i) for i in order], fontsize=7)
-    over_time.legend(fontsize=8); mean.legend(fontsize=8)
+    over_time.legend(fontsize=8); mean.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     fig.subplots_adjust(wspace=0.25)
     return fig
 
