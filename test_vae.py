@@ -115,6 +115,33 @@ def test_bernoulli_nll_backward_matches_finite_differences():
     assert_grads_close(errors, 1e-7)
 
 
+def test_log_bernoulli_is_the_bernoulli_log_likelihood_for_any_logit_and_broadcast_x():
+    # The textbook form, sum_j x_j log p_j + (1 - x_j) log(1 - p_j), in 50-digit decimals, at logits up to +-80
+    # (where 1 - p underflows in floats), with x broadcast over a leading samples axis as iw_nll does; the inputs
+    # stay unchanged (log_bernoulli overwrites a scratch array of its own).
+    from decimal import Decimal, getcontext
+    getcontext().prec = 50
+    rng = np.random.default_rng(17)
+    logits = np.concatenate([rng.standard_normal((3, 2, 5)) * 4, np.tile([-80.0, -30.0, 0.0, 30.0, 80.0], (3, 2, 1))],
+                            axis=-1)
+    x = rng.uniform(0, 1, (2, 10)).round(3)             # grey levels, one row per image, shared by the 3 samples
+    def exact(xs, ls):
+        total = Decimal(0)
+        for xj, lj in zip(xs, ls):
+            p = 1 / (1 + (-Decimal(float(lj))).exp())
+            total += Decimal(float(xj)) * p.ln() + (1 - Decimal(float(xj))) * (1 - p).ln()
+        return float(total)
+    want = np.array([[exact(x[b], logits[s, b]) for b in range(2)] for s in range(3)])
+    e = np.exp(-np.abs(logits))                         # the training path passes e, computed once
+    before = logits.copy(), x.copy(), e.copy()
+    np.testing.assert_allclose(vae.log_bernoulli(x, logits), want, rtol=1e-13)
+    np.testing.assert_allclose(vae.log_bernoulli(x, logits, e), want, rtol=1e-13)
+    for after, saved in zip((logits, x, e), before):
+        np.testing.assert_array_equal(after, saved)
+    got32 = vae.log_bernoulli(x.astype(np.float32), logits.astype(np.float32))
+    np.testing.assert_allclose(got32, want, rtol=2e-6)
+
+
 def test_reparameterize_backward_matches_finite_differences():
     rng = np.random.default_rng(6)
     mu, log_var, eps = rng.standard_normal((6, 3)), rng.uniform(-2, 1, (6, 3)), rng.standard_normal((6, 3))
