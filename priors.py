@@ -24,8 +24,8 @@ from vae import LOG_2PI, VAE, log_normal, reparameterize_backward, reparameteriz
 def logsumexp(a, axis, overwrite=False):
     """log sum_i exp(a_i) = m + log sum_i exp(a_i - m), m = max_i a_i: no overflow, no log(0) for finite a.
     overwrite=True: a is scratch, its values lost (no copy of a large a: the ELBO surgery's blocks, 0.3 s)."""
-    m = a.max(axis=axis, keepdims=True)
-    e = np.exp(np.subtract(a, m, out=a if overwrite else None), out=a if overwrite else None)   # exp(a_i - m)
+    m, out = a.max(axis=axis, keepdims=True), (a if overwrite else None)     # out: where exp(a_i - m) is written
+    e = np.exp(np.subtract(a, m, out=out), out=out)                         # exp(a_i - m)
     return (m + np.log(e.sum(axis=axis, keepdims=True))).squeeze(axis)
 
 
