@@ -21,11 +21,20 @@ import numpy as np
 from vae import LOG_2PI, VAE, log_normal, reparameterize_backward, reparameterize_forward
 
 
+def exp_floored(a, out=None):
+    """exp(a) for a <= 0, with a raised to log(tiny) first (-708.4 in float64, -87.3 in float32), tiny the smallest
+    normal number: below it exp is subnormal or 0, which NumPy computes far slower (float64: 12-17 against 1.2 ns an
+    element with AVX-512, 13-16 against 5-9 ns without; docs/experiments.md, section 6). Such terms are < 2.3e-308 (1.2e-38) of a sum's largest
+    term, 1 here: no sum of fewer than 1e292 (1e30) of them reaches its last bit, so no sum changes."""
+    t = np.maximum(a, math.log(np.finfo(a.dtype).tiny), out=out)           # out=a: in place
+    return np.exp(t, out=t)
+
+
 def logsumexp(a, axis, overwrite=False):
     """log sum_i exp(a_i) = m + log sum_i exp(a_i - m), m = max_i a_i: no overflow, no log(0) for finite a.
     overwrite=True: a is scratch, its values lost (no copy of a large a: the ELBO surgery's blocks, 0.3 s)."""
     m, out = a.max(axis=axis, keepdims=True), (a if overwrite else None)     # out: where exp(a_i - m) is written
-    e = np.exp(np.subtract(a, m, out=out), out=out)                         # exp(a_i - m)
+    e = exp_floored(np.subtract(a, m, out=out), out=out)                    # exp(a_i - m), each <= 1
     return (m + np.log(e.sum(axis=axis, keepdims=True))).squeeze(axis)
 
 
@@ -190,10 +199,12 @@ def fit_gmm(z, components=10, covariance="full", iters=200, tol=1e-5, rng=None, 
     M-step: N_j = sum_n r_nj, pi_j = N_j / N, m_j = sum_n r_nj z_n / N_j,
             S_j = sum_n r_nj (z_n - m_j)(z_n - m_j)^T / N_j (or its diagonal).
     Both steps are linear in the outer products c_n c_n^T of the codes about their mean, c_n = z_n - zbar,
-    computed once (N x Z^2 numbers: 64 MB for N = 20,000 and Z = 20; recomputed per chunk where larger):
+    computed once:
         log N(z_n; m_j, S_j) = -1/2 [<c_n c_n^T, P_j> - 2 c_n . P_j b_j + b_j . P_j b_j + log|S_j| + Z log 2 pi],
         sum_n r_nj (z_n - m_j)(z_n - m_j)^T = sum_n r_nj c_n c_n^T - N_j b_j b_j^T,
-    with P_j = S_j^-1 and b_j = m_j - zbar: one matrix product each, for every component at once. The shift by zbar
+    with P_j = S_j^-1 and b_j = m_j - zbar: one matrix product each, for every component at once. c_n c_n^T and
+    P_j are symmetric, so only their upper triangles are used, Z(Z + 1)/2 numbers (N x 210: 34 MB for N = 20,000 and
+    Z = 20; recomputed per chunk where larger), and <c c^T, P> = sum_d c_d^2 P_dd + 2 sum_d<e c_d c_e P_de. The shift by zbar
     keeps the differences from cancelling digits for codes far from 0 (test). Eigenvalues of S_j are floored at 1e-6
     times the mean variance of z, so every S_j stays a valid covariance.
     Stops when the mean log-likelihood gains less than tol. Returns {'log_pi', 'means', 'covs', 'log_likelihood'
@@ -206,8 +217,10 @@ def fit_gmm(z, components=10, covariance="full", iters=200, tol=1e-5, rng=None, 
     floor = 1e-6 * max(var.mean(), 1e-6)
     full = covariance == "full"
     rows = [slice(i, i + chunk) for i in range(0, n, chunk)]
-    outer = lambda s: (c[s, :, None] * c[s, None, :]).reshape(-1, d * d) if full else c[s] * c[s]   # c c^T or c^2
-    kept = [outer(s) for s in rows] if n * d * d <= 2 ** 23 else None
+    up, right = np.triu_indices(d) if full else (np.arange(d),) * 2        # the upper triangle (diag: the diagonal)
+    twice = np.where(up == right, 1.0, 2.0)                                 # off the diagonal, each entry counts twice
+    outer = lambda s: c[s][:, up] * c[s][:, right]                          # c c^T's upper triangle, or c^2
+    kept = [outer(s) for s in rows] if n * len(up) <= 2 ** 23 else None
     cc = lambda i: kept[i] if kept else outer(rows[i])
     b = z[rng.choice(n, components, replace=False)] - zbar                           # b_j = m_j - zbar
     log_pi = np.full(components, -np.log(components))                       # S_j = V diag(lambda) V^T, from diag(var)
@@ -219,7 +232,8 @@ def fit_gmm(z, components=10, covariance="full", iters=200, tol=1e-5, rng=None, 
         pb = np.einsum("jde,je->jd", p, b) if full else p * b               # P_j b_j
         const = (pb * b).sum(1) + np.log(eigval).sum(1) + d * LOG_2PI
         # <c_n c_n^T, P_j> for all n and j, as (P c c^T)^T: 1.2-1.6x faster than cc @ P^T (docs, section 6)
-        quad = np.concatenate([(p.reshape(components, -1) @ cc(i).T).T for i in range(len(rows))])
+        weights = p[:, up, right] * twice if full else p
+        quad = np.concatenate([(weights @ cc(i).T).T for i in range(len(rows))])
         log_joint = log_pi - 0.5 * (quad - 2 * c @ pb.T + const)            # log pi_j N(z_n; m_j, S_j)
         log_p = logsumexp(log_joint, axis=1)                                 # log p(z_n)
         history.append(float(log_p.mean()))
@@ -231,8 +245,10 @@ def fit_gmm(z, components=10, covariance="full", iters=200, tol=1e-5, rng=None, 
         b = (r.T @ c) / n_j[:, None]                                        # m_j - zbar
         second = sum(r[s].T @ cc(i) for i, s in enumerate(rows)) / n_j[:, None]     # sum_n r_nj c_n c_n^T / N_j
         if full:
-            covs = second.reshape(components, d, d) - b[:, :, None] * b[:, None, :]
-            eigval, eigvec = np.linalg.eigh((covs + covs.transpose(0, 2, 1)) / 2)
+            covs = np.empty((components, d, d))
+            covs[:, up, right] = covs[:, right, up] = second                # the triangle, mirrored
+            covs -= b[:, :, None] * b[:, None, :]
+            eigval, eigvec = np.linalg.eigh(covs)
             eigval = np.maximum(eigval, floor)
         else:
             eigval = np.maximum(second - b * b, floor)
