@@ -428,6 +428,22 @@ def test_adam_matches_a_step_computed_by_hand():
     np.testing.assert_allclose(p, want, rtol=1e-12)
 
 
+def test_adam_updates_every_element_of_a_parameter_larger_than_its_chunk_in_place():
+    # Adam runs over CHUNK elements at a time: 3 chunks and 5 elements, as a 2-D array (its flat views must be views).
+    rng = np.random.default_rng(4)
+    shape = (5, (3 * Adam.CHUNK + 5) // 5)
+    p = rng.standard_normal(shape).astype(np.float32)
+    grads = [rng.standard_normal(shape).astype(np.float32) for _ in range(3)]
+    want, m, v = p.astype(np.float64), 0.0, 0.0
+    opt, param = Adam({"p": p}, lr=0.01), p
+    for t, g in enumerate(grads, 1):
+        opt.step({"p": g})
+        m, v = 0.9 * m + 0.1 * g.astype(np.float64), 0.999 * v + 0.001 * g.astype(np.float64) ** 2
+        want -= 0.01 * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
+    assert opt.params["p"] is param and p.size > 3 * Adam.CHUNK
+    np.testing.assert_allclose(p, want, rtol=1e-5, atol=1e-6)
+
+
 def test_adam_never_holds_subnormal_moments_and_still_matches_the_update_by_hand():
     # After one gradient, 1500 steps with none: m decays by beta1 and would pass below float32's smallest normal
     # number (1.2e-38, where arithmetic is ~10x slower) near step 830. The parameters still follow Adam in float64.
