@@ -60,9 +60,13 @@ def bernoulli_nll_forward(logits, x):
 def bernoulli_nll_backward(dnll, cache):
     logits, x, e = cache                                # d/dl [softplus(l) - x l] = sigmoid(l) - x, with sigmoid(l)
                                                         # from the forward's e, not a second transcendental (tanh):
-    s = e / (1 + e)                                     # sigmoid(-|l|) = e / (1 + e), in (0, 1/2]
-    sigmoid_l = 0.5 + np.copysign(0.5 - s, logits)      # sigmoid(l): 1 - s for l >= 0, s for l < 0
-    return (sigmoid_l - x) * dnll[:, None]
+    g = np.add(e, 1)                                    # 1 + e; g, the one new array, is overwritten in place
+    np.divide(e, g, out=g)                              # s = sigmoid(-|l|) = e / (1 + e), in (0, 1/2]
+    np.subtract(0.5, g, out=g)
+    np.copysign(g, logits, out=g)                       # sigmoid(l) - 1/2: 1/2 - s for l >= 0, s - 1/2 for l < 0
+    g += 0.5; g -= x                                    # sigmoid(l) - x
+    g *= dnll[:, None]
+    return g
 
 
 def reparameterize_forward(mu, log_var, eps):
