@@ -171,9 +171,9 @@ def train_epoch(model, opt, x_train, state, cfg, stop, progress):
         opt.step(grads)
         state["step"] = step + 1
         state["sums"] += np.array([loss, recon, kl, recon + beta * kl, beta]) * len(x)
-        g = np.stack([model.paths[name] for name in PATHS]) * len(x)    # per-example gradients (B times the
-        state["path_sums"][:, 0] += g.sum(1)                            # batch mean's), (paths, B, Z), and their
-        state["path_sums"][:, 1] += (g * g).sum(1)                      # squares, summed over the batch
+        for i, name in enumerate(PATHS):            # per-example gradients (B times the batch mean's), and squares
+            g = model.paths[name] * len(x)
+            state["path_sums"][i] += g.sum(0), (g * g).sum(0)
         progress(state, n_steps, seen=min(state["step"] * cfg["batch_size"], len(x_train)))
         if stop["requested"]:
             state["elapsed"] += time.perf_counter() - t0
