@@ -639,6 +639,21 @@ def test_iw_nll_never_exceeds_the_elbo_of_the_same_draws_and_falls_as_k_grows():
 
 # ---- the aggregated posterior --------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_exp_floored_stays_normal_and_logsumexp_is_exact_far_below_zero(dtype):
+    # exp_floored never returns a subnormal (NumPy's slow path) and is exp itself above its floor; logsumexp, which
+    # floors the differences a_i - max, still sums terms exactly where every a_i is far below 0.
+    a = np.array([0.0, -5.0, -80.0, -300.0, -706.0, -708.0, -745.0, -1e4, -np.inf], dtype)
+    got = priors.exp_floored(a.copy())
+    assert np.all(got >= np.finfo(dtype).tiny), got
+    above = a >= np.log(np.finfo(dtype).tiny) + 2
+    np.testing.assert_array_equal(got[above], np.exp(a[above]))
+    far = np.array([[-1e3, -1e3 - 1.0, -1e3 - 800.0], [-2.0, -3e4, -np.inf]], dtype)
+    want = [-1e3 + math.log1p(math.exp(-1.0)), -2.0]     # exp(-800) and exp(-3e4) vanish beside 1
+    np.testing.assert_allclose(priors.logsumexp(far, 1), want, rtol=1e-15 if dtype == np.float64 else 1e-7)
+    np.testing.assert_allclose(priors.logsumexp(far.copy(), 1, overwrite=True), want, rtol=1e-15 if dtype == np.float64
+                               else 1e-7)
+
 @pytest.mark.parametrize("covariance", ["full", "diag"])
 def test_em_recovers_well_separated_clusters_and_its_likelihood_never_decreases(covariance):
     rng = np.random.default_rng(6)
