@@ -72,15 +72,16 @@ def aggregate_posterior_moments(mu, log_var, threshold=0.01):
 def log_normal_pairs(z, mean, log_var, rows=64):
     """vae.log_normal of every row of z (N, Z) against every row of mean and log_var (M, Z): (N, M), yielded `rows`
     rows at a time. log N(z; m, v) is linear in (z^2, z, 1): -1/2 [z^2 . 1/v - 2 z . m/v + m^2 . 1/v + sum log v +
-    Z log 2 pi], so a block is one product [z^2, z, 1] @ W, W made once (the ELBO surgery's 10,000 x 10,000: 1 s, not
-    15-20). Its rounding error is ~1e-16 times the terms: where they pass 1e10 (variances near 0) the direct form."""
+    Z log 2 pi], so a block is one product [z^2, z, 1] @ W, W made once (the ELBO surgery's 10,000 x 10,000 in a
+    fraction of a second, not 15-20 s). Its rounding error is ~1e-16 times the terms: where they pass 1e10 (variances
+    near 0), the direct form."""
     inv_var = np.exp(-log_var)
     w = np.concatenate([-0.5 * inv_var.T, (mean * inv_var).T,                  # the weights of z^2, z and 1
                         -0.5 * ((mean * mean * inv_var).sum(-1) + log_var.sum(-1) + z.shape[-1] * LOG_2PI)[None]])
-    exact = max(np.abs(w).max() * (z * z).max(initial=0.0), np.abs(w).max()) < 1e10
+    expansion_safe = max(np.abs(w).max() * (z * z).max(initial=0.0), np.abs(w).max()) < 1e10
     for i in range(0, len(z), rows):
         zi = z[i:i + rows]
-        yield (np.concatenate([zi * zi, zi, np.ones((len(zi), 1))], 1) @ w if exact
+        yield (np.concatenate([zi * zi, zi, np.ones((len(zi), 1))], 1) @ w if expansion_safe
                else log_normal(zi[:, None], mean, log_var))
 
 
@@ -120,9 +121,8 @@ def iw_nll(model, images, n_samples, rng, eps=None, batch_size=25, progress=None
     An upper bound on -log p(x) in expectation (Jensen: E log mean_s w_s <= log E w_s = log p(x)) that falls towards
     it as S grows (Burda et al. 2015, who call S 'k'); for S = 1 it is the negative ELBO with the KL estimated at the
     one z. images: uint8 pixels, or intensities already in [0, 1] (float). eps (S, len(images), Z) may be given;
-    progress, a function of the fraction done. The S * B codes of a batch are decoded up to 2,500 at a time (the
-    first layer's product is 6-9x faster than on 250; memory stays bounded whatever S), their log-density taken 250
-    codes at a time, whose scratch arrays stay in the CPU's cache (docs/experiments.md, section 6)."""
+    progress, a function of the fraction done. A batch's codes are decoded 2,500 at a time, their log-density taken
+    250 at a time, in whole samples of the batch (docs/experiments.md, section 6: faster products, a cached scratch)."""
     s, latent = n_samples, model.latent
     out = np.empty(len(images))
     for i in range(0, len(images), batch_size):
@@ -131,14 +131,14 @@ def iw_nll(model, images, n_samples, rng, eps=None, batch_size=25, progress=None
         mu, log_var = (a.astype(np.float64) for a in model.encode(xb))
         e = rng.standard_normal((s, len(xb), latent)) if eps is None else eps[:, i:i + batch_size]
         z, _ = reparameterize_forward(mu, log_var, e)                            # (S, B, Z)
-        decoded, density = max(1, 2500 // len(xb)), max(1, 250 // len(xb))     # samples per product, per density
+        per_block, per_slice = max(1, 2500 // len(xb)), max(1, 250 // len(xb))  # samples s of all B images
         log_px = np.empty((s, len(xb)), model.dtype)                            # log p(x|z_s), (S, B)
-        for k in range(0, s, decoded):
-            logits = model.decode(z[k:k + decoded].reshape(-1, latent).astype(model.dtype))
-            logits = logits.reshape(-1, len(xb), logits.shape[-1])              # (samples, B, D)
-            for j in range(0, len(logits), density):
-                part = logits[j:j + density]
-                log_px[k + j:k + j + len(part)] = model.likelihood.log_density(xb, part)
+        for a in range(0, s, per_block):
+            logits = model.decode(z[a:a + per_block].reshape(-1, latent).astype(model.dtype)).reshape(-1, len(xb),
+                                                                                                   model.n_in)
+            block = log_px[a:a + len(logits)]                                   # a view of those rows
+            for j in range(0, len(logits), per_slice):
+                block[j:j + per_slice] = model.likelihood.log_density(xb, logits[j:j + per_slice])
         # log w_s = log p(x|z_s) + log p(z_s) - log q(z_s|x), (S, B); the pixel sum in the model's dtype, then float64
         log_w = log_px.astype(np.float64) + model.log_prior(z.reshape(-1, latent)).reshape(s, -1) - log_normal(
             z, mu, log_var)
@@ -159,8 +159,7 @@ def likelihood_measures(model, x_test, iw_samples, rng, seconds, log, progress):
     if lk.name == "gaussian":
         found["decoder_sigma"] = float(np.exp(lk.log_sigma()).ravel()[0])
     if lk.name != "bernoulli":
-        with phase("bits_per_dim", seconds, log, "the same bound on uniformly dequantized test images, in bits per "
-                                                 "dimension"):
+        with phase("bits_per_dim", seconds, log, "the same bound on dequantized test images, in bits per dimension"):
             x = (x_test + rng.random(x_test.shape)) / 256       # (pixel + u) / 256: pixel k's bin is [k, k+1) / 256
             nll = iw_nll(model, x, iw_samples, rng, progress=progress("bits per dimension")).mean()
             d = x_test.shape[1]
@@ -209,8 +208,7 @@ def analyze(model, x_train, x_test, seed, iw_samples, gmm_components, gmm_covari
         surgery["kl_to_fitted_aggregate"] = float((log_normal(z, mu, log_var) - gmm_log_density(gmm, z)).mean())
     log(f"  I(x;z) {surgery['mutual_information']:.2f} + KL(q(z)||p(z)) {surgery['kl_aggregate_prior']:.2f} nats; "
         f"{moments['active_units']} active units")
-    with phase("iw_nll", seconds, log, f"importance-weighted bound on -log p(x), S={iw_samples} samples per test "
-                                       f"image"):
+    with phase("iw_nll", seconds, log, f"importance-weighted bound on -log p(x), S={iw_samples} per test image"):
         iw = float(iw_nll(model, x_test, iw_samples, rng, progress=progress("iw_nll")).mean())   # over every image
     log(f"  -log p(x) <= {iw:.2f} nats")
     metrics = {"iw_nll": iw, "iw_samples": iw_samples,

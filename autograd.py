@@ -101,7 +101,7 @@ class Adam:
     m' <- beta1 m' + g and v' <- beta2 v' + g^2. Every constant then folds into two scalars per step:
     theta <- theta - a_t m' / (sqrt(v') + eps_t), with c_t = sqrt((1 - beta2^t) / (1 - beta2)),
     a_t = lr (1 - beta1) / (1 - beta1^t) * c_t and eps_t = eps * c_t. Exactly the update above, in 10 passes
-    over the parameters instead of 12 (docs/experiments.md, section 6, has the measurements).
+    over the parameters instead of 12.
 
     Subnormal numbers: where a gradient stays 0 (a pixel that is 0 in every image of a batch, a dead ReLU unit), m'
     decays by beta1 each step and within ~800 steps falls below 1.2e-38, float32's smallest normal number, where the
@@ -114,7 +114,9 @@ class Adam:
     CHUNK = 65536                                   # elements updated together (below)
 
     def __init__(self, params, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8):
-        self.params = params                        # {name: array}, updated in place
+        self.params = params                        # {name: array}, updated in place, through flat views:
+        if not all(p.flags.c_contiguous for p in params.values()):      # (a view of a strided array would be a copy)
+            raise ValueError("Adam updates C-contiguous parameter arrays only")
         self.lr, self.beta1, self.beta2, self.eps = lr, beta1, beta2, eps
         self.m = {k: np.zeros_like(p) for k, p in params.items()}     # m' = m / (1 - beta1)
         self.v = {k: np.zeros_like(p) for k, p in params.items()}     # v' = v / (1 - beta2)
@@ -129,8 +131,8 @@ class Adam:
         a_t, eps_t = self.lr * (1.0 - b1) / (1.0 - b1 ** self.t) * c_t, self.eps * c_t
         for k, param in self.params.items():
             arrays = [a.reshape(-1) for a in (param, grads[k], self.m[k], self.v[k], self.tmp[k])]   # flat views
-            # CHUNK elements at a time: the five arrays' chunks (1.3 MB) stay in the CPU's L2 cache through the ten
-            # passes, instead of each pass reading a 1.3 MB array from memory (docs/experiments.md, section 6).
+            # CHUNK elements at a time: the five arrays' chunks (1.3 MB) stay in the CPU's L2 cache (2 MB here) through
+            # the ten passes; the five whole arrays of a layer (6 MB) do not (docs/experiments.md, section 6).
             for i in range(0, param.size, self.CHUNK):
                 p, g, m, v, tmp = (a[i:i + self.CHUNK] for a in arrays)
                 m *= b1; m += g                                           # m' = beta1 m' + g

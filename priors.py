@@ -22,7 +22,7 @@ from vae import LOG_2PI, VAE, log_normal, reparameterize_backward, reparameteriz
 
 
 def exp_floored(a, out=None):
-    """exp(a) for a <= 0, with a raised first to FLOOR = log(tiny) + 2 (-706.4 in float64, -85.3 in float32), tiny
+    """exp(a) for a <= 0, with a raised first to log(tiny) + 2 (-706.4 in float64, -85.3 in float32), tiny
     the smallest normal number. Further below, exp is subnormal or 0 and NumPy takes its slow path: in float64 about
     20 against 1.2 ns an element with AVX-512, 73 against 7.5 ns without (in float32 8-10 against 0.6-1.6 ns; the
     fast path ends a little above log(tiny), hence the 2; docs/experiments.md, section 6). Every term so raised is
@@ -34,7 +34,7 @@ def exp_floored(a, out=None):
 
 def logsumexp(a, axis, overwrite=False):
     """log sum_i exp(a_i) = m + log sum_i exp(a_i - m), m = max_i a_i: no overflow, no log(0) for finite a.
-    overwrite=True: a is scratch, its values lost (no copy of a large a: the ELBO surgery's blocks, 0.3 s)."""
+    overwrite=True: a is scratch, its values lost (no copy of a large a, such as the ELBO surgery's blocks)."""
     m, out = a.max(axis=axis, keepdims=True), (a if overwrite else None)     # out: where exp(a_i - m) is written
     e = exp_floored(np.subtract(a, m, out=out), out=out)                    # exp(a_i - m), each <= 1
     return (m + np.log(e.sum(axis=axis, keepdims=True))).squeeze(axis)
@@ -200,24 +200,22 @@ def fit_gmm(z, components=10, covariance="full", iters=200, tol=1e-5, rng=None, 
     E-step: r_nj = pi_j N(z_n; m_j, S_j) / sum_i pi_i N(z_n; m_i, S_i), in log space with log-sum-exp.
     M-step: N_j = sum_n r_nj, pi_j = N_j / N, m_j = sum_n r_nj z_n / N_j,
             S_j = sum_n r_nj (z_n - m_j)(z_n - m_j)^T / N_j (or its diagonal).
-    Both steps are linear in the outer products c_n c_n^T of the codes about their mean, c_n = z_n - zbar,
-    computed once:
+    With the codes about their mean, c_n = z_n - zbar, and b_j = m_j - zbar, P_j = S_j^-1, both steps see the codes
+    only through c_n and the outer products c_n c_n^T, computed once:
         log N(z_n; m_j, S_j) = -1/2 [<c_n c_n^T, P_j> - 2 c_n . P_j b_j + b_j . P_j b_j + log|S_j| + Z log 2 pi],
-        sum_n r_nj (z_n - m_j)(z_n - m_j)^T = sum_n r_nj c_n c_n^T - N_j b_j b_j^T,
-    with P_j = S_j^-1 and b_j = m_j - zbar: one matrix product each, for every component at once. c_n c_n^T and
-    P_j are symmetric, so only their upper triangles are used, Z(Z + 1)/2 numbers (N x 210: 34 MB for N = 20,000 and
-    Z = 20; recomputed per chunk where larger), and <c c^T, P> = sum_d c_d^2 P_dd + 2 sum_d<e c_d c_e P_de. The shift by zbar
-    keeps the differences from cancelling digits for codes far from 0 (test). Eigenvalues of S_j are floored at 1e-6
-    times the mean variance of z, so every S_j stays a valid covariance.
-    Stops when the mean log-likelihood gains less than tol. Returns {'log_pi', 'means', 'covs', 'log_likelihood'
-    (one value per iteration, never decreasing)}; covs are (M, Z, Z) or, for 'diag', (M, Z)."""
+        sum_n r_nj (z_n - m_j)(z_n - m_j)^T = sum_n r_nj c_n c_n^T - N_j b_j b_j^T   (b_j: the new weighted mean),
+    one matrix product each for every component at once. Both matrices are symmetric, so only their upper triangles
+    are used, Z(Z + 1)/2 numbers: <c c^T, P> = sum_d c_d^2 P_dd + 2 sum_(d<e) c_d c_e P_de (N x 210 numbers for
+    Z = 20, 34 MB for N = 20,000; above 2^23 numbers, recomputed a chunk of rows at a time). Centring keeps codes
+    far from 0 from cancelling digits (test). Eigenvalues of S_j are floored at 1e-6 times the mean variance of z,
+    so every S_j stays valid. Stops when the mean log-likelihood gains less than tol. Returns {'log_pi', 'means',
+    'covs', 'log_likelihood' (one value per iteration, never decreasing)}; covs (M, Z, Z), or (M, Z) for 'diag'."""
     rng = rng or np.random.default_rng(0)
     z = np.asarray(z, dtype=np.float64)
     n, d = z.shape
     zbar, var = z.mean(axis=0), z.var(axis=0)
     c = z - zbar                                                            # the codes about their mean
-    floor = 1e-6 * max(var.mean(), 1e-6)
-    full = covariance == "full"
+    full, floor = covariance == "full", 1e-6 * max(var.mean(), 1e-6)
     rows = [slice(i, i + chunk) for i in range(0, n, chunk)]
     up, right = np.triu_indices(d) if full else (np.arange(d),) * 2        # the upper triangle (diag: the diagonal)
     twice = np.where(up == right, 1.0, 2.0)                                 # off the diagonal, each entry counts twice
@@ -234,16 +232,15 @@ def fit_gmm(z, components=10, covariance="full", iters=200, tol=1e-5, rng=None, 
         pb = np.einsum("jde,je->jd", p, b) if full else p * b               # P_j b_j
         const = (pb * b).sum(1) + np.log(eigval).sum(1) + d * LOG_2PI
         # <c_n c_n^T, P_j> for all n and j, as (P c c^T)^T: 1.2-1.6x faster than cc @ P^T (docs, section 6)
-        weights = p[:, up, right] * twice if full else p
-        quad = np.concatenate([(weights @ cc(i).T).T for i in range(len(rows))])
+        p_upper = p[:, up, right] * twice if full else p
+        quad = np.concatenate([(p_upper @ cc(i).T).T for i in range(len(rows))])
         log_joint = log_pi - 0.5 * (quad - 2 * c @ pb.T + const)            # log pi_j N(z_n; m_j, S_j)
         log_p = logsumexp(log_joint, axis=1)                                 # log p(z_n)
         history.append(float(log_p.mean()))
         if len(history) > 1 and history[-1] - history[-2] < tol:
             break
         r = np.exp(log_joint - log_p[:, None])                              # responsibilities r_nj
-        # M-step.
-        n_j = r.sum(axis=0) + 1e-12                                         # N_j
+        n_j = r.sum(axis=0) + 1e-12                                         # M-step. N_j
         b = (r.T @ c) / n_j[:, None]                                        # m_j - zbar
         second = sum(r[s].T @ cc(i) for i, s in enumerate(rows)) / n_j[:, None]     # sum_n r_nj c_n c_n^T / N_j
         if full:

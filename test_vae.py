@@ -442,6 +442,8 @@ def test_adam_updates_every_element_of_a_parameter_larger_than_its_chunk_in_plac
         want -= 0.01 * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
     assert opt.params["p"] is param and p.size > 3 * Adam.CHUNK
     np.testing.assert_allclose(p, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="C-contiguous"):              # a strided array's flat view would be a copy
+        Adam({"p": p.T})
 
 
 def test_adam_never_holds_subnormal_moments_and_still_matches_the_update_by_hand():

@@ -52,20 +52,16 @@ def log_bernoulli(x, logits, e=None):
 
 def bernoulli_nll_forward(logits, x):
     """Reconstruction term -log p(x|z) per example, from the decoder's logits (B, D) and images x (B, D) in [0, 1].
-    e = exp(-|l|) is the one transcendental over the logits: the loss and its gradient share it."""
+    e = exp(-|l|) is computed once and shared: the loss takes log(1 + e), the gradient needs no other transcendental."""
     e = np.exp(-np.abs(logits))
     return -log_bernoulli(x, logits, e), (logits, x, e)
 
 
 def bernoulli_nll_backward(dnll, cache):
-    logits, x, e = cache                                # d/dl [softplus(l) - x l] = sigmoid(l) - x, with sigmoid(l)
-                                                        # from the forward's e, not a second transcendental (tanh):
-    g = np.add(e, 1)                                    # 1 + e; g, the one new array, is overwritten in place
-    np.divide(e, g, out=g)                              # s = sigmoid(-|l|) = e / (1 + e), in (0, 1/2]
-    np.subtract(0.5, g, out=g)
-    np.copysign(g, logits, out=g)                       # sigmoid(l) - 1/2: 1/2 - s for l >= 0, s - 1/2 for l < 0
-    g += 0.5; g -= x                                    # sigmoid(l) - x
-    g *= dnll[:, None]
+    logits, x, e = cache                                # d/dl [softplus(l) - x l] = sigmoid(l) - x, from e:
+    g = np.divide(e, np.add(e, 1))                      # s = sigmoid(-|l|) = e / (1 + e), in (0, 1/2]; then in place:
+    np.copysign(np.subtract(0.5, g, out=g), logits, out=g)  # sigmoid(l) - 1/2: 1/2 - s for l >= 0, s - 1/2 for l < 0
+    g += 0.5; g -= x; g *= dnll[:, None]                # (sigmoid(l) - x) * dnll
     return g
 
 
