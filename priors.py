@@ -23,10 +23,10 @@ from vae import LOG_2PI, VAE, log_normal, reparameterize_backward, reparameteriz
 
 def exp_floored(a, out=None):
     """exp(a) for a <= 0, with a raised first to log(tiny) + 2 (-706.4 in float64, -85.3 in float32), tiny
-    the smallest normal number. Further below, exp is subnormal or 0 and NumPy takes its slow path: in float64 about
-    20 against 1.2 ns an element with AVX-512, 73 against 7.5 ns without (in float32 8-10 against 0.6-1.6 ns; the
-    fast path ends a little above log(tiny), hence the 2; docs/experiments.md, section 6). Every term so raised is
-    below e^2 tiny = 1.7e-307 (8.7e-38) of the largest term of a sum, 1 in logsumexp: no sum of fewer than 1e290
+    the smallest normal number. Further below, exp is subnormal or 0 and NumPy takes its slow path: in float64 56
+    against 0.8-1.1 ns an element with AVX-512, 45-53 against 9-11 ns without (docs/experiments.md, section 6, has
+    the timeit commands); its fast path ends a little above log(tiny), hence the 2. Every term so raised is
+    below e^2 tiny = 1.6e-307 (8.7e-38) of the largest term of a sum, 1 in logsumexp: no sum of fewer than 1e290
     (1e29) such terms reaches its last bit, so no sum changes."""
     t = np.maximum(a, math.log(np.finfo(a.dtype).tiny) + 2, out=out)       # out=a: in place
     return np.exp(t, out=t)
