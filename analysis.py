@@ -26,7 +26,6 @@ from autograd import matmul_floor
 from priors import fit_gmm, gmm_log_density, gmm_sample, logsumexp
 from vae import LOG_2PI, log_normal, reparameterize_forward
 
-
 FITTED_CODES = 20000    # the mixture that stands in for q(z) is fitted to this many training codes
 
 
@@ -72,9 +71,8 @@ def aggregate_posterior_moments(mu, log_var, threshold=0.01):
 def log_normal_pairs(z, mean, log_var, rows=64):
     """vae.log_normal of every row of z (N, Z) against every row of mean and log_var (M, Z): (N, M), yielded `rows`
     rows at a time. log N(z; m, v) is linear in (z^2, z, 1): -1/2 [z^2 . 1/v - 2 z . m/v + m^2 . 1/v + sum log v +
-    Z log 2 pi], so a block is one product [z^2, z, 1] @ W, W made once (the ELBO surgery's 10,000 x 10,000 in a
-    fraction of a second, not 15-20 s). Its rounding error is ~1e-16 times the terms: where they pass 1e10 (variances
-    near 0), the direct form."""
+    Z log 2 pi], so a block is one product [z^2, z, 1] @ W, W made once (the surgery's 10,000 x 10,000: under a
+    second, not 15-20 s). Rounding is ~1e-16 of the terms: where they pass 1e10 (variances near 0), the direct form."""
     inv_var = np.exp(-log_var)
     w = np.concatenate([-0.5 * inv_var.T, (mean * inv_var).T,                  # the weights of z^2, z and 1
                         -0.5 * ((mean * mean * inv_var).sum(-1) + log_var.sum(-1) + z.shape[-1] * LOG_2PI)[None]])
@@ -131,14 +129,13 @@ def iw_nll(model, images, n_samples, rng, eps=None, batch_size=25, progress=None
         mu, log_var = (a.astype(np.float64) for a in model.encode(xb))
         e = rng.standard_normal((s, len(xb), latent)) if eps is None else eps[:, i:i + batch_size]
         z, _ = reparameterize_forward(mu, log_var, e)                            # (S, B, Z)
-        per_block, per_slice = max(1, 2500 // len(xb)), max(1, 250 // len(xb))  # samples s of all B images
+        per_slice = max(1, 250 // len(xb))                                      # samples (of all B images) at a time
         log_px = np.empty((s, len(xb)), model.dtype)                            # log p(x|z_s), (S, B)
-        for a in range(0, s, per_block):
-            logits = model.decode(z[a:a + per_block].reshape(-1, latent).astype(model.dtype)).reshape(-1, len(xb),
-                                                                                                   model.n_in)
-            block = log_px[a:a + len(logits)]                                   # a view of those rows
-            for j in range(0, len(logits), per_slice):
-                block[j:j + per_slice] = model.likelihood.log_density(xb, logits[j:j + per_slice])
+        for a in range(0, s, 10 * per_slice):                                   # ten slices decoded in one product
+            logits = model.decode(z[a:a + 10 * per_slice].reshape(-1, latent).astype(model.dtype))
+            logits = logits.reshape(-1, len(xb), logits.shape[-1])              # (samples, B, D)
+            for j in range(0, len(logits), per_slice):                          # no slice crosses a block's end
+                log_px[a + j:a + j + per_slice] = model.likelihood.log_density(xb, logits[j:j + per_slice])
         # log w_s = log p(x|z_s) + log p(z_s) - log q(z_s|x), (S, B); the pixel sum in the model's dtype, then float64
         log_w = log_px.astype(np.float64) + model.log_prior(z.reshape(-1, latent)).reshape(s, -1) - log_normal(
             z, mu, log_var)
@@ -327,7 +324,6 @@ def peak_memory_mb():
 def windows_peak_memory_mb():
     import ctypes
     from ctypes import wintypes
-
     class Counters(ctypes.Structure):               # PROCESS_MEMORY_COUNTERS, as far as PeakWorkingSetSize
         _fields_ = [("cb", wintypes.DWORD), ("PageFaultCount", wintypes.DWORD), ("PeakWorkingSetSize", ctypes.c_size_t),
                     ("rest", ctypes.c_size_t * 7)]
