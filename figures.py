@@ -4,6 +4,7 @@ white."""
 import math
 import os
 import sys
+import textwrap
 from statistics import NormalDist
 
 import numpy as np
@@ -24,8 +25,9 @@ def new_figure(**kwargs):
 def save(out, figs):
     """Write {file name: Figure} into the folder out as PNGs, each whole or not at all."""
     for name, fig in figs.items():
+        tight = None if getattr(fig, "margins_set", False) else "tight"   # trimmed to the drawing, unless set
         with mnist.atomic_path(os.path.join(out, name)) as tmp:
-            fig.savefig(tmp, format="png", dpi=80, bbox_inches="tight", pil_kwargs={"compress_level": 1})  # 2x faster
+            fig.savefig(tmp, format="png", dpi=80, bbox_inches=tight, pil_kwargs={"compress_level": 1})  # 2x faster
 
 
 def progress_bar(state, n_steps, seen):
@@ -211,9 +213,19 @@ def prior_as_mixture(model):
 def marginals(model, found):
     """Per dimension: the aggregated posterior (histogram of codes, and the fitted mixture) against the prior."""
     gmm, moments, z_train, zs = found["gmm"], found["moments"], found["z_train"], model.latent
-    cols = min(zs, 5)
-    fig = new_figure(figsize=(2.6 * cols, 1.9 * math.ceil(zs / cols)))
-    axes = fig.subplots(math.ceil(zs / cols), cols, squeeze=False)
+    cols, rows = min(zs, 5), math.ceil(zs / min(zs, 5))
+    width, height = 2.6 * cols, 1.9 * rows
+    fig = new_figure(figsize=(width, height))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    title = textwrap.wrap("per dimension: aggregated posterior (histogram of training codes; line: fitted mixture; "
+                          f"var: test set) vs prior {prior_label(model)} (dashed)", int(13 * width))   # ~14 chars/inch
+    # Margins fixed in inches, for the title's lines, the tick labels, between rows and between columns: tight_layout
+    # and bbox_inches="tight" measure every tick of the 20 axes first, 0.6 s of the 1.1 s this figure took.
+    top, bottom, between_rows, between_cols = 0.5 + 0.15 * len(title), 0.3, 0.5, 0.2
+    fig.subplots_adjust(left=0.1 / width, right=1 - 0.1 / width, top=1 - top / height, bottom=bottom / height,
+                        hspace=between_rows * rows / (height - top - bottom - between_rows * (rows - 1)),
+                        wspace=between_cols * cols / (width - 0.2 - between_cols * (cols - 1)))
+    fig.margins_set = True                                              # save(): no bbox_inches="tight"
     gmm_vars = np.diagonal(gmm["covs"], axis1=1, axis2=2) if gmm["covs"].ndim == 3 else gmm["covs"]
     prior_means, prior_log_vars, prior_log_pi = prior_as_mixture(model)
     for d, ax in enumerate(axes.flat):
@@ -230,9 +242,7 @@ def marginals(model, found):
         active = moments["activity"][d] > 0.01
         ax.set_title(f"z{d}: var {moments['variance'][d]:.2f}" + ("" if active else " (inactive)"), fontsize=8)
         ax.set_yticks([]); ax.tick_params(labelsize=7)
-    fig.suptitle("per dimension: aggregated posterior (histogram of training codes; line: fitted mixture; var: test "
-                 f"set) vs prior {prior_label(model)} (dashed)", fontsize=9)
-    fig.tight_layout()
+    fig.suptitle("\n".join(title), fontsize=9)
     return fig
 
 

@@ -1314,6 +1314,29 @@ def test_iw_nll_of_the_test_set_is_the_mean_over_images_not_over_chunks(monkeypa
     assert metrics["iw_nll"] == 39.5
 
 
+@pytest.mark.parametrize("latent", [2, 7, 20])
+def test_the_marginals_figure_with_its_fixed_margins_keeps_every_label_inside_the_image_and_clear_of_the_others(
+        latent):
+    # Its margins are set in inches and it is saved without bbox_inches="tight", which would have moved the edges.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    rng = np.random.default_rng(22)
+    x_train, x_test = make_images(200, rng)[0].reshape(200, 784), make_images(60, rng)[0].reshape(60, 784)
+    model = vae.VAE(784, 16, latent, seed=3)
+    fig = figures.marginals(model, analysis.analyze(model, x_train, x_test, 0, 2, 3, "diag", log=lambda m: None)[1])
+    FigureCanvasAgg(fig).draw()
+    box = lambda text: text.get_window_extent()
+    axes = [ax for ax in fig.axes if ax.axison]
+    drawn = lambda ax, t: t.get_text() and min(ax.get_xlim()) <= t.get_position()[0] <= max(ax.get_xlim())
+    ticks = [box(t) for ax in axes for t in ax.get_xticklabels() if drawn(ax, t)]
+    titles, top = [box(ax.title) for ax in axes], box(fig._suptitle)
+    assert getattr(fig, "margins_set", False) and len(axes) == latent and ticks
+    for b in [top, *titles, *ticks]:                                    # inside the image
+        assert 0 <= b.x0 and b.x1 <= fig.bbox.width and 0 <= b.y0 and b.y1 <= fig.bbox.height, (b, fig.bbox)
+    assert top.y0 >= max(t.y1 for t in titles)                          # the figure's title above every axes title
+    for ax, title in zip(axes, titles):                                 # an axes' title clear of the ticks above it
+        assert not any(title.overlaps(t) for t in ticks), ax.get_title()
+
+
 # ---- the command line: every mistake caught before any work, and no run over another -------------------------
 
 def one_line_error(capsys, *args, code=1):
