@@ -689,6 +689,22 @@ def test_em_keeps_covariances_valid_where_the_shortcut_cancels(covariance):
 
 
 @pytest.mark.parametrize("covariance", ["full", "diag"])
+def test_em_recomputing_the_outer_products_chunk_by_chunk_fits_the_same_mixture_as_keeping_them(covariance,
+                                                                                                 monkeypatch):
+    # Above KEPT_NUMBERS, c c^T's triangles are recomputed a chunk of rows at a time (N x 210 > 2^23 for Z = 20):
+    # the same arrays, so the same fit to the last bit. Uneven chunks: 3000 rows in 700s.
+    rng = np.random.default_rng(23)
+    z = rng.standard_normal((3000, 5)) * [1, 2, 0.5, 1, 3] + rng.choice([-4.0, 4.0], (3000, 1))
+    fits = []
+    for limit in (priors.KEPT_NUMBERS, 0):
+        monkeypatch.setattr(priors, "KEPT_NUMBERS", limit)
+        fits.append(priors.fit_gmm(z, 3, covariance, rng=np.random.default_rng(1), chunk=700))
+    assert len(fits[0]["log_likelihood"]) > 3
+    for key in ("log_likelihood", "log_pi", "means", "covs"):
+        assert np.array_equal(fits[0][key], fits[1][key]), key
+
+
+@pytest.mark.parametrize("covariance", ["full", "diag"])
 def test_mixture_density_matches_a_direct_computation(covariance):
     rng = np.random.default_rng(7)
     gmm = priors.fit_gmm(rng.standard_normal((500, 3)) * [1, 2, 0.5], 4, covariance, iters=5)
