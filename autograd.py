@@ -32,7 +32,7 @@ class Linear:
 
     def backward(self, dy, need_dx=True):
         """need_dx: True, False (an image's dL/dx is never used), or a slice of the rows whose dL/dx is needed."""
-        ones = np.ones(len(dy), dy.dtype)             # a product: 2-6x faster than np.sum(dy, axis=0) (docs, sec. 6)
+        ones = np.ones(len(dy), dy.dtype)             # a product: 2.4x faster than np.sum(dy, axis=0) (docs, sec. 6)
         np.matmul(self.x.T, dy, out=self.grads["W"])  # dL/dW = x^T dy      (n_in, n_out)
         np.matmul(ones, dy, out=self.grads["b"])      # dL/db = 1^T dy = sum_batch dy   (n_out,)
         if need_dx is True:
@@ -47,11 +47,11 @@ class ReLU:
 
     def forward(self, x):
         self.y = np.maximum(x, 0, out=x)            # in place: x is the fresh output of a Linear
-        return self.y                               # (the next Linear reads y and keeps it; nothing writes to it)
+        return self.y                               # backward needs y unchanged: nothing may write to it in between
 
     def backward(self, dy):
         # dL/dx = dy * 1[x > 0] = dy * 1[y > 0], in place: dy is ours. The mask is taken here, not in forward, so
-        # that a pass with no backward (decoding in the analysis: 10^6 codes x 400 units) does not pay for it.
+        # that a pass with no backward (iw_nll decodes 10^6 codes, 2,500 x 400 units a block) does not pay for it.
         return np.multiply(dy, self.y > 0, out=dy)
 
 

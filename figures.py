@@ -25,9 +25,11 @@ def new_figure(**kwargs):
 def save(out, figs):
     """Write {file name: Figure} into the folder out as PNGs, each whole or not at all."""
     for name, fig in figs.items():
-        tight = None if getattr(fig, "margins_set", False) else "tight"   # trimmed to the drawing, unless set
+        # Trimmed to the drawing (bbox_inches="tight"), unless the figure set its own margins (fig.margins_set).
+        tight = None if getattr(fig, "margins_set", False) else "tight"
         with mnist.atomic_path(os.path.join(out, name)) as tmp:
-            fig.savefig(tmp, format="png", dpi=80, bbox_inches=tight, pil_kwargs={"compress_level": 1})  # 2x faster
+            fig.savefig(tmp, format="png", dpi=80, bbox_inches=tight,
+                        pil_kwargs={"compress_level": 1})                # PNG compression level 1: 2x faster
 
 
 def progress_bar(state, n_steps, seen):
@@ -214,14 +216,16 @@ def marginals(model, found):
     """Per dimension: the aggregated posterior (histogram of codes, and the fitted mixture) against the prior."""
     gmm, moments, z_train, zs = found["gmm"], found["moments"], found["z_train"], model.latent
     cols, rows = min(zs, 5), math.ceil(zs / min(zs, 5))
-    width, height = 2.6 * cols, 1.9 * rows
+    width = 2.6 * cols
+    title = textwrap.wrap("per dimension: aggregated posterior (histogram of training codes; line: fitted mixture; "
+                          f"var: test set) vs prior {prior_label(model)} (dashed)", int(13 * width))   # its 9-point
+    # font sets about 14 characters an inch. Margins fixed in inches, for the title's lines, the tick labels, between
+    # rows and between columns: tight_layout and bbox_inches="tight" measure every tick of the axes first (the figure
+    # took 1.05-1.29 s so, 0.81-0.97 s now; docs/experiments.md, section 6).
+    top, bottom, between_rows, between_cols = 0.5 + 0.15 * len(title), 0.3, 0.5, 0.2
+    height = 1.9 * rows + 0.15 * (len(title) - 1)                       # a wrapped title's lines add height
     fig = new_figure(figsize=(width, height))
     axes = fig.subplots(rows, cols, squeeze=False)
-    title = textwrap.wrap("per dimension: aggregated posterior (histogram of training codes; line: fitted mixture; "
-                          f"var: test set) vs prior {prior_label(model)} (dashed)", int(13 * width))   # ~14 chars/inch
-    # Margins fixed in inches, for the title's lines, the tick labels, between rows and between columns: tight_layout
-    # and bbox_inches="tight" measure every tick of the 20 axes first, 0.6 s of the 1.1 s this figure took.
-    top, bottom, between_rows, between_cols = 0.5 + 0.15 * len(title), 0.3, 0.5, 0.2
     fig.subplots_adjust(left=0.1 / width, right=1 - 0.1 / width, top=1 - top / height, bottom=bottom / height,
                         hspace=between_rows * rows / (height - top - bottom - between_rows * (rows - 1)),
                         wspace=between_cols * cols / (width - 0.2 - between_cols * (cols - 1)))
@@ -231,7 +235,7 @@ def marginals(model, found):
     for d, ax in enumerate(axes.flat):
         if d >= zs:
             ax.set_axis_off(); continue
-        half = 4 * max(1.0, np.sqrt(moments["variance"][d]))          # +-4 sd of q(z) or of N(0, 1), the wider
+        half = 4 * max(1.0, np.sqrt(moments["variance"][d]))          # +-4 sd of q(z), at least +-4
         grid = np.linspace(moments["mean"][d] - half, moments["mean"][d] + half, 200)
         counts, edges = np.histogram(z_train[:, d], bins=60, range=(grid[0], grid[-1]), density=True)
         ax.stairs(counts, edges, fill=True, color="tab:blue", alpha=0.4)

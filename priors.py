@@ -194,7 +194,8 @@ def build(prior="standard", components=None, **arch):
 
 # ---- the first remedy: a Gaussian mixture fitted by EM to the aggregated posterior, after training ------------
 
-KEPT_NUMBERS = 2 ** 23      # fit_gmm keeps c c^T's triangles up to this many numbers (64 MB), else recomputes them
+MAX_KEPT = 2 ** 23      # fit_gmm keeps the outer products (triangles, or c^2 for 'diag') up to 2^23 float64s
+                        # (67 MB) in memory; above, it recomputes them a chunk of rows at a time
 
 
 def fit_gmm(z, components=10, covariance="full", iters=200, tol=1e-5, rng=None, chunk=4096):
@@ -209,7 +210,7 @@ def fit_gmm(z, components=10, covariance="full", iters=200, tol=1e-5, rng=None, 
         sum_n r_nj (z_n - m_j)(z_n - m_j)^T = sum_n r_nj c_n c_n^T - N_j b_j b_j^T   (b_j: the new weighted mean),
     one matrix product each for every component at once. Both matrices are symmetric, so only their upper triangles
     are used, Z(Z + 1)/2 numbers: <c c^T, P> = sum_d c_d^2 P_dd + 2 sum_(d<e) c_d c_e P_de (N x 210 numbers for
-    Z = 20, 34 MB for N = 20,000; above KEPT_NUMBERS, recomputed a chunk of rows at a time). Centring keeps codes
+    Z = 20, 34 MB for N = 20,000; above MAX_KEPT numbers, recomputed a chunk of rows at a time). Centring keeps codes
     far from 0 from cancelling digits (test). Eigenvalues of S_j are floored at 1e-6 times the mean variance of z,
     so every S_j stays valid. Stops when the mean log-likelihood gains less than tol. Returns {'log_pi', 'means',
     'covs', 'log_likelihood' (one value per iteration, never decreasing)}; covs (M, Z, Z), or (M, Z) for 'diag'."""
@@ -223,7 +224,7 @@ def fit_gmm(z, components=10, covariance="full", iters=200, tol=1e-5, rng=None, 
     up, right = np.triu_indices(d) if full else (np.arange(d),) * 2        # the upper triangle (diag: the diagonal)
     twice = np.where(up == right, 1.0, 2.0)                                 # off the diagonal, each entry counts twice
     outer = lambda s: c[s][:, up] * c[s][:, right]                          # c c^T's upper triangle, or c^2
-    kept = [outer(s) for s in rows] if n * len(up) <= KEPT_NUMBERS else None
+    kept = [outer(s) for s in rows] if n * len(up) <= MAX_KEPT else None
     cc = lambda i: kept[i] if kept else outer(rows[i])
     b = z[rng.choice(n, components, replace=False)] - zbar                           # b_j = m_j - zbar
     log_pi = np.full(components, -np.log(components))                       # S_j = V diag(lambda) V^T, from diag(var)

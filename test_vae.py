@@ -691,13 +691,13 @@ def test_em_keeps_covariances_valid_where_the_shortcut_cancels(covariance):
 @pytest.mark.parametrize("covariance", ["full", "diag"])
 def test_em_recomputing_the_outer_products_chunk_by_chunk_fits_the_same_mixture_as_keeping_them(covariance,
                                                                                                  monkeypatch):
-    # Above KEPT_NUMBERS, c c^T's triangles are recomputed a chunk of rows at a time (N x 210 > 2^23 for Z = 20):
+    # Above MAX_KEPT, c c^T's triangles are recomputed a chunk of rows at a time (N x 210 > 2^23 for Z = 20):
     # the same arrays, so the same fit to the last bit. Uneven chunks: 3000 rows in 700s.
     rng = np.random.default_rng(23)
     z = rng.standard_normal((3000, 5)) * [1, 2, 0.5, 1, 3] + rng.choice([-4.0, 4.0], (3000, 1))
     fits = []
-    for limit in (priors.KEPT_NUMBERS, 0):
-        monkeypatch.setattr(priors, "KEPT_NUMBERS", limit)
+    for limit in (priors.MAX_KEPT, 0):
+        monkeypatch.setattr(priors, "MAX_KEPT", limit)
         fits.append(priors.fit_gmm(z, 3, covariance, rng=np.random.default_rng(1), chunk=700))
     assert len(fits[0]["log_likelihood"]) > 3
     for key in ("log_likelihood", "log_pi", "means", "covs"):
@@ -1330,7 +1330,7 @@ def test_iw_nll_of_the_test_set_is_the_mean_over_images_not_over_chunks(monkeypa
     assert metrics["iw_nll"] == 39.5
 
 
-@pytest.mark.parametrize("latent", [2, 7, 20])
+@pytest.mark.parametrize("latent", [1, 2, 7, 20])
 def test_the_marginals_figure_with_its_fixed_margins_keeps_every_label_inside_the_image_and_clear_of_the_others(
         latent):
     # Its margins are set in inches and it is saved without bbox_inches="tight", which would have moved the edges.
