@@ -217,11 +217,11 @@ def marginals(model, found):
     gmm, moments, z_train, zs = found["gmm"], found["moments"], found["z_train"], model.latent
     cols, rows = min(zs, 5), math.ceil(zs / min(zs, 5))
     width = 2.6 * cols
+    # The title wrapped at 13 characters an inch (its 9-point font sets about 14). Margins fixed in inches, for the
+    # title's lines, the tick labels, between rows and between columns: tight_layout and bbox_inches="tight" measure
+    # every tick of the axes first (the figure took 1.05-1.29 s with them, 0.81-0.97 s without; docs, section 6).
     title = textwrap.wrap("per dimension: aggregated posterior (histogram of training codes; line: fitted mixture; "
-                          f"var: test set) vs prior {prior_label(model)} (dashed)", int(13 * width))   # its 9-point
-    # font sets about 14 characters an inch. Margins fixed in inches, for the title's lines, the tick labels, between
-    # rows and between columns: tight_layout and bbox_inches="tight" measure every tick of the axes first (the figure
-    # took 1.05-1.29 s so, 0.81-0.97 s now; docs/experiments.md, section 6).
+                          f"var: test set) vs prior {prior_label(model)} (dashed)", int(13 * width))
     top, bottom, between_rows, between_cols = 0.5 + 0.15 * len(title), 0.3, 0.5, 0.2
     height = 1.9 * rows + 0.15 * (len(title) - 1)                       # a wrapped title's lines add height
     fig = new_figure(figsize=(width, height))

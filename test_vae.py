@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import struct
 import shutil
 import signal
 import subprocess
@@ -691,7 +692,7 @@ def test_em_keeps_covariances_valid_where_the_shortcut_cancels(covariance):
 @pytest.mark.parametrize("covariance", ["full", "diag"])
 def test_em_recomputing_the_outer_products_chunk_by_chunk_fits_the_same_mixture_as_keeping_them(covariance,
                                                                                                  monkeypatch):
-    # Above MAX_KEPT, c c^T's triangles are recomputed a chunk of rows at a time (N x 210 > 2^23 for Z = 20):
+    # Above MAX_KEPT, c c^T's triangles (c^2 for 'diag') are recomputed a chunk of rows at a time (N x 210 > 2^23):
     # the same arrays, so the same fit to the last bit. Uneven chunks: 3000 rows in 700s.
     rng = np.random.default_rng(23)
     z = rng.standard_normal((3000, 5)) * [1, 2, 0.5, 1, 3] + rng.choice([-4.0, 4.0], (3000, 1))
@@ -1331,9 +1332,11 @@ def test_iw_nll_of_the_test_set_is_the_mean_over_images_not_over_chunks(monkeypa
 
 
 @pytest.mark.parametrize("latent", [1, 2, 7, 20])
-def test_the_marginals_figure_with_its_fixed_margins_keeps_every_label_inside_the_image_and_clear_of_the_others(
-        latent):
-    # Its margins are set in inches and it is saved without bbox_inches="tight", which would have moved the edges.
+def test_the_marginals_figure_with_its_fixed_margins_keeps_its_labels_in_the_image_and_its_titles_clear(latent,
+                                                                                                       tmp_path):
+    # Its margins are set in inches and save() keeps them (no bbox_inches="tight"): every title and tick label lies
+    # inside the image, the figure's title above the axes' titles, no axes' title on the ticks above it, and every
+    # axes at least 0.9 inch tall however many lines the title wraps to.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     rng = np.random.default_rng(22)
     x_train, x_test = make_images(200, rng)[0].reshape(200, 784), make_images(60, rng)[0].reshape(60, 784)
@@ -1351,6 +1354,10 @@ def test_the_marginals_figure_with_its_fixed_margins_keeps_every_label_inside_th
     assert top.y0 >= max(t.y1 for t in titles)                          # the figure's title above every axes title
     for ax, title in zip(axes, titles):                                 # an axes' title clear of the ticks above it
         assert not any(title.overlaps(t) for t in ticks), ax.get_title()
+    assert min(ax.get_window_extent().height for ax in axes) >= 0.9 * fig.dpi
+    figures.save(str(tmp_path), {"m.png": fig})                         # saved whole: 80 pixels an inch, not trimmed
+    width, height = struct.unpack(">2I", (tmp_path / "m.png").read_bytes()[16:24])    # the PNG header's IHDR
+    assert (width, height) == tuple(round(80 * s) for s in fig.get_size_inches())
 
 
 # ---- the command line: every mistake caught before any work, and no run over another -------------------------
