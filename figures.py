@@ -215,20 +215,21 @@ def prior_as_mixture(model):
 def marginals(model, found):
     """Per dimension: the aggregated posterior (histogram of codes, and the fitted mixture) against the prior."""
     gmm, moments, z_train, zs = found["gmm"], found["moments"], found["z_train"], model.latent
-    cols, rows = min(zs, 5), math.ceil(zs / min(zs, 5))
-    width = 2.6 * cols
+    cols = min(zs, 5)
+    rows, width = math.ceil(zs / cols), 2.6 * cols
     # The title wrapped at 13 characters an inch (its 9-point font sets about 14). Margins fixed in inches, for the
     # title's lines, the tick labels, between rows and between columns: tight_layout and bbox_inches="tight" measure
     # every tick of the axes first (the figure took 1.05-1.29 s with them, 0.81-0.97 s without; docs, section 6).
     title = textwrap.wrap("per dimension: aggregated posterior (histogram of training codes; line: fitted mixture; "
                           f"var: test set) vs prior {prior_label(model)} (dashed)", int(13 * width))
-    top, bottom, between_rows, between_cols = 0.5 + 0.15 * len(title), 0.3, 0.5, 0.2
+    top, bottom, side, between_rows, between_cols = 0.5 + 0.15 * len(title), 0.3, 0.1, 0.5, 0.2
     height = 1.9 * rows + 0.15 * (len(title) - 1)                       # a wrapped title's lines add height
     fig = new_figure(figsize=(width, height))
     axes = fig.subplots(rows, cols, squeeze=False)
-    fig.subplots_adjust(left=0.1 / width, right=1 - 0.1 / width, top=1 - top / height, bottom=bottom / height,
+    # hspace and wspace are the gaps as fractions of an axes' height and width
+    fig.subplots_adjust(left=side / width, right=1 - side / width, top=1 - top / height, bottom=bottom / height,
                         hspace=between_rows * rows / (height - top - bottom - between_rows * (rows - 1)),
-                        wspace=between_cols * cols / (width - 0.2 - between_cols * (cols - 1)))
+                        wspace=between_cols * cols / (width - 2 * side - between_cols * (cols - 1)))
     fig.margins_set = True                                              # save(): no bbox_inches="tight"
     gmm_vars = np.diagonal(gmm["covs"], axis1=1, axis2=2) if gmm["covs"].ndim == 3 else gmm["covs"]
     prior_means, prior_log_vars, prior_log_pi = prior_as_mixture(model)
