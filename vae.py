@@ -59,9 +59,9 @@ def bernoulli_nll_forward(logits, x):
 
 def bernoulli_nll_backward(dnll, cache):
     logits, x, e = cache                                # d/dl [softplus(l) - x l] = sigmoid(l) - x, from e:
-    g = np.divide(e, np.add(e, 1))                      # s = sigmoid(-|l|) = e / (1 + e), in (0, 1/2]; then in place:
-    np.copysign(np.subtract(0.5, g, out=g), logits, out=g)  # sigmoid(l) - 1/2: 1/2 - s for l >= 0, s - 1/2 for l < 0
-    g += 0.5; g -= x; g *= dnll[:, None]                # (sigmoid(l) - x) * dnll
+    g = np.maximum(e, logits >= 0)                      # exp(min(l, 0)) = 1 for l >= 0, e = exp(l) for l < 0
+    g /= np.add(e, 1)                                   # sigmoid(l) = exp(min(l, 0)) / (1 + exp(-|l|)), either sign
+    g -= x; g *= dnll[:, None]                          # (sigmoid(l) - x) * dnll
     return g
 
 
