@@ -1621,3 +1621,17 @@ def test_the_bits_per_dimension_bound_uses_dequantized_pixels(monkeypatch):
     logits = model.decode(np.zeros((1, 3)))
     nll = vae.cb_nll_forward(np.broadcast_to(logits, pixels.shape), (pixels + u) / 256)[0]
     assert found["bits_per_dim"] == pytest.approx((nll.mean() + 12 * math.log(256)) / (12 * math.log(2)), rel=1e-6)
+
+
+def test_the_floor_script_reports_the_sum_of_its_timed_parts_as_the_epoch():
+    # benchmarks/floor.py is the lower bound the docs compare train.py and PyTorch with: its epoch must be the
+    # step's three parts added, times the steps of an epoch (ceil(N / B)), and its bound's floor positive.
+    root = os.path.dirname(os.path.abspath(__file__))
+    done = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "floor.py"), "--n-train", "1000",
+                           "--batch-size", "128", "--iw-samples", "2", "--n-test", "5000", "--reps", "3"],
+                          capture_output=True, text=True, timeout=120, cwd=root)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.splitlines()[-1])
+    parts = result["step_ms"]
+    assert all(parts[k] > 0 for k in ("products", "adam", "exp_log")) and result["iw_nll_floor_s"] > 0
+    assert result["epoch_s_median"] == pytest.approx(sum(parts.values()) / 1e3 * 8, rel=1e-12)     # 8 steps
