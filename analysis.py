@@ -151,7 +151,7 @@ def likelihood_measures(model, x_test, iw_samples, rng, seconds, log, progress):
         -log P(pixels) <= -E_u log p(x) + D log 256,
     since P(pixels) = 256^-D E_u p(x) >= 256^-D exp(E_u log p(x)); -log p(x) is bounded by iw_nll at one u per image.
     The Bernoulli on grey levels has no such number: it is not a density over [0, 1], so it assigns no probability
-    to a pixel's bin. And the learned or fixed sigma of a Gaussian decoder."""
+    to a pixel's bin. Also returns the learned or fixed sigma of a Gaussian decoder."""
     found, lk = {}, model.likelihood
     if lk.name == "gaussian":
         found["decoder_sigma"] = float(np.exp(lk.log_sigma()).ravel()[0])

@@ -109,7 +109,8 @@ class Adam:
     decays by beta1 each step and within ~800 steps falls below 1.2e-38, float32's smallest normal number, where the
     CPU computes about 10 times slower: Adam's step took 9.6 ms instead of 1.7 ms after two epochs (measured). So
     every 100 steps moments below 1e-30 are set to 0. That moves no update by more than float32 rounding (a_t m' /
-    (sqrt(v') + eps_t) < 1e-30 * a_t / eps_t), and 100 steps of decay cannot take a moment from above 1e-30 to below
+    (sqrt(v') + eps_t) < 1e-30 * a_t / eps_t for m'; for v', sqrt(v') < 1e-15 changes the denominator by under 1e-7
+    of eps_t >= 1e-8), and 100 steps of decay cannot take a moment from above 1e-30 to below
     1.2e-38 (0.9^100 = 2.7e-5).
     """
 
@@ -178,7 +179,8 @@ def grad_check(loss_fn, params, analytic, h=1e-5, n_checks=None, rng=None):
 def matmul_floor(mlps, batch_size, dtype, reps=50):
     """Seconds per training step spent in the matrix products of these MLPs alone (the same shapes, timed here),
     and their FLOP count. For each Linear, W (n_in, n_out): forward x W, backward x^T dy and dy W^T (except for
-    the very first layer, whose input is data). The least time a step can take; the rest is elementwise work."""
+    the very first layer, whose input is data). The least time a step's products can take (the product floor;
+    benchmarks/floor.py adds Adam and the loss's exp and log to it: the step floor)."""
     rng = np.random.default_rng(0)
     linears = [layer for mlp in mlps for layer in mlp.layers if isinstance(layer, Linear)]
     work = [(rng.random((batch_size, layer.params["W"].shape[0]), dtype=dtype), layer.params["W"].copy(), i > 0)

@@ -1,12 +1,14 @@
 """Time two or more commands by running them in turn, round after round, in one session.
 
-Timings of the same command drift by 10-20% over minutes on a shared or thermally throttled machine. Running
-the commands alternately (A, B, A, B, ...) exposes them to the same drift, and the ratio A / B taken within each
-round cancels most of it; the spread of those ratios over the rounds says how far to trust the median.
+Timings of the same command drift by 20-40% (at times more) within minutes on a shared or thermally throttled
+machine. Running the commands alternately (A, B, A, B, ...) exposes them to the same drift, and the ratio A / B
+taken within each round cancels most of it; the spread of those ratios over the rounds says how far to trust the
+median.
 
-A round's time for a command is read from its stdout: a JSON line with "epoch_s_median" (benchmarks/torch_vae.py),
-else the last line matching "median epoch <seconds> s" (python train.py --benchmark). With --wall, every command is
-timed by its wall-clock time instead, for end-to-end runs such as python train.py ... --analyze MODEL.
+A round's time for a command is read from its stdout: a JSON line with "epoch_s_median" (benchmarks/torch_vae.py;
+benchmarks/floor.py, whose epoch is its floor), else the last line matching "median epoch <seconds> s" (python
+train.py --benchmark). With --wall, every command is timed by its wall-clock time instead, for end-to-end runs such
+as python train.py ... --analyze MODEL.
 
 usage:
     python benchmarks/alternate.py [--rounds 5] [--wall] [--json FILE] [--name LABEL] COMMAND [--name LABEL] COMMAND ...
