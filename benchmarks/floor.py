@@ -32,8 +32,9 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))    # the repository's modules
-from autograd import Adam, matmul_floor                                             # noqa: E402
-from vae import VAE                                                                 # noqa: E402
+from autograd import Adam  # noqa: E402
+from speed import matmul_floor  # noqa: E402
+from vae import VAE  # noqa: E402
 
 
 def median_seconds(f, reps):

@@ -18,7 +18,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import priors  # noqa: E402  (the project's modules, from the folder above)
+import models  # noqa: E402  (the project's modules, from the folder above)
 
 try:
     import torch
@@ -49,7 +49,7 @@ def torch_objective(p, model, x, eps, beta):
     elif name == "cb":
         recon = -ContinuousBernoulli(logits=logits).log_prob(x).sum(1)
     else:
-        log_sigma = p["likelihood.log_sigma"] if "likelihood.log_sigma" in p else torch.tensor(math.log(model.likelihood.sigma), dtype=torch.float64)
+        log_sigma = p["likelihood.log_sigma"] if "likelihood.log_sigma" in p else torch.tensor(math.log(model.likelihood.decoder_sigma), dtype=torch.float64)
         recon = -Normal(torch.sigmoid(logits), torch.exp(log_sigma)).log_prob(x).sum(1)
     q = Normal(mu, sigma)
     if model.prior_name == "standard":
@@ -74,7 +74,7 @@ def main():
     worst = 0.0
     for prior, likelihood, sigma, beta in CASES:
         rng = np.random.default_rng(0)
-        model = priors.build(prior, 4, n_in=12, hidden=7, latent=3, seed=1, dtype=np.float64, likelihood=likelihood,
+        model = models.build(prior, 4, n_in=12, hidden=7, latent=3, seed=1, dtype=np.float64, likelihood=likelihood,
                              decoder_sigma=sigma)
         if prior == "vamp":                             # inside (0, 1), away from the clip's kinks
             model.prior["w"][...] = rng.uniform(0.05, 0.95, model.prior["w"].shape)

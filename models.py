@@ -1,0 +1,78 @@
+"""A model from its options: the standard VAE, or a learned prior, with any likelihood.
+
+    build("standard")                     vae.VAE: p(z) = N(0, I), p(x|z) Bernoulli
+    build("mog", 10)                      priors.MixturePriorVAE with K = 10
+    build("vamp", likelihood="cb")        priors.VampPriorVAE with the continuous Bernoulli
+    build(likelihood="gaussian", decoder_sigma=0.1)
+"""
+import numpy as np
+
+from likelihoods import ContinuousBernoulli, Gaussian
+from priors import MixturePriorVAE, VampPriorVAE
+from vae import VAE, Bernoulli
+
+PRIORS = {"standard": VAE, "mog": MixturePriorVAE, "vamp": VampPriorVAE}
+DEFAULT_COMPONENTS = {"mog": 10, "vamp": 100}      # K of a learned prior, unless given
+LIKELIHOODS = ("bernoulli", "gaussian", "cb")
+
+
+def make_likelihood(name="bernoulli", decoder_sigma=None, dtype=np.float32):
+    """The p(x|z) object: 'bernoulli', 'cb', or 'gaussian' with decoder_sigma a number or 'learned'."""
+    if name == "bernoulli":
+        return Bernoulli()
+    if name == "cb":
+        return ContinuousBernoulli()
+    if name == "gaussian":
+        return Gaussian(decoder_sigma, dtype)
+    raise ValueError(f"unknown likelihood {name!r}; choose one of {LIKELIHOODS}")
+
+
+def build(prior="standard", components=None, likelihood="bernoulli", decoder_sigma=None,
+          n_in=784, hidden=400, latent=20, seed=0, dtype=np.float32):
+    """The VAE with this prior ('standard', 'mog' or 'vamp'; components: its K, or the default) and this
+    likelihood."""
+    p_x_given_z = make_likelihood(likelihood, decoder_sigma, dtype)
+    if prior == "standard":
+        return VAE(n_in, hidden, latent, seed, dtype, p_x_given_z)
+    k = components or DEFAULT_COMPONENTS[prior]
+    return PRIORS[prior](n_in, hidden, latent, seed, dtype, k, p_x_given_z)
+
+
+def components_of(model):
+    """K of a learned prior; 0 for N(0, I), which has no components."""
+    if model.prior_name == "standard":
+        return 0
+    return model.components
+
+
+def describe(model):
+    """The architecture, as a run records it: sizes, prior and likelihood."""
+    return {"n_in": model.n_in, "hidden": model.hidden, "latent": model.latent,
+            "prior": model.prior_name, "components": components_of(model),
+            "likelihood": model.likelihood.name, "decoder_sigma": decoder_sigma_of(model)}
+
+
+def decoder_sigma_of(model):
+    """A Gaussian decoder's sigma setting (a number or 'learned'); None for the other likelihoods."""
+    if model.likelihood.name == "gaussian":
+        return model.likelihood.decoder_sigma
+    return None
+
+
+def prior_label(model):
+    """How figures and lines name the prior: N(0, I), or the learned prior and its K."""
+    if model.prior_name == "standard":
+        return "N(0, I)"
+    return f"learned {model.prior_name} (K={model.components})"
+
+
+def likelihood_label(model):
+    """How figures and lines name p(x|z)."""
+    if model.likelihood.name == "bernoulli":
+        return "Bernoulli"
+    if model.likelihood.name == "cb":
+        return "continuous Bernoulli"
+    sigma = model.likelihood.decoder_sigma
+    if sigma == "learned":
+        return "Gaussian (learned sigma)"
+    return f"Gaussian (sigma {sigma:g})"

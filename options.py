@@ -1,0 +1,159 @@
+"""The command line of train.py: the recipe's defaults, the flags, and every check that needs neither data
+nor files, so that a mistake ends in one `error:` line before any work.
+"""
+import argparse
+import math
+
+import mnist
+import models
+
+# The recipe. Options default to None on the command line: --resume takes the checkpoint's unless given.
+DEFAULTS = {"dataset": "mnist", "hidden": 400, "latent": 20, "prior": "standard", "prior_components": None,
+            "likelihood": "bernoulli", "decoder_sigma": None, "batch_size": 128, "lr": 1e-3, "seed": 0,
+            "beta": 1.0, "kl_warmup": 0, "binarize": False}
+# The options that make the model what it is: a checkpoint cannot change them.
+ARCHITECTURE = ("hidden", "latent", "prior", "prior_components", "likelihood", "decoder_sigma")
+# --likelihoods' default runs.
+LIKELIHOOD_RUNS = ["bernoulli", "gaussian:1", "gaussian:0.1", "gaussian:learned", "cb"]
+
+NUMBERS = [  # the numeric flags: the least value allowed, and the default (None: DEFAULTS')
+    {"flag": "--epochs", "type": int, "least": 0, "default": None,
+     "help": "total epochs (default: 10; 3 with --benchmark)"},
+    {"flag": "--batch-size", "type": int, "least": 1, "default": None, "help": "default: 128"},
+    {"flag": "--lr", "type": float, "least": 1e-300, "default": None, "help": "Adam learning rate (default: 1e-3)"},
+    {"flag": "--hidden", "type": int, "least": 1, "default": None,
+     "help": "hidden units in encoder and decoder (default: 400)"},
+    {"flag": "--latent", "type": int, "least": 1, "default": None, "help": "latent dimensions Z (default: 20)"},
+    {"flag": "--prior-components", "type": int, "least": 1, "default": None,
+     "help": "K of a learned prior (default: mog 10, vamp 100)"},
+    {"flag": "--beta", "type": float, "least": 0, "default": None,
+     "help": "the KL weight: train on recon + beta * KL (default: 1, the negative ELBO)"},
+    {"flag": "--kl-warmup", "type": int, "least": 0, "default": None,
+     "help": "epochs over which the KL weight rises linearly from 0 to beta (default: 0)"},
+    {"flag": "--seed", "type": int, "least": 0, "default": None, "help": "default: 0"},
+    {"flag": "--iw-samples", "type": int, "least": 1, "default": 100,
+     "help": "S importance samples per test image for iw_nll (default: 100; Burda et al.: 5000)"},
+    {"flag": "--gmm-components", "type": int, "least": 1, "default": 10,
+     "help": "components of the mixture fitted to the aggregated posterior (default: 10)"},
+    {"flag": "--posterior-image", "type": int, "least": 0, "default": 0,
+     "help": "index of the test image whose posterior is sampled (default: 0)"},
+]
+# An option, why it cannot go with the others listed, and those others.
+NOT_TOGETHER = {
+    "analyze": ("it measures a saved model and trains nothing",
+                ["resume", "betas", "likelihoods", "benchmark", "epochs"] +
+                [k for k in DEFAULTS if k not in ("dataset", "seed", "binarize")]),
+    "resume": ("a run continues with its own options", ["betas", "likelihoods", "benchmark", "overwrite"]),
+    "betas": ("the experiment sets the KL weight of each run", ["beta", "benchmark", "likelihoods"]),
+    "likelihoods": ("the experiment sets each run's likelihood", ["likelihood", "decoder_sigma", "benchmark"]),
+}
+
+
+class UsageError(Exception):
+    """Options that cannot work together, or that the data or a file cannot serve: found before any
+    training."""
+
+
+def decoder_sigma(text):
+    """--decoder-sigma: 'learned', or a number > 0."""
+    if text == "learned":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a number > 0 or 'learned', got {text!r}")
+    return value
+
+
+def likelihood_run(spec):
+    """--likelihoods: bernoulli, cb, or gaussian:SIGMA (SIGMA a number > 0, or 'learned').
+    -> (name, sigma)"""
+    name, _, sigma = spec.partition(":")
+    if name in ("bernoulli", "cb") and not sigma:
+        return name, None
+    if name == "gaussian" and sigma:
+        return name, decoder_sigma(sigma)
+    raise argparse.ArgumentTypeError(f"{spec!r} is not bernoulli, gaussian:SIGMA (SIGMA > 0 or learned) or cb")
+
+
+def given(value):
+    """Whether an option was given: not left at None or False."""
+    return value is not None and value is not False
+
+
+def build_parser(description):
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def one_line_error(message):
+        p.exit(2, f"error: {message} (python train.py --help lists the options)\n")
+
+    p.error = one_line_error
+    p.add_argument("--dataset", choices=sorted(mnist.DATASETS), help="default: mnist")
+    p.add_argument("--data-dir", help="where the archives are looked for and downloaded to "
+                                      "(default: data/<dataset>)")
+    p.add_argument("--mirror", help="download from this URL instead of the default mirrors")
+    p.add_argument("--prior", choices=sorted(models.PRIORS), help="p(z): N(0, I) (standard), a mixture, "
+                                                                  "VampPrior")
+    p.add_argument("--likelihood", choices=models.LIKELIHOODS, help="p(x|z); default: bernoulli")
+    p.add_argument("--decoder-sigma", type=decoder_sigma, help="the Gaussian's sigma: > 0, or learned "
+                                                               "(default)")
+    p.add_argument("--binarize", action="store_true", default=None,
+                   help="train on pixels drawn as Bernoulli(intensity) each time an image is used; the test "
+                        "set is binarized once")
+    for option in NUMBERS:
+        p.add_argument(option["flag"], type=option["type"], default=option["default"], help=option["help"])
+    p.add_argument("--gmm-covariance", choices=("full", "diag"), default="full", help="default: full")
+    p.add_argument("--out", help="output folder (default: runs/<dataset>-h<hidden>-z<latent>-s<seed>[-...])")
+    p.add_argument("--resume", metavar="CHECKPOINT", help="continue the run saved in this checkpoint.npz")
+    p.add_argument("--analyze", metavar="MODEL", help="measure and draw a saved model.npz again (beside it, "
+                                                      "or --out)")
+    p.add_argument("--betas", type=float, nargs="+", metavar="BETA", help="the KL-weight experiment: a run "
+                                                                          "per beta")
+    p.add_argument("--likelihoods", nargs="*", type=likelihood_run, metavar="SPEC",
+                   help="the likelihood experiment, like --betas: a run per SPEC (default: "
+                        f"{' '.join(LIKELIHOOD_RUNS)}), then a comparison")
+    p.add_argument("--benchmark", action="store_true", help="time training and the analysis; writes nothing")
+    p.add_argument("--overwrite", action="store_true", help="replace the run files in the output folder")
+    return p
+
+
+def check_numbers(p, args):
+    """Every numeric option at least its least value, and finite."""
+    checks = []
+    for option in NUMBERS:
+        name = option["flag"][2:].replace("-", "_")
+        checks.append((option["flag"], option["least"], getattr(args, name)))
+    for beta in args.betas or []:
+        checks.append(("--betas", 0, beta))
+    for flag, least, value in checks:
+        if value is not None and not (value >= least and math.isfinite(value)):
+            bound = "> 0" if least > 0 else ">= 0"
+            p.error(f"argument {flag}: must be {bound} and finite, got {value}")
+
+
+def check_combinations(p, args):
+    """Options that need another, or that cannot go together."""
+    if args.decoder_sigma is not None and args.likelihood != "gaussian":
+        p.error("--decoder-sigma needs --likelihood gaussian")
+    if args.prior_components is not None and args.prior not in ("mog", "vamp"):
+        p.error("--prior-components needs --prior mog or vamp")
+    values = [str(value) for value in args.betas or args.likelihoods or []]
+    if len(set(values)) < len(values):
+        experiment = "betas" if args.betas else "likelihoods"
+        p.error(f"--{experiment} repeats a value: each run needs a folder of its own")
+    for a, (why, others) in NOT_TOGETHER.items():
+        if not given(getattr(args, a)):
+            continue
+        for b in others:
+            if given(getattr(args, b)):
+                p.error(f"--{a.replace('_', '-')} and --{b.replace('_', '-')} do not go together: {why}")
+
+
+def parse_args(argv, description=None):
+    p = build_parser(description)
+    args = p.parse_args(argv)
+    check_numbers(p, args)
+    check_combinations(p, args)
+    return args

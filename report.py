@@ -1,0 +1,105 @@
+"""After training: measure a run and draw it (measure_and_draw), and compare the runs of an experiment
+(compare: --betas, --likelihoods). The measurements are analysis.py's, the figures figures.py's, the
+files runs.py's; this file puts them in order and says what it does.
+"""
+import os
+
+import numpy as np
+
+import analysis
+import console
+import figures
+import mnist
+import runs
+
+
+def measure_and_draw(model, metrics, cfg, x_train, x_test, y_test, out, args):
+    """The after-training measurements and their figures, merged into metrics.json."""
+    if cfg["binarize"]:     # the aggregated posterior of the images the model was trained on: binary ones
+        x_train = mnist.binarize(x_train, np.random.default_rng(mnist.TEST_BINARIZATION_SEED + 1))
+    measured, found = analysis.analyze(model, x_train, x_test, cfg["seed"], args.iw_samples,
+                                       args.gmm_components, args.gmm_covariance,
+                                       log=lambda line: print(line, flush=True),
+                                       progress=console.progress_line)
+    print("drawing the latent space", flush=True)
+    class_names = mnist.CLASS_NAMES[cfg["dataset"]]
+    figs = figures.analysis_figures(model, x_test, y_test, found, args.posterior_image, cfg["seed"],
+                                    class_names)
+    figures.save(out, figs)
+    metrics = {**metrics, **measured}
+    runs.write_metrics(os.path.join(out, "metrics.json"), metrics)
+    written = "metrics.json and figures" if args.analyze else "model.npz, metrics.json and figures"
+    print(f"wrote {written} to {out}")
+    return {"model": model, "metrics": metrics, "x_test": x_test, "y_test": y_test}
+
+
+# ---- a comparison of runs -----------------------------------------------------------------------------
+
+COMPARISON_COLUMNS = [  # title, key in a row, format
+    ("run", "run", "{}"),
+    ("recon", "recon", "{:.2f}"),
+    ("KL", "kl", "{:.2f}"),
+    ("test -ELBO", "negative_elbo", "{:.2f}"),
+    ("iw_nll", "iw_nll", "{:.2f}"),
+    ("bits/dim", "bits_per_dim", "{:.3f}"),
+    ("active", "active_units", "{:d}"),
+    ("Var q(z) per dim", "variance_range", "{0[0]:.2f}-{0[1]:.2f}"),
+    ("KL(q(z)||p(z))", "kl_aggregate_prior", "{:.2f}"),
+    ("I(x;z)", "mutual_information", "{:.2f}"),
+    ("holes", "prior_hole_fraction", "{:.1%}"),
+    ("sigma", "decoder_sigma", "{:.4g}"),
+    ("pull on mu: recon / KL", "pulls_on_mu", "{0[0]:.3g} / {0[1]:.3g}"),
+]
+
+
+def comparison_row(name, metrics):
+    """One row of a comparison of runs, from a run's metrics.json: every number at beta = 1, in nats of
+    the run's own likelihood; the pulls on mu are the last epoch's RMS of the two gradient paths."""
+    a = metrics["aggregate_posterior"]
+    paths = metrics["gradient_paths"]
+    pulls = None
+    if paths["recon_mu"]:
+        pulls = [paths["recon_mu"][-1], paths["kl_mu"][-1]]
+    return {"run": name, "beta": metrics["config"]["beta"],
+            "likelihood": metrics["config"].get("likelihood"),
+            "bits_per_dim": metrics.get("bits_per_dim"), "decoder_sigma": metrics.get("decoder_sigma"),
+            "pulls_on_mu": pulls, "recon": metrics["test_recon"], "kl": metrics["test_kl"],
+            "negative_elbo": metrics["test_loss"], "iw_nll": metrics["iw_nll"],
+            "active_units": a["active_units"], "variance_range": [min(a["variance"]), max(a["variance"])],
+            "kl_aggregate_prior": a["kl_aggregate_prior"], "mutual_information": a["mutual_information"],
+            "prior_hole_fraction": a["prior_hole_fraction"]}
+
+
+def comparison_table(rows):
+    """The rows as a Markdown table ('-' where a run has no such number)."""
+    titles = [title for title, _, _ in COMPARISON_COLUMNS]
+    lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(COMPARISON_COLUMNS)]
+    for row in rows:
+        cells = []
+        for _, key, form in COMPARISON_COLUMNS:
+            if row.get(key) is None:
+                cells.append("-")
+            else:
+                cells.append(form.format(row[key]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def compare(results, out, image_index, prefix):
+    """After --betas or --likelihoods: {name: a finished run's result} as a table (printed, and
+    comparison.json in out) and the figures that compare the runs."""
+    rows = [comparison_row(name, result["metrics"]) for name, result in results.items()]
+    runs.write_metrics(os.path.join(out, "comparison.json"), rows)
+    print(comparison_table(rows))
+    last = list(results.values())[-1]
+    models = {name: result["model"] for name, result in results.items()}
+    codes = {}
+    if all(model.latent == 2 for model in models.values()):
+        for name, model in models.items():
+            mu, _ = analysis.encode_all(model, last["x_test"])
+            codes[name] = mu
+    seed = last["metrics"]["config"]["seed"]
+    figs = figures.comparison_figures(models, codes, last["x_test"], last["y_test"], image_index, seed,
+                                      prefix)
+    figures.save(out, figs)
+    print(f"wrote comparison.json and the figures that compare the runs to {out}")

@@ -1,0 +1,233 @@
+"""A run's files: its folder (named for its options, checked before any work, locked while in use), the
+model, the training checkpoint, and metrics.json. Each file is written whole or not at all (atomic.py).
+"""
+import contextlib
+import json
+import os
+import tempfile
+import zipfile
+
+import numpy as np
+
+import models
+from atomic import atomic_path
+from autograd import Adam
+
+RUN_FILES = ("model.npz", "checkpoint.npz", "metrics.json", "comparison.json")     # and the figures
+
+
+class FolderError(Exception):
+    """An output folder that cannot be used: a file, not writable, in use, or holding another run."""
+
+
+class ModelFileError(Exception):
+    """A model file that cannot be loaded: missing, corrupt, or of another architecture."""
+
+
+# ---- the folder ------------------------------------------------------------------------------------
+
+def check_out(out, fresh, overwrite):
+    """An output folder (--out) must be a folder we can write in; a new run's must hold no other run."""
+    parent = out
+    while not os.path.isdir(parent):                # the nearest folder that exists
+        if os.path.exists(parent):
+            raise FolderError(f"--out {out}: {parent} is a file, not a folder; choose another --out")
+        parent = os.path.dirname(parent) or "."
+    try:
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as err:
+        raise FolderError(f"--out {out}: cannot write in {parent} ({err.strerror}); choose another --out")
+    held = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+    if fresh and held and not overwrite:
+        checkpoint = os.path.join(out, "checkpoint.npz")
+        raise FolderError(f"{out} holds another run ({', '.join(held)}): continue it with --resume "
+                          f"{checkpoint}, choose another --out, or replace it with --overwrite")
+
+
+def lock(fd, path):
+    """Take the operating system's lock on the open file fd without waiting; OSError if it is held."""
+    if os.name == "nt":
+        import msvcrt
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        return
+    import fcntl
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    if os.fstat(fd).st_ino != os.stat(path).st_ino:     # we locked a .lock its owner had just removed
+        raise OSError("lock file replaced")
+
+
+@contextlib.contextmanager
+def claim(out, fresh, overwrite):
+    """Create the folder and hold its lock while a run writes into it: a second run into the same folder
+    is refused. The lock is on the file .lock, removed at the end; a crashed run's lock ends with it."""
+    created = not os.path.isdir(out)
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, ".lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        lock(fd, path)
+    except OSError:
+        os.close(fd)
+        raise FolderError(f"{out} is in use by another run; wait for it to end, or choose another --out")
+    try:
+        check_out(out, fresh, overwrite)            # again, now that no other run can write there
+        if fresh and overwrite:                     # the old run's files go before the new run writes any
+            for f in os.listdir(out):
+                if f in RUN_FILES or f.endswith(".png"):
+                    os.remove(os.path.join(out, f))
+        yield
+    finally:
+        if os.name != "nt":
+            os.remove(path)     # before the lock ends: no one can lock a file on its way out
+        os.close(fd)
+        if os.name == "nt":
+            os.remove(path)
+        if created and not os.listdir(out):
+            os.rmdir(out)       # a run that wrote nothing leaves no empty folder behind
+
+
+def number_text(value):
+    """A float as %g (1e-3 -> 0.001), anything else as str."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def default_out(cfg, recipe):
+    """A run's default folder: runs/<dataset>-h<hidden>-z<latent>-s<seed>, then every option in cfg that
+    differs from the recipe's (train.DEFAULTS, 10 epochs): runs that differ never share a folder."""
+    parts = [f"{cfg['dataset']}-h{cfg['hidden']}-z{cfg['latent']}-s{cfg['seed']}"]
+    if cfg["prior"] != "standard":
+        parts.append(cfg["prior"] + str(cfg["prior_components"] or ""))
+    if cfg["likelihood"] != "bernoulli":
+        likelihood = cfg["likelihood"]
+        if cfg["decoder_sigma"]:
+            likelihood += "-sigma-" + number_text(cfg["decoder_sigma"])
+        parts.append(likelihood)
+    if cfg["binarize"]:
+        parts.append("binary")
+    recipe = {**recipe, "epochs": 10}
+    short_names = {"beta": "beta", "kl_warmup": "warmup", "lr": "lr", "batch_size": "b", "epochs": "e"}
+    for key, short in short_names.items():
+        if cfg[key] != recipe[key]:
+            parts.append(short + number_text(cfg[key]))
+    return os.path.join("runs", "-".join(parts))
+
+
+# ---- the model and the checkpoint ------------------------------------------------------------------
+
+def save_model(model, path, **extra):
+    """One .npz: the architecture, every parameter, and any extra arrays (a checkpoint's state)."""
+    arch = models.describe(model)
+    header = {
+        "arch": np.array([model.n_in, model.hidden, model.latent]),
+        "prior": np.array(arch["prior"]),
+        "components": np.array(arch["components"]),
+        "likelihood": np.array(arch["likelihood"]),
+        "decoder_sigma": np.array(str(arch["decoder_sigma"])),
+    }
+    extras = {"extra." + k: v for k, v in extra.items()}
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **header, **model.params(), **extras)
+
+
+def parse_decoder_sigma(text):
+    """The decoder_sigma a model file records: 'None', 'learned', or a number."""
+    if text == "None":
+        return None
+    if text == "learned":
+        return text
+    return float(text)
+
+
+def load_model(path):
+    """(model, extra) from a file written by save_model(). Raises ModelFileError with a one-line reason."""
+    if not os.path.isfile(path):
+        raise ModelFileError(f"{path}: no such file")
+    if not zipfile.is_zipfile(path):        # np.load would take any other file for a pickle, and say so
+        raise ModelFileError(f"{path}: not a readable model file of this project (not an .npz archive)")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+        n_in, hidden, latent = (int(v) for v in arrays["arch"])
+        # Files from before the likelihoods were added hold neither key: they are Bernoulli models.
+        likelihood = str(arrays.get("likelihood", "bernoulli"))
+        sigma = parse_decoder_sigma(str(arrays.get("decoder_sigma", "None")))
+        model = models.build(str(arrays["prior"]), int(arrays["components"]), likelihood, sigma,
+                             n_in=n_in, hidden=hidden, latent=latent, dtype=arrays["enc.0.W"].dtype)
+        for name, p in model.params().items():
+            if arrays[name].shape != p.shape:
+                raise ValueError(f"{name} has shape {arrays[name].shape}, expected {p.shape}")
+            p[...] = arrays[name]
+    except (OSError, ValueError, EOFError, KeyError, TypeError, zipfile.BadZipFile) as err:
+        raise ModelFileError(f"{path}: not a readable model file of this project "
+                             f"({type(err).__name__}: {err}); delete it or train again")
+    extra = {k[len("extra."):]: v for k, v in arrays.items() if k.startswith("extra.")}
+    return model, extra
+
+
+def save_checkpoint(path, model, opt, state, cfg):
+    """The model, Adam's moments and step, and the training state: training continues from it to the
+    same numbers. The state's numbers go in as JSON (exact for floats), its arrays as arrays."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    plain = {k: v for k, v in state.items() if k not in ("rng", "perm", "path_sums")}
+    arrays = {"adam_t": np.array(opt.t)}
+    arrays["cfg"] = np.array(json.dumps(cfg))
+    arrays["state"] = np.array(json.dumps(plain))
+    arrays["rng"] = np.array(json.dumps(state["rng"].bit_generator.state))
+    arrays["perm"] = np.zeros(0, int) if state["perm"] is None else state["perm"]
+    for name, sums in (state["path_sums"] or {}).items():
+        arrays[f"path_sum.{name}"] = sums["sum"]
+        arrays[f"path_sum_sq.{name}"] = sums["sum_sq"]
+    for k in opt.m:
+        arrays[f"adam_m.{k}"] = opt.m[k]
+        arrays[f"adam_v.{k}"] = opt.v[k]
+    save_model(model, path, **arrays)
+
+
+def load_checkpoint(path):
+    """(model, opt, state, cfg) from a checkpoint written by save_checkpoint()."""
+    model, extra = load_model(path)
+    try:
+        cfg = json.loads(str(extra["cfg"]))
+        state = json.loads(str(extra["state"]))
+        state["rng"] = np.random.default_rng()
+        state["rng"].bit_generator.state = json.loads(str(extra["rng"]))
+        state["perm"] = extra["perm"] if extra["perm"].size else None
+        state["path_sums"] = None
+        if state["perm"] is not None:       # mid-epoch: the epoch's sums so far
+            names = [k[len("path_sum."):] for k in extra if k.startswith("path_sum.")]
+            state["path_sums"] = {name: {"sum": extra[f"path_sum.{name}"],
+                                         "sum_sq": extra[f"path_sum_sq.{name}"]} for name in names}
+        opt = Adam(model.params(), lr=cfg["lr"])
+        opt.t = int(extra["adam_t"])
+        for k in opt.m:
+            opt.m[k][...] = extra[f"adam_m.{k}"]
+            opt.v[k][...] = extra[f"adam_v.{k}"]
+    except (KeyError, ValueError, TypeError) as err:
+        raise ModelFileError(f"{path}: not a training checkpoint or corrupt ({err}); use model.npz files "
+                             f"for inference only, or start a new run")
+    return model, opt, state, cfg
+
+
+# ---- metrics.json -----------------------------------------------------------------------------------
+
+class MetricsError(Exception):
+    """A metrics.json that cannot be read."""
+
+
+def write_metrics(path, metrics):
+    """metrics.json (or comparison.json), the record of a run's measurements, written whole or not at all."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(metrics, f, indent=2)
+
+
+def read_metrics(path):
+    """The metrics.json at path ({} if there is none)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as err:
+        raise MetricsError(f"{path}: unreadable ({err}); move it away or pass --out")
