@@ -1,16 +1,18 @@
-"""Measurements of a trained VAE: how well it explains the test set, and how its aggregated posterior sits
-against its prior. Each function returns numbers (report.py records and draws them).
+"""Measurements of a trained VAE: how well it explains the test set, and how its aggregated
+posterior sits against its prior. Each function returns numbers (report.py records and draws them).
 
-    -ELBO = -log p(x|z) + KL(q(z|x) || p(z))                    negative_elbo: the test loss, at beta = 1
-    -log p(x) ~ -log (1/S) sum_s p(x|z_s) p(z_s) / q(z_s|x)     iw_nll: importance weighting (Burda et al.)
-    q(z) = (1/N) sum_n q(z|x_n)        the aggregated posterior: the codes of all the images together
-    mean_n KL(q(z|x_n) || p(z)) = I(x; z) + KL(q(z) || p(z))    elbo_surgery (Hoffman & Johnson 2016)
+    negative_elbo   -ELBO = -log p(x|z) + KL(q(z|x) || p(z)): the test loss, at beta = 1
+    iw_nll          -log p(x) ~ -log (1/S) sum_s p(x|z_s) p(z_s) / q(z_s|x), importance weighting
+                    (Burda et al. 2015)
+    q(z) = (1/N) sum_n q(z|x_n), the aggregated posterior: the codes of all the images together
+    elbo_surgery    mean_n KL(q(z|x_n) || p(z)) = I(x; z) + KL(q(z) || p(z))
+                    (Hoffman & Johnson 2016)
     holes    prior draws whose density under the fitted q(z) is under that of 99% of the test codes
 
 Two aggregated posteriors are used. The ELBO surgery and the moments take q(z) over the 10,000 test
-images, exactly (all N components). The holes and sampling from q(z) take a Gaussian mixture fitted by EM
-to codes z_n ~ q(z|x_n) of 20,000 training images (gmm.py): it gives a smooth density at any point, where
-the exact q(z) at a code is dominated by that code's own component.
+images, exactly (all N components). The holes and sampling from q(z) take a Gaussian mixture fitted
+by EM to codes z_n ~ q(z|x_n) of 20,000 training images (gmm.py): it gives a smooth density at any
+point, where the exact q(z) at a code is dominated by that code's own component.
 """
 import contextlib
 import math
@@ -27,7 +29,8 @@ FITTED_CODES = 20000    # the mixture that stands in for q(z) is fitted to this 
 
 
 def encode_all(model, images, batch_size=1000):
-    """mu, log_var (N, Z) in float64 of every uint8 image, a batch at a time (no float copy of the set)."""
+    """mu, log_var (N, Z) in float64 of every uint8 image, a batch at a time (no float copy of the
+    set)."""
     mus = []
     log_vars = []
     for i in range(0, len(images), batch_size):
@@ -46,9 +49,10 @@ def draw_codes(mu, log_var, rng):
 
 
 def negative_elbo(model, images, seed, batch_size=250):
-    """Test negative ELBO (loss, recon, kl) in nats per example, one z per image, with the same eps every
-    time it is called (so epochs and runs compare)."""
-    rng = np.random.default_rng([seed, 1])      # a stream of its own: evaluating never moves training's
+    """Test negative ELBO (loss, recon, kl) in nats per example, one z per image, with the same eps
+    every time it is called (so epochs and runs compare)."""
+    # a stream of its own: evaluating never moves training's
+    rng = np.random.default_rng([seed, 1])
     sums = np.zeros(3)
     for i in range(0, len(images), batch_size):
         x = mnist.to_float(images[i:i + batch_size], model.dtype)
@@ -59,10 +63,11 @@ def negative_elbo(model, images, seed, batch_size=250):
     return loss, recon, kl
 
 
-# ---- the aggregated posterior -------------------------------------------------------------------------
+# ---- the aggregated posterior --------------------------------------------------------------------
 
 def aggregate_posterior_moments(mu, log_var, threshold=0.01):
-    """Per-dimension mean and variance of q(z) = (1/N) sum_n N(mu_n, sigma_n^2), and the active units.
+    """Per-dimension mean and variance of q(z) = (1/N) sum_n N(mu_n, sigma_n^2), and the active
+    units.
 
     E[z] = mean_n mu_n;  Var[z] = mean_n (mu_n^2 + sigma_n^2) - E[z]^2   (the law of total variance)
     active: Cov_x(E_q[z|x]) = Var_n(mu_n) > threshold (Burda et al. 2015)."""
@@ -76,15 +81,15 @@ def aggregate_posterior_moments(mu, log_var, threshold=0.01):
 
 
 def log_normal_pairs(z, mean, log_var, rows=64):
-    """log N(z_n; mean_m, diag(exp(log_var_m))) for every row n of z (N, Z) and every row m of mean and
-    log_var (M, Z): the (N, M) matrix of vae.log_normal(z[:, None], mean, log_var), yielded `rows` rows at
-    a time.
+    """log N(z_n; mean_m, diag(exp(log_var_m))) for every row n of z (N, Z) and every row m of mean
+    and log_var (M, Z): the (N, M) matrix of vae.log_normal(z[:, None], mean, log_var), yielded
+    `rows` rows at a time.
 
-    Computed in a faster form that equals it (a test holds the two equal): log N(z; m, v) is linear in
-    (z^2, z, 1),
+    Computed in a faster form that equals it (a test holds the two equal): log N(z; m, v) is linear
+    in (z^2, z, 1),
         -1/2 [z^2 . 1/v - 2 z . m/v + m^2 . 1/v + sum log v + Z log 2 pi],
-    so a block of rows is one matrix product [z^2, z, 1] @ W with W made once. Its rounding is ~1e-16 of
-    the terms: where they pass 1e10 (variances near 0) the direct form is used instead."""
+    so a block of rows is one matrix product [z^2, z, 1] @ W with W made once. Its rounding is
+    ~1e-16 of the terms: where they pass 1e10 (variances near 0) the direct form is used instead."""
     inv_var = np.exp(-log_var)
     constant = (mean * mean * inv_var).sum(-1) + log_var.sum(-1) + z.shape[-1] * LOG_2PI
     weight_z2 = -0.5 * inv_var.T                    # the weights of z^2,
@@ -106,11 +111,12 @@ def elbo_surgery(mu, log_var, rng, log_prior):
     """Split the average KL term as Hoffman & Johnson (2016): with q(z) = (1/N) sum_n q(z|x_n),
 
         mean_n KL(q(z|x_n) || p(z)) = I(x; z) + KL(q(z) || p(z)),
-        I(x; z) = E_n E_q(z|x_n)[log q(z|x_n) - log q(z)],  KL(q(z) || p(z)) = E_q(z)[log q(z) - log p(z)].
+        I(x; z) = E_n E_q(z|x_n)[log q(z|x_n) - log q(z)],
+        KL(q(z) || p(z)) = E_q(z)[log q(z) - log p(z)].
 
     Each is estimated with one z_n ~ q(z|x_n) per data point; log q(z) sums over all N components
-    (log-sum-exp). log_prior: a function of z, log p(z). Returns the two terms in nats and their sum, to be
-    compared with the average KL computed directly."""
+    (log-sum-exp). log_prior: a function of z, log p(z). Returns the two terms in nats and their
+    sum, to be compared with the average KL computed directly."""
     mu = np.asarray(mu, np.float64)
     log_var = np.asarray(log_var, np.float64)
     z = draw_codes(mu, log_var, rng)
@@ -125,29 +131,32 @@ def elbo_surgery(mu, log_var, rng, log_prior):
 
 
 def prior_hole_fraction(gmm, z_codes, z_draws, quantile=0.01):
-    """Share of draws whose density under the fitted aggregated posterior is below that of 99% of the
-    codes z_codes: they land where (almost) no image encodes. Also returns the threshold and the mask."""
+    """Share of draws whose density under the fitted aggregated posterior is below that of 99% of
+    the codes z_codes: they land where (almost) no image encodes. Also returns the threshold and the
+    mask."""
     threshold = np.quantile(gmm_log_density(gmm, z_codes), quantile)
     in_hole = gmm_log_density(gmm, z_draws) < threshold
     return float(in_hole.mean()), float(threshold), in_hole
 
 
-# ---- the likelihood of the test images -----------------------------------------------------------------
+# ---- the likelihood of the test images -----------------------------------------------------------
 
 def iw_nll(model, images, n_samples, rng, eps=None, batch_size=25, progress=None):
-    """Importance-weighted estimate of -log p(x) per image (one value each), from S = n_samples draws
-    z_s ~ q(z|x) per image:
+    """Importance-weighted estimate of -log p(x) per image (one value each), from S = n_samples
+    draws z_s ~ q(z|x) per image:
 
-        -log p(x) ~ -log (1/S) sum_s w_s,   w_s = p(x|z_s) p(z_s) / q(z_s|x),   z_s = mu + sigma * eps_s
+        -log p(x) ~ -log (1/S) sum_s w_s,   w_s = p(x|z_s) p(z_s) / q(z_s|x),
+        z_s = mu + sigma * eps_s
 
-    An upper bound on -log p(x) in expectation (Jensen: E log mean_s w_s <= log E w_s = log p(x)) that
-    falls towards it as S grows (Burda et al. 2015, who call S 'k'); for S = 1 it is the negative ELBO
-    with the KL estimated at the one z. images: uint8 pixels, or intensities already in [0, 1] (float).
-    eps (S, len(images), Z) may be given; progress: a function of the fraction done.
+    An upper bound on -log p(x) in expectation (Jensen: E log mean_s w_s <= log E w_s = log p(x))
+    that falls towards it as S grows (Burda et al. 2015, who call S 'k'); for S = 1 it is the
+    negative ELBO with the KL estimated at the one z. images: uint8 pixels, or intensities already
+    in [0, 1] (float). eps (S, len(images), Z) may be given; progress: a function of the fraction
+    done.
 
     The work is blocked for speed, which changes no value (a test holds it to the formula computed
-    directly): images 25 at a time; their S codes decoded ten slices per product; the log-density taken
-    one slice (about 250 codes) at a time."""
+    directly): images 25 at a time; their S codes decoded ten slices per product; the log-density
+    taken one slice (about 250 codes) at a time."""
     s = n_samples
     latent = model.latent
     out = np.empty(len(images))
@@ -168,8 +177,8 @@ def iw_nll(model, images, n_samples, rng, eps=None, batch_size=25, progress=None
             logits = model.decode(codes).reshape(-1, len(x), model.n_in)   # (samples, B, D)
             for j in range(0, len(logits), samples_per_slice):
                 logits_slice = logits[j:j + samples_per_slice]
-                first = a + j
-                log_px[first:first + len(logits_slice)] = model.likelihood.log_density(x, logits_slice)
+                rows = slice(a + j, a + j + len(logits_slice))
+                log_px[rows] = model.likelihood.log_density(x, logits_slice)
         # log w_s = log p(x|z_s) + log p(z_s) - log q(z_s|x), (S, B), in float64
         log_prior = model.log_prior(z.reshape(-1, latent)).reshape(s, -1)
         log_w = log_px.astype(np.float64) + log_prior - log_normal(z, mu, log_var)
@@ -181,20 +190,21 @@ def iw_nll(model, images, n_samples, rng, eps=None, batch_size=25, progress=None
 
 def bits_per_dim(model, x_test, iw_samples, rng, progress=None):
     """For a density over grey levels (the Gaussian, the continuous Bernoulli): a bound in bits per
-    dimension on the 8-bit test images by uniform dequantization (Theis et al. 2016). With
-    x = (pixel + u) / 256, u ~ U(0, 1)^D,
+    dimension on the 8-bit test images by uniform dequantization (Theis et al. 2016). With x =
+    (pixel + u) / 256, u ~ U(0, 1)^D,
         -log P(pixels) <= -E_u log p(x) + D log 256,
-    since P(pixels) = 256^-D E_u p(x) >= 256^-D exp(E_u log p(x)); -log p(x) is bounded by iw_nll at one
-    u per image. The Bernoulli on grey levels has no such number: it is not a density over [0, 1], so it
-    gives no probability to a pixel's bin."""
+    since P(pixels) = 256^-D E_u p(x) >= 256^-D exp(E_u log p(x)); -log p(x) is bounded by iw_nll at
+    one u per image. The Bernoulli on grey levels has no such number: it is not a density over [0,
+    1], so it gives no probability to a pixel's bin."""
     u = rng.random(x_test.shape)
-    x = (x_test + u) / 256                      # (pixel + u) / 256: pixel k's bin is [k, k + 1) / 256
+    # (pixel + u) / 256: pixel k's bin is [k, k + 1) / 256
+    x = (x_test + u) / 256
     nll = iw_nll(model, x, iw_samples, rng, progress=progress).mean()
     d = x_test.shape[1]
     return float((nll + d * math.log(256)) / (d * math.log(2)))
 
 
-# ---- all of it, after training --------------------------------------------------------------------------
+# ---- all of it, after training -------------------------------------------------------------------
 
 @contextlib.contextmanager
 def phase(name, seconds, log, message):
@@ -205,10 +215,12 @@ def phase(name, seconds, log, message):
     seconds[name] = time.perf_counter() - t0
 
 
-def fit_aggregate_posterior(model, x_train, x_test, rng, gmm_components, gmm_covariance, seconds, log):
-    """The mixture fitted to training codes, and the holes it shows in the prior. Its hole threshold and
-    held-out log-likelihood come from test codes, which it was not fitted on."""
-    with phase("encode", seconds, log, f"encoding {len(x_train)} training and {len(x_test)} test images"):
+def fit_aggregate_posterior(model, x_train, x_test, rng, gmm_components, gmm_covariance, seconds,
+                            log):
+    """The mixture fitted to training codes, and the holes it shows in the prior. Its hole threshold
+    and held-out log-likelihood come from test codes, which it was not fitted on."""
+    message = f"encoding {len(x_train)} training and {len(x_test)} test images"
+    with phase("encode", seconds, log, message):
         mu_train, log_var_train = encode_all(model, x_train)
         z_train = draw_codes(mu_train, log_var_train, rng)      # one z_n ~ q(z|x_n) per image
         mu, log_var = encode_all(model, x_test)
@@ -224,14 +236,15 @@ def fit_aggregate_posterior(model, x_train, x_test, rng, gmm_components, gmm_cov
         z_fitted = gmm_sample(gmm, 10000, rng)
         fitted_hole_fraction, _, _ = prior_hole_fraction(gmm, z_test, z_fitted)
         held_out = float(gmm_log_density(gmm, z_test).mean())
-    log(f"  {len(gmm['log_likelihood'])} EM iterations, {held_out:.2f} nats per held-out test code; "
+    iterations = len(gmm["log_likelihood"])
+    log(f"  {iterations} EM iterations, {held_out:.2f} nats per held-out test code; "
         f"{100 * hole_fraction:.1f}% of prior draws fall in its holes")
-    holes = {"prior_hole_fraction": hole_fraction, "aggregate_sample_hole_fraction": fitted_hole_fraction,
-             "hole_log_density_threshold": threshold,
-             "gmm": {"components": gmm_components, "covariance": gmm_covariance, "fitted_on": n_fit,
-                     "em_iterations": len(gmm["log_likelihood"]),
-                     "log_likelihood": gmm["log_likelihood"][-1],
-                     "held_out_log_likelihood": held_out}}
+    fit = {"components": gmm_components, "covariance": gmm_covariance, "fitted_on": n_fit,
+           "em_iterations": iterations, "log_likelihood": gmm["log_likelihood"][-1],
+           "held_out_log_likelihood": held_out}
+    holes = {"prior_hole_fraction": hole_fraction,
+             "aggregate_sample_hole_fraction": fitted_hole_fraction,
+             "hole_log_density_threshold": threshold, "gmm": fit}
     found = {"gmm": gmm, "z_train": z_train, "z_prior": z_prior, "in_hole": in_hole, "mu_test": mu,
              "log_var_test": log_var}
     return holes, found
@@ -240,12 +253,12 @@ def fit_aggregate_posterior(model, x_train, x_test, rng, gmm_components, gmm_cov
 def analyze(model, x_train, x_test, seed, iw_samples, gmm_components, gmm_covariance, log=print,
             progress=lambda what: None):
     """Every measurement above for a trained model: (metrics to record, arrays the figures draw).
-    log(line) says what each measurement is before it starts; progress(what) may give a function of the
-    fraction done."""
+    log(line) says what each measurement is before it starts; progress(what) may give a function of
+    the fraction done."""
     rng = np.random.default_rng([seed, 3])
     seconds = {}
-    holes, found = fit_aggregate_posterior(model, x_train, x_test, rng, gmm_components, gmm_covariance,
-                                           seconds, log)
+    holes, found = fit_aggregate_posterior(model, x_train, x_test, rng, gmm_components,
+                                           gmm_covariance, seconds, log)
     gmm = found["gmm"]
     mu = found["mu_test"]
     log_var = found["log_var_test"]

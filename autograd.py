@@ -51,8 +51,8 @@ class MLP:
     """Layers applied in order; backward runs them in reverse."""
 
     def __init__(self, sizes, rng, dtype=np.float32):
-        # sizes = [n_in, h1, ..., n_out]: Linear, ReLU, Linear, ..., Linear (no activation at the end:
-        # the output is mu and log_var, or logits).
+        # sizes = [n_in, h1, ..., n_out]: Linear, ReLU, Linear, ..., Linear (no activation at the
+        # end: the output is mu and log_var, or logits).
         self.layers = []
         for n_in, n_out in zip(sizes[:-1], sizes[1:]):
             self.layers.append(Linear(n_in, n_out, rng, dtype))
@@ -71,8 +71,8 @@ class MLP:
         return first.backward(dy, need_dx)
 
     def named(self, what, prefix):
-        """{'prefix.i.W': array, ...} of params (what='params') or grads (what='grads'), by reference.
-        i counts the ReLUs too, so the Linear layers are 0, 2, 4, ..."""
+        """{'prefix.i.W': array, ...} of params (what='params') or grads (what='grads'), by
+        reference. i counts the ReLUs too, so the Linear layers are 0, 2, 4, ..."""
         named = {}
         for i, layer in enumerate(self.layers):
             for k, v in getattr(layer, what).items():
@@ -87,10 +87,10 @@ class Adam:
         v_t = beta2 v_(t-1) + (1 - beta2) g_t^2        the second moment, a running mean of g^2
         theta_t = theta_(t-1) - alpha_t m_t / (sqrt(v_t) + eps_hat)
 
-    with alpha_t = lr sqrt(1 - beta2^t) / (1 - beta1^t) and eps_hat = eps sqrt(1 - beta2^t): the paper's
-    own reordering (end of its section 2) of theta_t = theta_(t-1) - lr m_hat / (sqrt(v_hat) + eps),
-    m_hat = m_t / (1 - beta1^t), v_hat = v_t / (1 - beta2^t), the bias-corrected moments. The two are
-    equal: divide the numerator and the denominator of the second by sqrt(1 - beta2^t).
+    with alpha_t = lr sqrt(1 - beta2^t) / (1 - beta1^t) and eps_hat = eps sqrt(1 - beta2^t): the
+    paper's own reordering (end of its section 2) of theta_t = theta_(t-1) - lr m_hat / (sqrt(v_hat)
+    + eps), m_hat = m_t / (1 - beta1^t), v_hat = v_t / (1 - beta2^t), the bias-corrected moments.
+    The two are equal: divide the numerator and the denominator of the second by sqrt(1 - beta2^t).
     """
 
     def __init__(self, params, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8):
@@ -107,7 +107,8 @@ class Adam:
         self.t += 1
         b1 = self.beta1
         b2 = self.beta2
-        # Python floats, so that float32 arrays stay float32 (a NumPy float64 scalar would promote them).
+        # Python floats, so that float32 arrays stay float32 (a NumPy float64 scalar would promote
+        # them).
         correction = (1.0 - b2 ** self.t) ** 0.5
         alpha_t = self.lr * correction / (1.0 - b1 ** self.t)
         eps_hat = self.eps * correction
@@ -122,13 +123,13 @@ class Adam:
             self.flush_subnormal_moments()
 
     def flush_subnormal_moments(self):
-        """Where a gradient stays 0 (a pixel that is 0 in every image of a batch, a dead ReLU unit), m
-        decays by beta1 each step and within ~800 steps falls below float32's smallest normal number
-        (1.2e-38), where the CPU computes far slower (docs/experiments.md measures it). So every 100 steps
-        moments below 1e-30 are set to 0. That moves no update by more than float32 rounding: an m below
-        1e-30 moves theta by less than alpha_t 1e-30 / eps_hat, and a v below 1e-30 has a square root
-        under 1e-7 of eps_hat; and 100 steps of decay cannot take a moment from above 1e-30 to below
-        1.2e-38 (0.9^100 = 2.7e-5)."""
+        """Where a gradient stays 0 (a pixel that is 0 in every image of a batch, a dead ReLU unit),
+        m decays by beta1 each step and within ~800 steps falls below float32's smallest normal
+        number (1.2e-38), where the CPU computes far slower (docs/experiments.md measures it). So
+        every 100 steps moments below 1e-30 are set to 0. That moves no update by more than float32
+        rounding: an m below 1e-30 moves theta by less than alpha_t 1e-30 / eps_hat, and a v below
+        1e-30 has a square root under 1e-7 of eps_hat; and 100 steps of decay cannot take a moment
+        from above 1e-30 to below 1.2e-38 (0.9^100 = 2.7e-5)."""
         for moments in (self.m, self.v):
             for a in moments.values():
                 a[np.abs(a) < 1e-30] = 0
@@ -137,12 +138,13 @@ class Adam:
 def grad_check(loss_fn, params, analytic, h=1e-5, n_checks=None, rng=None):
     """Max relative error between analytic gradients and central differences, per parameter name.
 
-    loss_fn() -> float must read the float64 arrays in `params` ({name: array}), which are perturbed in
-    place and restored. analytic: {name: dL/dparam}. For each entry (or n_checks random entries per array):
+    loss_fn() -> float must read the float64 arrays in `params` ({name: array}), which are perturbed
+    in place and restored. analytic: {name: dL/dparam}. For each entry (or n_checks random entries
+    per array):
         numeric = (L(p + h) - L(p - h)) / (2h)
         rel_err = |analytic - numeric| / max(|analytic| + |numeric|, 1e-12)
-    h = 1e-5 balances the two errors of the estimate in float64: truncation ~ h^2 and rounding
-    ~ 1e-16 |L| / h (the best h is near 1e-16^(1/3) ~ 5e-6).
+    h = 1e-5 balances the two errors of the estimate in float64: truncation ~ h^2 and rounding ~
+    1e-16 |L| / h (the best h is near 1e-16^(1/3) ~ 5e-6).
     """
     rng = rng or np.random.default_rng(0)
     errors = {}

@@ -1,6 +1,6 @@
-"""The lines a run prints: its first line, progress while it trains and measures, a line per epoch, and
-the line an interruption ends with. On a terminal, progress redraws one line; in a log (no terminal) it
-is a line every LOG_EVERY seconds, so that a log shows where a long run is.
+"""The lines a run prints: its first line, progress while it trains and measures, a line per epoch,
+and the line an interruption ends with. On a terminal, progress redraws one line; in a log (no
+terminal) it is a line every LOG_EVERY seconds, so that a log shows where a long run is.
 """
 import sys
 import time
@@ -29,7 +29,8 @@ class Progress:
                 self.stream.write("\r" + " " * len(text) + "\r")
         elif now - self.last_line >= self.every and fraction < 1:
             elapsed = now - self.start
-            self.stream.write(f"  {self.what}: {100 * fraction:.0f}% after {elapsed:.0f} s {detail}\n")
+            line = f"  {self.what}: {100 * fraction:.0f}% after {elapsed:.0f} s {detail}"
+            self.stream.write(line.rstrip() + "\n")
             self.last_line = now
         self.stream.flush()
 
@@ -40,7 +41,8 @@ def progress_line(what):
 
 
 class TrainingProgress:
-    """While a run trains: an in-epoch bar on a terminal, a line every LOG_EVERY seconds in a log."""
+    """While a run trains: an in-epoch bar on a terminal, a line every LOG_EVERY seconds in a log.
+    """
 
     def __init__(self):
         self.progress = None
@@ -69,9 +71,10 @@ def run_header(cfg, model, state, n_train, n_test, out):
     if cfg["binarize"]:
         data += " (binarized)"
     sizes = f"{model.n_in}-{cfg['hidden']}-{cfg['latent']}-{cfg['hidden']}-{model.n_in}"
-    return (f"{data}: {n_train} train, {n_test} test images; VAE {sizes}, {prior_label(model)} prior, "
-            f"{likelihood_label(model)} likelihood, beta {cfg['beta']:g} (warm-up: {cfg['kl_warmup']} "
-            f"epochs), Adam lr {cfg['lr']}, batch {cfg['batch_size']}; {plan}; writing to {out}")
+    return (f"{data}: {n_train} train, {n_test} test images; VAE {sizes}, "
+            f"{prior_label(model)} prior, {likelihood_label(model)} likelihood, "
+            f"beta {cfg['beta']:g} (warm-up: {cfg['kl_warmup']} epochs), Adam lr {cfg['lr']}, "
+            f"batch {cfg['batch_size']}; {plan}; writing to {out}")
 
 
 def interrupted_line(state, command):
@@ -84,9 +87,11 @@ def interrupted_line(state, command):
 
 
 def epoch_line(state, loss, recon, kl, n_train):
-    """The line each epoch ends with: its mean training loss, the test loss, the KL weight, the speed."""
+    """The line each epoch ends with: its mean training loss, the test loss, the KL weight, the
+    speed."""
     seconds = state["epoch_seconds"][-1]
     train = state["train_loss"][-1]
     beta = state["kl_weight"][-1]
-    return (f"epoch {state['epoch']:3d}  train {train:8.2f}  test {loss:8.2f} (recon {recon:7.2f} + "
-            f"kl {kl:6.2f})  beta {beta:.3g}  {n_train / seconds:7.0f} ex/s  {seconds:5.2f} s")
+    return (f"epoch {state['epoch']:3d}  train {train:8.2f}  test {loss:8.2f} "
+            f"(recon {recon:7.2f} + kl {kl:6.2f})  beta {beta:.3g}  "
+            f"{n_train / seconds:7.0f} ex/s  {seconds:5.2f} s")

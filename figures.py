@@ -1,5 +1,5 @@
-"""The figures a run draws, from what it is given. Each drawing function returns {file name: matplotlib
-Figure}, and save() writes them. Images are drawn dark on white.
+"""The figures a run draws, from what it is given. Each drawing function returns {file name:
+matplotlib Figure}, and save() writes them. Images are drawn dark on white.
 """
 import math
 import os
@@ -16,8 +16,8 @@ from vae import log_normal, sigmoid
 
 
 def new_figure(**kwargs):
-    """A matplotlib Figure, with no window and no pyplot state. matplotlib is imported with the first
-    figure, so that training alone (--benchmark) does not load it."""
+    """A matplotlib Figure, with no window and no pyplot state. matplotlib is imported with the
+    first figure, so that training alone (--benchmark) does not load it."""
     from matplotlib.figure import Figure
     return Figure(**kwargs)
 
@@ -29,7 +29,8 @@ def save(out, figs):
         sets_margins = getattr(fig, "margins_set", False)
         tight = None if sets_margins else "tight"
         with atomic_path(os.path.join(out, name)) as tmp:
-            fig.savefig(tmp, format="png", dpi=80, bbox_inches=tight, pil_kwargs={"compress_level": 1})
+            fig.savefig(tmp, format="png", dpi=80, bbox_inches=tight,
+                        pil_kwargs={"compress_level": 1})
 
 
 def image_grid(ax, images, rows, title=None):
@@ -45,7 +46,7 @@ def image_grid(ax, images, rows, title=None):
         ax.set_title(title, fontsize=10)
 
 
-# ---- after training: the run itself -----------------------------------------------------------------
+# ---- after training: the run itself --------------------------------------------------------------
 
 def run_figures(model, x_test, state, seed):
     """Reconstructions, prior samples, the loss curves and where the gradients went."""
@@ -89,10 +90,10 @@ PATH_STYLES = {  # label, colour, line style
 
 
 def gradient_paths(paths, per_unit):
-    """The four gradients that meet at the encoder's outputs, per example (metrics.json: gradient_paths
-    and gradient_paths_per_unit): their RMS over training; their RMS per unit in the last epoch (units
-    ordered by the reconstruction's pull on mu); and the mean of the two log_var paths per unit, which
-    pull against each other."""
+    """The four gradients that meet at the encoder's outputs, per example (metrics.json:
+    gradient_paths and gradient_paths_per_unit): their RMS over training; their RMS per unit in the
+    last epoch (units ordered by the reconstruction's pull on mu); and the mean of the two log_var
+    paths per unit, which pull against each other."""
     from matplotlib.ticker import FuncFormatter, LogLocator
     fig = new_figure(figsize=(15, 3.8))
     over_time, rms, mean = fig.subplots(1, 3)
@@ -104,16 +105,19 @@ def gradient_paths(paths, per_unit):
     for name, (label, color, style) in PATH_STYLES.items():
         epochs = np.arange(1, len(paths[name]) + 1)
         over_time.plot(epochs, paths[name], color=color, ls=style, marker="o", ms=3, label=label)
-        rms.plot(units, last[name]["rms"][order], color=color, ls=style, marker="o", ms=3, label=label)
+        rms.plot(units, last[name]["rms"][order], color=color, ls=style, marker="o", ms=3,
+                 label=label)
         if name.endswith("log_var"):
             offset = 0.2 if name.startswith("kl") else -0.2
             mean.bar(units + offset, last[name]["mean"][order], width=0.4, color=color,
                      label=f"{label}, mean")
-    over_time.set(xlabel="epoch", title="all units", yscale="log", ylabel="RMS of dL/d(output) per example")
+    over_time.set(xlabel="epoch", title="all units", yscale="log",
+                  ylabel="RMS of dL/d(output) per example")
     rms.set(xlabel="latent unit", title="each unit, last epoch", yscale="log")
     mean.set(xlabel="latent unit", title="mean per unit, last epoch (> 0 pushes sigma down)")
     mean.axhline(0, color="k", lw=0.8)
-    for ax in (over_time, rms):                 # log axes labelled at 1, 2, 5 x 10^k, in plain numbers
+    # log axes labelled at 1, 2, 5 x 10^k, in plain numbers
+    for ax in (over_time, rms):
         ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     for ax in (over_time, rms, mean):
@@ -127,17 +131,18 @@ def gradient_paths(paths, per_unit):
     return fig
 
 
-# ---- after the analysis: the latent space --------------------------------------------------------------
+# ---- after the analysis: the latent space --------------------------------------------------------
 
 def analysis_figures(model, x_test, y_test, found, image_index, seed, class_names=None):
-    """The latent space after analysis.analyze (its second result is `found`): three ways to sample, the
-    marginals of q(z) against the prior, and for Z = 2 the plane itself."""
+    """The latent space after analysis.analyze (its second result is `found`): three ways to sample,
+    the marginals of q(z) against the prior, and for Z = 2 the plane itself."""
     from matplotlib.patches import Rectangle
     rng = np.random.default_rng([seed, 5])
     x = mnist.to_float(x_test[image_index:image_index + 1], model.dtype)
     three = new_figure(figsize=(13, 4.8))
     axes = three.subplots(1, 3)
-    image_grid(axes[0], model.sample_prior(64, rng), rows=8, title=f"prior: z ~ {prior_label(model)}")
+    image_grid(axes[0], model.sample_prior(64, rng), rows=8,
+               title=f"prior: z ~ {prior_label(model)}")
     posterior = model.sample_posterior(x, 63, rng)[0]
     image_grid(axes[1], np.concatenate([x, posterior]), rows=8,
                title=f"posterior of test image {image_index} (top left):\nz ~ N(mu(x), sigma(x)^2)")
@@ -148,15 +153,16 @@ def analysis_figures(model, x_test, y_test, found, image_index, seed, class_name
     figs = {"samples_three_ways.png": three, "prior_vs_aggregate.png": marginals(model, found),
             "samples_mean_and_draw.png": mean_and_draw(model, rng)}
     if model.latent == 2:
-        figs.update(latent_plane(model, found["mu_test"], y_test, found["z_prior"], found["in_hole"],
-                                 class_names))
+        plane = latent_plane(model, found["mu_test"], y_test, found["z_prior"], found["in_hole"],
+                             class_names)
+        figs.update(plane)
     return figs
 
 
 def mean_and_draw(model, rng, n=12):
-    """Prior draws z ~ p(z) decoded two ways: the mean E[x|z] of p(x|z) (what the other figures show: the
-    decoder's picture of x), and one sample x ~ p(x|z) (what the model generates, noise included). For the
-    continuous Bernoulli, lambda = sigmoid(l) too: not its mean."""
+    """Prior draws z ~ p(z) decoded two ways: the mean E[x|z] of p(x|z) (what the other figures
+    show: the decoder's picture of x), and one sample x ~ p(x|z) (what the model generates, noise
+    included). For the continuous Bernoulli, lambda = sigmoid(l) too: not its mean."""
     logits = model.decode(model.sample_z(n, rng).astype(model.dtype))
     rows = {"mean E[x|z]": model.likelihood.mean(logits),
             "a sample x ~ p(x|z)": model.likelihood.sample(logits, rng)}
@@ -166,12 +172,14 @@ def mean_and_draw(model, rng, n=12):
     axes = fig.subplots(len(rows), 1, squeeze=False)[:, 0]
     for ax, (title, images) in zip(axes, rows.items()):
         image_grid(ax, np.clip(images, 0, 1), rows=1, title=title)
-    fig.suptitle(f"{n} prior draws, decoded by the {likelihood_label(model)} likelihood", fontsize=10)
+    fig.suptitle(f"{n} prior draws, decoded by the {likelihood_label(model)} likelihood",
+                 fontsize=10)
     return fig
 
 
 def mixture_marginal(grid, pi, means, variances):
-    """sum_k pi_k N(t; m_k, v_k) at each t of grid: one dimension's marginal of a Gaussian mixture."""
+    """sum_k pi_k N(t; m_k, v_k) at each t of grid: one dimension's marginal of a Gaussian mixture.
+    """
     log_densities = log_normal(grid[:, None, None], means[:, None], np.log(variances)[:, None])
     return np.exp(log_densities) @ pi
 
@@ -186,8 +194,8 @@ def prior_as_mixture(model):
 
 
 def marginals(model, found):
-    """Per dimension: the aggregated posterior (histogram of codes, and the fitted mixture) against the
-    prior."""
+    """Per dimension: the aggregated posterior (histogram of codes, and the fitted mixture) against
+    the prior."""
     gmm = found["gmm"]
     moments = found["moments"]
     z_train = found["z_train"]
@@ -195,9 +203,9 @@ def marginals(model, found):
     cols = min(n_dims, 5)
     rows = math.ceil(n_dims / cols)
     width = 2.6 * cols
-    # The title is wrapped at 13 characters an inch (its 9-point font sets about 14). The margins are
-    # fixed in inches, for the title's lines, the tick labels, between rows and between columns: tight
-    # layout would measure every tick of the axes first, which is slow.
+    # The title is wrapped at 13 characters an inch (its 9-point font sets about 14). The margins
+    # are fixed in inches, for the title's lines, the tick labels, between rows and between columns:
+    # tight layout would measure every tick of the axes first, which is slow.
     title = textwrap.wrap("per dimension: aggregated posterior (histogram of training codes; line: "
                           f"fitted mixture; var: test set) vs prior {prior_label(model)} (dashed)",
                           int(13 * width))
@@ -227,7 +235,8 @@ def marginals(model, found):
             continue
         half = 4 * max(1.0, np.sqrt(moments["variance"][d]))      # +-4 sd of q(z), at least +-4
         grid = np.linspace(moments["mean"][d] - half, moments["mean"][d] + half, 200)
-        counts, edges = np.histogram(z_train[:, d], bins=60, range=(grid[0], grid[-1]), density=True)
+        counts, edges = np.histogram(z_train[:, d], bins=60, range=(grid[0], grid[-1]),
+                                     density=True)
         ax.stairs(counts, edges, fill=True, color="tab:blue", alpha=0.4)
         fitted = mixture_marginal(grid, np.exp(gmm["log_pi"]), gmm["means"][:, d], gmm_vars[:, d])
         ax.plot(grid, fitted, color="tab:blue", lw=1.2)
@@ -244,9 +253,11 @@ def marginals(model, found):
 
 
 def draw_codes_against_prior(ax, model, mu, labels, title):
-    """Posterior means in the plane, coloured by label, with the N(0, I) prior's 1, 2, 3 sigma circles."""
+    """Posterior means in the plane, coloured by label, with the N(0, I) prior's 1, 2, 3 sigma
+    circles."""
     from matplotlib.patches import Circle
-    points = ax.scatter(mu[:, 0], mu[:, 1], c=labels, cmap="tab10", vmin=-0.5, vmax=9.5, s=2, alpha=0.6)
+    points = ax.scatter(mu[:, 0], mu[:, 1], c=labels, cmap="tab10", vmin=-0.5, vmax=9.5, s=2,
+                        alpha=0.6)
     if model.prior_name == "standard":
         for r in (1, 2, 3):
             ax.add_patch(Circle((0, 0), r, fill=False, ls="--", color="k", lw=0.8))
@@ -261,8 +272,8 @@ def draw_codes_against_prior(ax, model, mu, labels, title):
 
 
 def latent_plane(model, mu, labels, z_prior, in_hole, class_names=None):
-    """Z = 2: the test codes against the prior with the prior draws that fall in holes, and a decoded
-    grid. class_names: the ten labels' names, for the colour bar."""
+    """Z = 2: the test codes against the prior with the prior draws that fall in holes, and a
+    decoded grid. class_names: the ten labels' names, for the colour bar."""
     class_names = class_names or [str(i) for i in range(10)]
     space = new_figure(figsize=(6.5, 6))
     ax = space.subplots()
@@ -270,8 +281,8 @@ def latent_plane(model, mu, labels, z_prior, in_hole, class_names=None):
         prior_text = "1, 2, 3 sigma circles"
     else:
         prior_text = prior_label(model)
-    points = draw_codes_against_prior(ax, model, mu, labels, f"test posterior means by class; prior "
-                                                             f"{prior_text}")
+    title = f"test posterior means by class; prior {prior_text}"
+    points = draw_codes_against_prior(ax, model, mu, labels, title)
     colorbar = space.colorbar(points, ax=ax, ticks=range(10), label="class")
     colorbar.ax.set_yticklabels(class_names, fontsize=8)
     shown = slice(0, 1000)
@@ -292,16 +303,17 @@ def latent_plane(model, mu, labels, z_prior, in_hole, class_names=None):
     z = np.stack(np.meshgrid(gx, gy[::-1]), -1).reshape(-1, 2).astype(model.dtype)
     manifold = new_figure(figsize=(7, 7))
     image_grid(manifold.subplots(), model.likelihood.mean(model.decode(z)), rows=n,
-               title=f"decoded grid of prior quantiles ({50 / n:.1f}% .. {100 - 50 / n:.1f}% per axis):\n"
-                     "z0 grows to the right, z1 upwards, as in latent_space.png")
+               title=f"decoded grid of prior quantiles ({50 / n:.1f}% .. {100 - 50 / n:.1f}% "
+                     "per axis):\nz0 grows to the right, z1 upwards, as in latent_space.png")
     return {"latent_space.png": space, "latent_manifold.png": manifold}
 
 
-# ---- a comparison of runs (--betas, --likelihoods) -------------------------------------------------------
+# ---- a comparison of runs (--betas, --likelihoods) -----------------------------------------------
 
 def comparison_figures(models, codes, x_test, y_test, image_index, seed, prefix):
     """{name: model}: for each run a row of prior samples and of posterior samples of the same test
-    image; for Z = 2 (codes: {name: the test posterior means}), each run's test codes against the prior."""
+    image; for Z = 2 (codes: {name: the test posterior means}), each run's test codes against the
+    prior."""
     first = next(iter(models.values()))
     x = mnist.to_float(x_test[image_index:image_index + 1], first.dtype)
     fig = new_figure(figsize=(14, 2.3 * len(models) + 0.4))
@@ -312,8 +324,8 @@ def comparison_figures(models, codes, x_test, y_test, image_index, seed, prefix)
         posterior = model.sample_posterior(x, 19, rng)[0]
         image_grid(row[1], np.concatenate([x, posterior]), rows=2)
         row[0].set_title(f"{name}: prior samples", fontsize=9, loc="left")
-        row[1].set_title(f"{name}: posterior samples of test image {image_index} (first: the image)",
-                         fontsize=9, loc="left")
+        row[1].set_title(f"{name}: posterior samples of test image {image_index} "
+                         "(first: the image)", fontsize=9, loc="left")
     figs = {f"{prefix}_samples.png": fig}
     if codes:
         plane = new_figure(figsize=(3.3 * len(models), 3.6))

@@ -3,11 +3,14 @@
 The decoder and its logits l stay the same; what changes is the distribution they parameterise, its
 negative log-density, and so the gradient that flows back into the decoder, dL/dl:
 
-    Gaussian              p(x|z) = N(x; sigmoid(l), sigma^2 I), one sigma for every pixel, fixed or learned
-    ContinuousBernoulli   p(x|z) = prod_j C(l_j) lambda_j^x_j (1 - lambda_j)^(1 - x_j), lambda = sigmoid(l)
+    Gaussian             p(x|z) = N(x; sigmoid(l), sigma^2 I), one sigma for every pixel,
+                         fixed or learned
+    ContinuousBernoulli  p(x|z) = prod_j C(l_j) lambda_j^x_j (1 - lambda_j)^(1 - x_j),
+                         lambda = sigmoid(l)
 
-Both are densities over grey levels x in [0, 1], which the Bernoulli is not. Each class has the Bernoulli's
-interface: forward/backward (the loss pair), log_density, mean, sample, and its own params and grads.
+Both are densities over grey levels x in [0, 1], which the Bernoulli is not. Each class has the
+Bernoulli's interface: forward/backward (the loss pair), log_density, mean, sample, and its own
+params and grads.
 """
 import math
 
@@ -16,14 +19,14 @@ import numpy as np
 from vae import LOG_2PI, bernoulli_nll_backward, bernoulli_nll_forward, sigmoid
 
 
-# ---- the Gaussian ----------------------------------------------------------------------------------
+# ---- the Gaussian --------------------------------------------------------------------------------
 
 def gaussian_nll_forward(logits, x, log_sigma):
-    """-log N(x; m, sigma^2 I) per example, with mean m = sigmoid(l) (in [0, 1], like the pixels, from
-    the same decoder as the Bernoulli's) and one sigma for every pixel:
+    """-log N(x; m, sigma^2 I) per example, with mean m = sigmoid(l) (in [0, 1], like the pixels,
+    from the same decoder as the Bernoulli's) and one sigma for every pixel:
         sum_j (x_j - m_j)^2 / (2 sigma^2) + D log sigma + D/2 log 2 pi.
-    With sigma fixed this is the squared error scaled by 1 / (2 sigma^2): the "MSE" VAE, whose KL weighs
-    2 sigma^2 against the squared error."""
+    With sigma fixed this is the squared error scaled by 1 / (2 sigma^2): the "MSE" VAE, whose KL
+    weighs 2 sigma^2 against the squared error."""
     m = sigmoid(logits)
     diff = m - x
     inv_var = np.exp(-2 * log_sigma)            # 1 / sigma^2
@@ -44,8 +47,8 @@ def gaussian_nll_backward(dnll, cache):
 
 class Gaussian:
     """Replaces the Bernoulli: p(x|z) = N(x; sigmoid(l), sigma^2 I). sigma: a number (fixed), or
-    'learned' (or None): one log sigma shared by every pixel, the parameter 'likelihood.log_sigma', the
-    calibrated decoder of Rybkin et al. 2021."""
+    'learned' (or None): one log sigma shared by every pixel, the parameter 'likelihood.log_sigma',
+    the calibrated decoder of Rybkin et al. 2021."""
 
     name = "gaussian"
 
@@ -92,25 +95,26 @@ class Gaussian:
         return x.astype(logits.dtype)
 
 
-# ---- the continuous Bernoulli ----------------------------------------------------------------------
+# ---- the continuous Bernoulli --------------------------------------------------------------------
 
 def cb_log_normalizer(logits):
-    """log C(l), the continuous Bernoulli's normaliser (Loaiza-Ganem & Cunningham 2019) at
-    lambda = sigmoid(l): C = 2 artanh(1 - 2 lambda) / (1 - 2 lambda), which is l / tanh(l / 2) in logits
-    (1 - 2 lambda = -tanh(l / 2), and artanh(-tanh(l / 2)) = -l / 2). Its removable singularity at l = 0
-    causes no cancellation in this form: tanh(l / 2) is l / 2 to the last bit for small l, so the ratio is
-    exact to rounding everywhere, and its limit 2 is taken at l = 0."""
+    """log C(l), the continuous Bernoulli's normaliser (Loaiza-Ganem & Cunningham 2019) at lambda =
+    sigmoid(l): C = 2 artanh(1 - 2 lambda) / (1 - 2 lambda), which is l / tanh(l / 2) in logits (1 -
+    2 lambda = -tanh(l / 2), and artanh(-tanh(l / 2)) = -l / 2). Its removable singularity at l = 0
+    causes no cancellation in this form: tanh(l / 2) is l / 2 to the last bit for small l, so the
+    ratio is exact to rounding everywhere, and its limit 2 is taken at l = 0."""
     ratio = np.full_like(logits, 2.0)
     np.divide(logits, np.tanh(0.5 * logits), out=ratio, where=logits != 0)
     return np.log(ratio)
 
 
 def cb_log_normalizer_grad(logits):
-    """d log C / dl = 1/l - 1/sinh(l). The two terms cancel as l -> 0, so for |l| < 0.2 the Taylor series
+    """d log C / dl = 1/l - 1/sinh(l). The two terms cancel as l -> 0, so for |l| < 0.2 the Taylor
+    series
         l/6 - 7 l^3/360 + 31 l^5/15120 - 127 l^7/604800 + 73 l^9/3421440 - 1414477 l^11/653837184000
-    (the next term is below 6e-15 of the sum there; the direct form loses at most 1.7e-15 / l^2 relative,
-    4.2e-14 at l = 0.2). Computed in float64 and rounded once to the logits' dtype: float32's direct form
-    would lose 6e-7 / l^2."""
+    (the next term is below 6e-15 of the sum there; the direct form loses at most 1.7e-15 / l^2
+    relative, 4.2e-14 at l = 0.2). Computed in float64 and rounded once to the logits' dtype:
+    float32's direct form would lose 6e-7 / l^2."""
     dtype = np.asarray(logits).dtype
     logits = np.asarray(logits, np.float64)
     small = np.abs(logits) < 0.2
@@ -128,9 +132,9 @@ def cb_log_normalizer_grad(logits):
 
 
 def cb_nll_forward(logits, x):
-    """-log p(x|z) for the continuous Bernoulli, p(x|l) = C(l) lambda^x (1 - lambda)^(1 - x) on [0, 1]:
-    a density over grey levels. It is the Bernoulli's cross-entropy less the log normaliser, summed over
-    the pixels."""
+    """-log p(x|z) for the continuous Bernoulli, p(x|l) = C(l) lambda^x (1 - lambda)^(1 - x) on [0,
+    1]: a density over grey levels. It is the Bernoulli's cross-entropy less the log normaliser,
+    summed over the pixels."""
     bce, cache = bernoulli_nll_forward(logits, x)
     nll = bce - cb_log_normalizer(logits).sum(-1)
     return nll, cache
@@ -144,13 +148,15 @@ def cb_nll_backward(dnll, cache):
 
 
 def cb_mean(logits):
-    """E[x] under the continuous Bernoulli: lambda / (2 lambda - 1) + 1 / (2 artanh(1 - 2 lambda)), which
-    is sigmoid(l) - d log C / dl in logits; not lambda itself (the error the paper warns of). 1/2 at l = 0."""
+    """E[x] under the continuous Bernoulli: lambda / (2 lambda - 1) + 1 / (2 artanh(1 - 2 lambda)),
+    which is sigmoid(l) - d log C / dl in logits; not lambda itself (the error the paper warns of).
+    1/2 at l = 0."""
     return sigmoid(logits) - cb_log_normalizer_grad(logits)
 
 
 class ContinuousBernoulli:
-    """Replaces the Bernoulli: p(x|z) = prod_j CB(x_j; sigmoid(l_j)), the Bernoulli normalised over [0, 1]."""
+    """Replaces the Bernoulli: p(x|z) = prod_j CB(x_j; sigmoid(l_j)), the Bernoulli normalised over
+    [0, 1]."""
 
     name = "cb"
     spec = "cb"
@@ -174,7 +180,8 @@ class ContinuousBernoulli:
 
     def sample(self, logits, rng):
         """By the inverse of the CDF F(x) = (e^(l x) - 1) / (e^l - 1): x = log(1 + u (e^l - 1)) / l,
-        u ~ U(0, 1), written for -|l| (no overflow) and mirrored, x -> 1 - x, for l > 0; x = u at l = 0."""
+        u ~ U(0, 1), written for -|l| (no overflow) and mirrored, x -> 1 - x, for l > 0; x = u at l
+        = 0."""
         l = np.asarray(logits, np.float64)
         u = rng.random(l.shape)
         neg = -np.abs(l)

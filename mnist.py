@@ -1,8 +1,9 @@
-"""The data: MNIST and Fashion-MNIST, downloaded (checksummed, cached), parsed from IDX (validated), kept
-as uint8, and turned into what the model sees: intensities x / 255 in [0, 1], or binary pixels drawn from
-them.
+"""The data: MNIST and Fashion-MNIST, downloaded (checksummed, cached), parsed from IDX (validated),
+kept as uint8, and turned into what the model sees: intensities x / 255 in [0, 1], or binary pixels
+drawn from them.
 
-IDX format (LeCun et al.): big-endian int32 magic, then one int32 per dimension, then the raw uint8 data.
+IDX format (LeCun et al.): big-endian int32 magic, then one int32 per dimension, then the raw uint8
+data.
     images: magic 2051 = 0x00000803 (uint8, 3 dims), then N, 28, 28, then N*28*28 bytes
     labels: magic 2049 = 0x00000801 (uint8, 1 dim),  then N,         then N bytes, each 0-9
 """
@@ -58,8 +59,8 @@ class DataError(Exception):
 
 
 def download(name, mirrors, dest, checksum, timeout=30):
-    """Fetch `name` from the first mirror that serves it with the right checksum, into `dest`: the cache
-    never holds a partial or unverified archive."""
+    """Fetch `name` from the first mirror that serves it with the right checksum, into `dest`: the
+    cache never holds a partial or unverified archive."""
     algo, expected = checksum
     tried = []
     for mirror in mirrors:
@@ -67,12 +68,13 @@ def download(name, mirrors, dest, checksum, timeout=30):
         h = hashlib.new(algo)
         try:
             with atomic_path(dest) as part:
-                with urllib.request.urlopen(url, timeout=timeout) as response, open(part, "wb") as f:
-                    chunk = response.read(1 << 16)
-                    while chunk:
-                        h.update(chunk)
-                        f.write(chunk)
+                with urllib.request.urlopen(url, timeout=timeout) as response:
+                    with open(part, "wb") as f:
                         chunk = response.read(1 << 16)
+                        while chunk:
+                            h.update(chunk)
+                            f.write(chunk)
+                            chunk = response.read(1 << 16)
                 if h.hexdigest() != expected:   # raised inside the block: the archive is never kept
                     raise ValueError(f"{algo} {h.hexdigest()}, expected {expected}")
             return
@@ -81,12 +83,13 @@ def download(name, mirrors, dest, checksum, timeout=30):
             tried.append(f"{url} ({reason})")
     folder = os.path.dirname(dest) or "."
     raise DataError(f"could not download {name}; tried: " + "; ".join(tried) +
-                    f". Put the archives in {folder} yourself (or point --data-dir at a folder that "
-                    f"has them), or pass --mirror URL")
+                    f". Put the archives in {folder} yourself (or point --data-dir at a folder "
+                    f"that has them), or pass --mirror URL")
 
 
 def read_into(f, data):
-    """Fill the uint8 array data from the file f, 1 MiB at a time; returns the number of bytes read."""
+    """Fill the uint8 array data from the file f, 1 MiB at a time; returns the number of bytes read.
+    """
     got = 0
     view = memoryview(data)
     while got < data.size:
@@ -107,13 +110,14 @@ def parse_idx(path, magic):
         with opener(path, "rb") as f:
             header = f.read(4)
             if len(header) < 4:
-                raise DataError(f"{path}: empty or shorter than an IDX header; wrong or corrupt file, "
-                                f"delete it")
+                raise DataError(f"{path}: empty or shorter than an IDX header; wrong or corrupt "
+                                f"file, delete it")
             found = struct.unpack(">i", header)[0]
             if found != magic:
-                raise DataError(f"{path}: IDX magic is {found}, expected {magic}; wrong or corrupt file, "
-                                f"delete it")
-            ndim = header[3]                        # the magic's last byte is the number of dimensions
+                raise DataError(f"{path}: IDX magic is {found}, expected {magic}; wrong or "
+                                f"corrupt file, delete it")
+            # the magic's last byte is the number of dimensions
+            ndim = header[3]
             dims = f.read(4 * ndim)
             shape = None
             if len(dims) == 4 * ndim:
@@ -130,8 +134,8 @@ def parse_idx(path, magic):
         raise DataError(f"{path}: not a valid gzip archive ({err}); delete it to download it again")
     if shape is None or got != data.size or trailing:
         holds = "more" if trailing else "fewer"
-        raise DataError(f"{path}: header says {shape}, but the file holds {holds} bytes; truncated or "
-                        f"corrupt, delete it")
+        raise DataError(f"{path}: header says {shape}, but the file holds {holds} bytes; "
+                        f"truncated or corrupt, delete it")
     return data.reshape(shape)
 
 
@@ -141,12 +145,14 @@ def to_float(images, dtype=np.float32):
     return np.divide(images, 255, dtype=dtype)
 
 
-TEST_BINARIZATION_SEED = 2015       # --binarize: the test set is binarized once, the same for every run
+# --binarize: the test set is binarized once, the same for every run
+TEST_BINARIZATION_SEED = 2015
 
 
 def binarize(images, rng):
-    """Each pixel drawn as Bernoulli(x / 255): 255 with that probability, else 0 (uint8 in, uint8 out).
-    Drawn afresh every time an image is used, this is dynamic binarization (Burda et al. 2015)."""
+    """Each pixel drawn as Bernoulli(x / 255): 255 with that probability, else 0 (uint8 in, uint8
+    out). Drawn afresh every time an image is used, this is dynamic binarization (Burda et al.
+    2015)."""
     u = rng.random(images.shape, dtype=np.float32)
     on = u * 255 < images                           # P(on) = pixel / 255
     return on.astype(np.uint8) * np.uint8(255)
@@ -162,13 +168,15 @@ def write_idx(path, array):
 
 
 def load_split(images_path, labels_path):
-    """(images (N, 784) uint8, labels (N,) uint8) from one pair of archives, validated by structure."""
+    """(images (N, 784) uint8, labels (N,) uint8) from one pair of archives, validated by structure.
+    """
     images = parse_idx(images_path, 2051)
     labels = parse_idx(labels_path, 2049)
     if images.ndim != 3 or images.shape[1:] != (28, 28):
         raise DataError(f"{images_path}: images are {images.shape[1:]}, expected 28x28")
     if labels.ndim != 1 or len(labels) != len(images):
-        raise DataError(f"{labels_path}: {labels.shape} labels for {len(images)} images in {images_path}")
+        raise DataError(f"{labels_path}: {labels.shape} labels for {len(images)} images in "
+                        f"{images_path}")
     if labels.size and labels.max() > 9:
         raise DataError(f"{labels_path}: label {labels.max()} is outside 0-9")
     return images.reshape(len(images), 28 * 28), labels
@@ -178,8 +186,8 @@ def load(dataset="mnist", data_dir=None, mirror=None, checksums=None, log=print)
     """(x_train, y_train, x_test, y_test) of the dataset, images (N, 784) uint8, labels (N,) uint8.
 
     Archives already in data_dir are used as they are, validated by structure (re-compressed copies,
-    such as Debian's, have other archive checksums); missing ones are downloaded from `mirror` (or the
-    defaults) and kept only if their checksum matches."""
+    such as Debian's, have other archive checksums); missing ones are downloaded from `mirror` (or
+    the defaults) and kept only if their checksum matches."""
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}")
     data_dir = data_dir or os.path.join("data", dataset)
@@ -196,7 +204,8 @@ def load(dataset="mnist", data_dir=None, mirror=None, checksums=None, log=print)
             download(name, mirrors, os.path.join(data_dir, name), checksums[name])
     except BaseException:
         if created and not os.listdir(data_dir):
-            os.rmdir(data_dir)              # leave no empty cache folder behind a failed first download
+            # leave no empty cache folder behind a failed first download
+            os.rmdir(data_dir)
         raise
     paths = {key: os.path.join(data_dir, name) for key, name in FILES.items()}
     x_train, y_train = load_split(paths["train_images"], paths["train_labels"])
@@ -207,6 +216,6 @@ def load(dataset="mnist", data_dir=None, mirror=None, checksums=None, log=print)
 # The ten classes' names, for legends and colour bars.
 CLASS_NAMES = {
     "mnist": [str(digit) for digit in range(10)],
-    "fashion": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                "Ankle boot"],
+    "fashion": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                "Bag", "Ankle boot"],
 }

@@ -17,7 +17,8 @@ LIKELIHOODS = ("bernoulli", "gaussian", "cb")
 
 
 def make_likelihood(name="bernoulli", decoder_sigma=None, dtype=np.float32):
-    """The p(x|z) object: 'bernoulli', 'cb', or 'gaussian' with decoder_sigma a number or 'learned'."""
+    """The p(x|z) object: 'bernoulli', 'cb', or 'gaussian' with decoder_sigma a number or 'learned'.
+    """
     if name == "bernoulli":
         return Bernoulli()
     if name == "cb":
@@ -29,8 +30,8 @@ def make_likelihood(name="bernoulli", decoder_sigma=None, dtype=np.float32):
 
 def build(prior="standard", components=None, likelihood="bernoulli", decoder_sigma=None,
           n_in=784, hidden=400, latent=20, seed=0, dtype=np.float32):
-    """The VAE with this prior ('standard', 'mog' or 'vamp'; components: its K, or the default) and this
-    likelihood."""
+    """The VAE with this prior ('standard', 'mog' or 'vamp'; components: its K, or the default) and
+    this likelihood."""
     p_x_given_z = make_likelihood(likelihood, decoder_sigma, dtype)
     if prior == "standard":
         return VAE(n_in, hidden, latent, seed, dtype, p_x_given_z)
@@ -53,7 +54,8 @@ def describe(model):
 
 
 def decoder_sigma_of(model):
-    """A Gaussian decoder's sigma setting (a number or 'learned'); None for the other likelihoods."""
+    """A Gaussian decoder's sigma setting (a number or 'learned'); None for the other likelihoods.
+    """
     if model.likelihood.name == "gaussian":
         return model.likelihood.decoder_sigma
     return None

@@ -1,5 +1,5 @@
-"""The command line of train.py: the recipe's defaults, the flags, and every check that needs neither data
-nor files, so that a mistake ends in one `error:` line before any work.
+"""The command line of train.py: the recipe's defaults, the flags, and every check that needs
+neither data nor files, so that a mistake ends in one `error:` line before any work.
 """
 import argparse
 import math
@@ -7,10 +7,12 @@ import math
 import mnist
 import models
 
-# The recipe. Options default to None on the command line: --resume takes the checkpoint's unless given.
-DEFAULTS = {"dataset": "mnist", "hidden": 400, "latent": 20, "prior": "standard", "prior_components": None,
-            "likelihood": "bernoulli", "decoder_sigma": None, "batch_size": 128, "lr": 1e-3, "seed": 0,
-            "beta": 1.0, "kl_warmup": 0, "binarize": False}
+# The recipe. Options default to None on the command line: --resume takes the checkpoint's unless
+# given.
+DEFAULTS = {"dataset": "mnist", "hidden": 400, "latent": 20, "prior": "standard",
+            "prior_components": None, "likelihood": "bernoulli", "decoder_sigma": None,
+            "batch_size": 128, "lr": 1e-3, "seed": 0, "beta": 1.0, "kl_warmup": 0,
+            "binarize": False}
 # The options that make the model what it is: a checkpoint cannot change them.
 ARCHITECTURE = ("hidden", "latent", "prior", "prior_components", "likelihood", "decoder_sigma")
 # --likelihoods' default runs.
@@ -20,10 +22,12 @@ NUMBERS = [  # the numeric flags: the least value allowed, and the default (None
     {"flag": "--epochs", "type": int, "least": 0, "default": None,
      "help": "total epochs (default: 10; 3 with --benchmark)"},
     {"flag": "--batch-size", "type": int, "least": 1, "default": None, "help": "default: 128"},
-    {"flag": "--lr", "type": float, "least": 1e-300, "default": None, "help": "Adam learning rate (default: 1e-3)"},
+    {"flag": "--lr", "type": float, "least": 1e-300, "default": None,
+     "help": "Adam learning rate (default: 1e-3)"},
     {"flag": "--hidden", "type": int, "least": 1, "default": None,
      "help": "hidden units in encoder and decoder (default: 400)"},
-    {"flag": "--latent", "type": int, "least": 1, "default": None, "help": "latent dimensions Z (default: 20)"},
+    {"flag": "--latent", "type": int, "least": 1, "default": None,
+     "help": "latent dimensions Z (default: 20)"},
     {"flag": "--prior-components", "type": int, "least": 1, "default": None,
      "help": "K of a learned prior (default: mog 10, vamp 100)"},
     {"flag": "--beta", "type": float, "least": 0, "default": None,
@@ -43,9 +47,12 @@ NOT_TOGETHER = {
     "analyze": ("it measures a saved model and trains nothing",
                 ["resume", "betas", "likelihoods", "benchmark", "epochs"] +
                 [k for k in DEFAULTS if k not in ("dataset", "seed", "binarize")]),
-    "resume": ("a run continues with its own options", ["betas", "likelihoods", "benchmark", "overwrite"]),
-    "betas": ("the experiment sets the KL weight of each run", ["beta", "benchmark", "likelihoods"]),
-    "likelihoods": ("the experiment sets each run's likelihood", ["likelihood", "decoder_sigma", "benchmark"]),
+    "resume": ("a run continues with its own options",
+               ["betas", "likelihoods", "benchmark", "overwrite"]),
+    "betas": ("the experiment sets the KL weight of each run",
+              ["beta", "benchmark", "likelihoods"]),
+    "likelihoods": ("the experiment sets each run's likelihood",
+                    ["likelihood", "decoder_sigma", "benchmark"]),
 }
 
 
@@ -75,7 +82,8 @@ def likelihood_run(spec):
         return name, None
     if name == "gaussian" and sigma:
         return name, decoder_sigma(sigma)
-    raise argparse.ArgumentTypeError(f"{spec!r} is not bernoulli, gaussian:SIGMA (SIGMA > 0 or learned) or cb")
+    raise argparse.ArgumentTypeError(f"{spec!r} is not bernoulli, gaussian:SIGMA (SIGMA > 0 or "
+                                     f"learned) or cb")
 
 
 def given(value):
@@ -84,7 +92,8 @@ def given(value):
 
 
 def build_parser(description):
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
 
     def one_line_error(message):
         p.exit(2, f"error: {message} (python train.py --help lists the options)\n")
@@ -94,28 +103,34 @@ def build_parser(description):
     p.add_argument("--data-dir", help="where the archives are looked for and downloaded to "
                                       "(default: data/<dataset>)")
     p.add_argument("--mirror", help="download from this URL instead of the default mirrors")
-    p.add_argument("--prior", choices=sorted(models.PRIORS), help="p(z): N(0, I) (standard), a mixture, "
-                                                                  "VampPrior")
+    p.add_argument("--prior", choices=sorted(models.PRIORS),
+                   help="p(z): N(0, I) (standard), a mixture, VampPrior")
     p.add_argument("--likelihood", choices=models.LIKELIHOODS, help="p(x|z); default: bernoulli")
-    p.add_argument("--decoder-sigma", type=decoder_sigma, help="the Gaussian's sigma: > 0, or learned "
-                                                               "(default)")
+    p.add_argument("--decoder-sigma", type=decoder_sigma,
+                   help="the Gaussian's sigma: > 0, or learned (default)")
     p.add_argument("--binarize", action="store_true", default=None,
-                   help="train on pixels drawn as Bernoulli(intensity) each time an image is used; the test "
-                        "set is binarized once")
+                   help="train on pixels drawn as Bernoulli(intensity) each time an image is "
+                        "used; the test set is binarized once")
     for option in NUMBERS:
-        p.add_argument(option["flag"], type=option["type"], default=option["default"], help=option["help"])
-    p.add_argument("--gmm-covariance", choices=("full", "diag"), default="full", help="default: full")
-    p.add_argument("--out", help="output folder (default: runs/<dataset>-h<hidden>-z<latent>-s<seed>[-...])")
-    p.add_argument("--resume", metavar="CHECKPOINT", help="continue the run saved in this checkpoint.npz")
-    p.add_argument("--analyze", metavar="MODEL", help="measure and draw a saved model.npz again (beside it, "
-                                                      "or --out)")
-    p.add_argument("--betas", type=float, nargs="+", metavar="BETA", help="the KL-weight experiment: a run "
-                                                                          "per beta")
+        p.add_argument(option["flag"], type=option["type"], default=option["default"],
+                       help=option["help"])
+    p.add_argument("--gmm-covariance", choices=("full", "diag"), default="full",
+                   help="default: full")
+    p.add_argument("--out",
+                   help="output folder (default: runs/<dataset>-h<hidden>-z<latent>-s<seed>[-...])")
+    p.add_argument("--resume", metavar="CHECKPOINT",
+                   help="continue the run saved in this checkpoint.npz")
+    p.add_argument("--analyze", metavar="MODEL",
+                   help="measure and draw a saved model.npz again (beside it, or --out)")
+    p.add_argument("--betas", type=float, nargs="+", metavar="BETA",
+                   help="the KL-weight experiment: a run per beta")
     p.add_argument("--likelihoods", nargs="*", type=likelihood_run, metavar="SPEC",
                    help="the likelihood experiment, like --betas: a run per SPEC (default: "
                         f"{' '.join(LIKELIHOOD_RUNS)}), then a comparison")
-    p.add_argument("--benchmark", action="store_true", help="time training and the analysis; writes nothing")
-    p.add_argument("--overwrite", action="store_true", help="replace the run files in the output folder")
+    p.add_argument("--benchmark", action="store_true",
+                   help="time training and the analysis; writes nothing")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run files in the output folder")
     return p
 
 
@@ -148,7 +163,9 @@ def check_combinations(p, args):
             continue
         for b in others:
             if given(getattr(args, b)):
-                p.error(f"--{a.replace('_', '-')} and --{b.replace('_', '-')} do not go together: {why}")
+                flag_a = "--" + a.replace("_", "-")
+                flag_b = "--" + b.replace("_", "-")
+                p.error(f"{flag_a} and {flag_b} do not go together: {why}")
 
 
 def parse_args(argv, description=None):

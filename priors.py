@@ -1,14 +1,16 @@
 """Learned priors: p(z) other than N(0, I), trained with the model, a remedy for the holes.
 
-    MixturePriorVAE   p(z) = sum_k pi_k N(z; m_k, diag(s_k^2)),  pi = softmax(log_weights)      ('mog')
-    VampPriorVAE      p(z) = (1/K) sum_k q(z|u_k), K pseudo-inputs u_k (Tomczak & Welling 2018)  ('vamp')
+    MixturePriorVAE ('mog')    p(z) = sum_k pi_k N(z; m_k, diag(s_k^2)), pi = softmax(log_weights)
+    VampPriorVAE ('vamp')      p(z) = (1/K) sum_k q(z|u_k), K pseudo-inputs u_k
+                               (Tomczak & Welling 2018)
 
 K is the number of the prior's components. Each is vae.VAE with its four prior methods replaced
 (kl_forward, kl_backward, sample_z, log_prior) and parameters of its own added; the training step,
-VAE.forward and VAE.backward, is the standard one, to which the VampPrior adds a second gradient of the
-encoder's weights. A mixture has no closed-form KL, so the KL is estimated at the same sampled
-z = mu + sigma * eps as the reconstruction (K&W eq. 6): KL ~ log q(z|x) - log p(z). Its gradient reaches
-mu and log_var through z, so here z's path through the reparameterization carries the KL's gradient too.
+VAE.forward and VAE.backward, is the standard one, to which the VampPrior adds a second gradient of
+the encoder's weights. A mixture has no closed-form KL, so the KL is estimated at the same sampled z
+= mu + sigma * eps as the reconstruction (K&W eq. 6): KL ~ log q(z|x) - log p(z). Its gradient
+reaches mu and log_var through z, so here z's path through the reparameterization carries the KL's
+gradient too.
 """
 import copy
 import math
@@ -18,21 +20,22 @@ import numpy as np
 from vae import VAE, log_normal, reparameterize_backward, reparameterize_forward
 
 
-# ---- mixtures of Gaussians: their log-density and their draws ---------------------------------------
+# ---- mixtures of Gaussians: their log-density and their draws ------------------------------------
 
 def exp_floored(a, out=None):
-    """exp(a) for a <= 0, with a first raised to log(tiny) + 2 (-706.4 in float64, -85.3 in float32),
-    tiny the smallest normal number. Below that, exp is subnormal or 0, and the CPU computes it on a slow
-    path (docs/experiments.md). Every term so raised is below e^2 tiny of the largest term of a sum, which
-    is 1 in logsumexp: no sum of fewer than 1e290 (float32: 1e29) such terms changes in its last bit."""
+    """exp(a) for a <= 0, with a first raised to log(tiny) + 2 (-706.4 in float64, -85.3 in
+    float32), tiny the smallest normal number. Below that, exp is subnormal or 0, and the CPU
+    computes it on a slow path (docs/experiments.md). Every term so raised is below e^2 tiny of the
+    largest term of a sum, which is 1 in logsumexp: no sum of fewer than 1e290 (float32: 1e29) such
+    terms changes in its last bit."""
     floor = math.log(np.finfo(a.dtype).tiny) + 2
     raised = np.maximum(a, floor, out=out)          # out=a: in place
     return np.exp(raised, out=raised)
 
 
 def logsumexp(a, axis, overwrite=False):
-    """log sum_i exp(a_i) = m + log sum_i exp(a_i - m), m = max_i a_i: no overflow, no log(0) for finite a.
-    overwrite=True: a is scratch, its values lost (no copy of a large a)."""
+    """log sum_i exp(a_i) = m + log sum_i exp(a_i - m), m = max_i a_i: no overflow, no log(0) for
+    finite a. overwrite=True: a is scratch, its values lost (no copy of a large a)."""
     m = a.max(axis=axis, keepdims=True)
     scratch = a if overwrite else None
     shifted = np.subtract(a, m, out=scratch)        # a_i - m <= 0
@@ -42,36 +45,39 @@ def logsumexp(a, axis, overwrite=False):
 
 
 def mixture_log_density(z, means, log_vars, log_pi):
-    """log p(z) = log sum_k pi_k N(z; m_k, diag(exp(log_vars_k))) per row of z (B, Z), by log-sum-exp,
-    and the responsibilities r_bk = pi_k N(z_b; m_k, .) / p(z_b) (each row sums to 1).
+    """log p(z) = log sum_k pi_k N(z; m_k, diag(exp(log_vars_k))) per row of z (B, Z), by
+    log-sum-exp, and the responsibilities r_bk = pi_k N(z_b; m_k, .) / p(z_b) (each row sums to 1).
     means, log_vars (K, Z); log_pi (K,)."""
-    a = log_pi + log_normal(z[:, None, :], means, log_vars)    # log pi_k + log N(z_b; m_k, s_k^2), (B, K)
+    # log pi_k + log N(z_b; m_k, s_k^2), (B, K)
+    a = log_pi + log_normal(z[:, None, :], means, log_vars)
     log_p = logsumexp(a, axis=1)
     r = np.exp(a - log_p[:, None])
     return log_p, r
 
 
 def draw_components(log_pi, n, rng):
-    """n component indices k ~ pi, from log-weights log_pi (normalised here, shifted by their max)."""
+    """n component indices k ~ pi, from log-weights log_pi (normalised here, shifted by their max).
+    """
     pi = np.exp(log_pi - log_pi.max())
     return rng.choice(len(pi), size=n, p=pi / pi.sum())
 
 
 def sample_mixture(means, log_vars, log_pi, n, rng):
-    """n draws from sum_k pi_k N(m_k, diag(exp(log_vars_k))): a component k ~ pi, then z = m_k + s_k eps."""
+    """n draws from sum_k pi_k N(m_k, diag(exp(log_vars_k))): a component k ~ pi, then z = m_k + s_k
+    eps."""
     k = draw_components(log_pi, n, rng)
     eps = rng.standard_normal((n, means.shape[1]))
     z, _ = reparameterize_forward(means[k], log_vars[k], eps)
     return z
 
 
-# ---- the KL to a mixture, as a forward/backward pair (vae.py's style) --------------------------------
+# ---- the KL to a mixture, as a forward/backward pair (vae.py's style) ----------------------------
 
 def kl_mixture_forward(z, eps, log_var, means, log_vars, log_pi):
-    """KL(q(z|x) || p(z)) for a mixture prior, per example, estimated at the sampled z = mu + sigma * eps:
-    KL ~ log q(z|x) - log p(z) (unbiased over eps). means, log_vars (K, Z), log_pi (K,).
-    log q(z|x) = log N(eps; 0, I) - sum_d log sigma_d: the density of eps, divided by the stretch of
-    z = g(eps) (K&W Appendix C.2, the Gaussian encoder's log-density, written in eps)."""
+    """KL(q(z|x) || p(z)) for a mixture prior, per example, estimated at the sampled z = mu + sigma
+    * eps: KL ~ log q(z|x) - log p(z) (unbiased over eps). means, log_vars (K, Z), log_pi (K,). log
+    q(z|x) = log N(eps; 0, I) - sum_d log sigma_d: the density of eps, divided by the stretch of z =
+    g(eps) (K&W Appendix C.2, the Gaussian encoder's log-density, written in eps)."""
     log_p, r = mixture_log_density(z, means, log_vars, log_pi)
     log_q = log_normal(eps, 0.0, np.zeros_like(log_var)) - 0.5 * log_var.sum(-1)
     return log_q - log_p, (z, means, log_vars, r)
@@ -79,11 +85,11 @@ def kl_mixture_forward(z, eps, log_var, means, log_vars, log_pi):
 
 def kl_mixture_backward(dkl, cache):
     """Gradients of log q(z|x) - log p(z), as kl_mixture_forward computes it from (z, eps, log_var):
-    log q is the density of eps less sum log sigma, so z enters only log p. (Through z = mu + sigma * eps,
-    z's route into log q(z|x) would cancel its routes through mu and sigma; writing log q in eps makes
-    that explicit.) Returns dz (the prior's pull on z, which the caller sends on through
-    z = mu + sigma * eps), dlog_var, and the mixture's dmeans, dlog_vars, dlog_pi.
-    Below, w_bk = dkl_b r_bk: the responsibilities, weighted."""
+    log q is the density of eps less sum log sigma, so z enters only log p. (Through z = mu + sigma
+    * eps, z's route into log q(z|x) would cancel its routes through mu and sigma; writing log q in
+    eps makes that explicit.) Returns dz (the prior's pull on z, which the caller sends on through z
+    = mu + sigma * eps), dlog_var, and the mixture's dmeans, dlog_vars, dlog_pi. Below, w_bk = dkl_b
+    r_bk: the responsibilities, weighted."""
     z, means, log_vars, r = cache
     w = r * dkl[:, None]                            # w_bk = dkl_b r_bk, (B, K)
     diff = z[:, None, :] - means                    # z_b - m_k, (B, K, Z)
@@ -101,12 +107,12 @@ def kl_mixture_backward(dkl, cache):
     return dz, dlog_var, dmeans, dlog_vars, dlog_pi
 
 
-# ---- the two learned priors --------------------------------------------------------------------------
+# ---- the two learned priors ----------------------------------------------------------------------
 
 class MixturePriorVAE(VAE):
-    """vae.VAE with p(z) = sum_k pi_k N(z; m_k, diag(exp(log_vars_k))), pi = softmax(log_weights):
-    K means, log-variances and unnormalised log-weights, the parameters 'prior.means', 'prior.log_vars',
-    'prior.log_weights'."""
+    """vae.VAE with p(z) = sum_k pi_k N(z; m_k, diag(exp(log_vars_k))), pi = softmax(log_weights): K
+    means, log-variances and unnormalised log-weights, the parameters 'prior.means',
+    'prior.log_vars', 'prior.log_weights'."""
 
     prior_name = "mog"
 
@@ -177,9 +183,9 @@ class MixturePriorVAE(VAE):
 
 
 def encoder_twin(mlp):
-    """A second MLP over the same parameter arrays, with caches and gradients of its own: for a second
-    input whose pass must not overwrite the first one's caches. The parameters' gradient is then the sum
-    of the two MLPs' grads."""
+    """A second MLP over the same parameter arrays, with caches and gradients of its own: for a
+    second input whose pass must not overwrite the first one's caches. The parameters' gradient is
+    then the sum of the two MLPs' grads."""
     twin = copy.copy(mlp)
     twin.layers = [copy.copy(layer) for layer in mlp.layers]    # the same params dicts, new caches
     for layer in twin.layers:
@@ -188,11 +194,11 @@ def encoder_twin(mlp):
 
 
 class VampPriorVAE(MixturePriorVAE):
-    """vae.VAE with p(z) = (1/K) sum_k q(z|u_k) (Tomczak & Welling 2018): the components are the encoder's
-    own posteriors of K learned pseudo-inputs, pseudo-images u_k = clip(w_k, 0, 1) (PyTorch's
-    Hardtanh(0, 1), as in the paper's code, so that they stay images); the parameters are the w_k,
-    'prior.w'. The pseudo-inputs take a pass of their own through the encoder's weights, so those weights
-    get two gradients, which backward() adds up."""
+    """vae.VAE with p(z) = (1/K) sum_k q(z|u_k) (Tomczak & Welling 2018): the components are the
+    encoder's own posteriors of K learned pseudo-inputs, pseudo-images u_k = clip(w_k, 0, 1)
+    (PyTorch's Hardtanh(0, 1), as in the paper's code, so that they stay images); the parameters are
+    the w_k, 'prior.w'. The pseudo-inputs take a pass of their own through the encoder's weights, so
+    those weights get two gradients, which backward() adds up."""
 
     prior_name = "vamp"
 
@@ -216,16 +222,18 @@ class VampPriorVAE(MixturePriorVAE):
         return means, log_vars, log_pi
 
     def mixture_backward(self, dmeans, dlog_vars, dlog_pi):
-        # The weights are fixed at 1/K: dlog_pi goes nowhere. The components' gradients go on through
-        # the encoder's second pass to the pseudo-inputs u, then through the clip to w.
+        # The weights are fixed at 1/K: dlog_pi goes nowhere. The components' gradients go on
+        # through the encoder's second pass to the pseudo-inputs u, then through the clip to w.
         du = self.pseudo_encoder.backward(np.concatenate([dmeans, dlog_vars], axis=1))
         w = self.prior["w"]
         inside = (w > 0) & (w < 1)
-        self.prior_grads["w"][...] = du * inside    # dL/dw = dL/du clip'(w): 1 inside (0, 1), else 0
+        # dL/dw = dL/du clip'(w): 1 inside (0, 1), else 0
+        self.prior_grads["w"][...] = du * inside
 
     def backward(self, beta=1.0):
         super().backward(beta)
-        # The encoder's weights served twice, for the batch and for the pseudo-inputs: dL/dW is the sum.
+        # The encoder's weights served twice, for the batch and for the pseudo-inputs: dL/dW is the
+        # sum.
         for layer, twin in zip(self.encoder.layers, self.pseudo_encoder.layers):
             for name, g in layer.grads.items():
                 g += twin.grads[name]

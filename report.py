@@ -1,6 +1,6 @@
-"""After training: measure a run and draw it (measure_and_draw), and compare the runs of an experiment
-(compare: --betas, --likelihoods). The measurements are analysis.py's, the figures figures.py's, the
-files runs.py's; this file puts them in order and says what it does.
+"""After training: measure a run and draw it (measure_and_draw), and compare the runs of an
+experiment (compare: --betas, --likelihoods). The measurements are analysis.py's, the figures
+figures.py's, the files runs.py's; this file puts them in order and says what it does.
 """
 import os
 
@@ -15,7 +15,8 @@ import runs
 
 def measure_and_draw(model, metrics, cfg, x_train, x_test, y_test, out, args):
     """The after-training measurements and their figures, merged into metrics.json."""
-    if cfg["binarize"]:     # the aggregated posterior of the images the model was trained on: binary ones
+    # the aggregated posterior of the images the model was trained on: binary ones
+    if cfg["binarize"]:
         x_train = mnist.binarize(x_train, np.random.default_rng(mnist.TEST_BINARIZATION_SEED + 1))
     measured, found = analysis.analyze(model, x_train, x_test, cfg["seed"], args.iw_samples,
                                        args.gmm_components, args.gmm_covariance,
@@ -33,7 +34,7 @@ def measure_and_draw(model, metrics, cfg, x_train, x_test, y_test, out, args):
     return {"model": model, "metrics": metrics, "x_test": x_test, "y_test": y_test}
 
 
-# ---- a comparison of runs -----------------------------------------------------------------------------
+# ---- a comparison of runs ------------------------------------------------------------------------
 
 COMPARISON_COLUMNS = [  # title, key in a row, format
     ("run", "run", "{}"),
@@ -53,20 +54,29 @@ COMPARISON_COLUMNS = [  # title, key in a row, format
 
 
 def comparison_row(name, metrics):
-    """One row of a comparison of runs, from a run's metrics.json: every number at beta = 1, in nats of
-    the run's own likelihood; the pulls on mu are the last epoch's RMS of the two gradient paths."""
+    """One row of a comparison of runs, from a run's metrics.json: every number at beta = 1, in nats
+    of the run's own likelihood; the pulls on mu are the last epoch's RMS of the two gradient paths.
+    """
     a = metrics["aggregate_posterior"]
     paths = metrics["gradient_paths"]
     pulls = None
     if paths["recon_mu"]:
         pulls = [paths["recon_mu"][-1], paths["kl_mu"][-1]]
-    return {"run": name, "beta": metrics["config"]["beta"],
-            "likelihood": metrics["config"].get("likelihood"),
-            "bits_per_dim": metrics.get("bits_per_dim"), "decoder_sigma": metrics.get("decoder_sigma"),
-            "pulls_on_mu": pulls, "recon": metrics["test_recon"], "kl": metrics["test_kl"],
-            "negative_elbo": metrics["test_loss"], "iw_nll": metrics["iw_nll"],
-            "active_units": a["active_units"], "variance_range": [min(a["variance"]), max(a["variance"])],
-            "kl_aggregate_prior": a["kl_aggregate_prior"], "mutual_information": a["mutual_information"],
+    config = metrics["config"]
+    return {"run": name,
+            "beta": config["beta"],
+            "likelihood": config.get("likelihood"),
+            "bits_per_dim": metrics.get("bits_per_dim"),
+            "decoder_sigma": metrics.get("decoder_sigma"),
+            "pulls_on_mu": pulls,
+            "recon": metrics["test_recon"],
+            "kl": metrics["test_kl"],
+            "negative_elbo": metrics["test_loss"],
+            "iw_nll": metrics["iw_nll"],
+            "active_units": a["active_units"],
+            "variance_range": [min(a["variance"]), max(a["variance"])],
+            "kl_aggregate_prior": a["kl_aggregate_prior"],
+            "mutual_information": a["mutual_information"],
             "prior_hole_fraction": a["prior_hole_fraction"]}
 
 
@@ -99,7 +109,7 @@ def compare(results, out, image_index, prefix):
             mu, _ = analysis.encode_all(model, last["x_test"])
             codes[name] = mu
     seed = last["metrics"]["config"]["seed"]
-    figs = figures.comparison_figures(models, codes, last["x_test"], last["y_test"], image_index, seed,
-                                      prefix)
+    figs = figures.comparison_figures(models, codes, last["x_test"], last["y_test"], image_index,
+                                      seed, prefix)
     figures.save(out, figs)
     print(f"wrote comparison.json and the figures that compare the runs to {out}")

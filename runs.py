@@ -1,5 +1,6 @@
-"""A run's files: its folder (named for its options, checked before any work, locked while in use), the
-model, the training checkpoint, and metrics.json. Each file is written whole or not at all (atomic.py).
+"""A run's files: its folder (named for its options, checked before any work, locked while in use),
+the model, the training checkpoint, and metrics.json. Each file is written whole or not at all
+(atomic.py).
 """
 import contextlib
 import json
@@ -17,26 +18,30 @@ RUN_FILES = ("model.npz", "checkpoint.npz", "metrics.json", "comparison.json")  
 
 
 class FolderError(Exception):
-    """An output folder that cannot be used: a file, not writable, in use, or holding another run."""
+    """An output folder that cannot be used: a file, not writable, in use, or holding another run.
+    """
 
 
 class ModelFileError(Exception):
     """A model file that cannot be loaded: missing, corrupt, or of another architecture."""
 
 
-# ---- the folder ------------------------------------------------------------------------------------
+# ---- the folder ----------------------------------------------------------------------------------
 
 def check_out(out, fresh, overwrite):
-    """An output folder (--out) must be a folder we can write in; a new run's must hold no other run."""
+    """An output folder (--out) must be a folder we can write in; a new run's must hold no other
+    run."""
     parent = out
     while not os.path.isdir(parent):                # the nearest folder that exists
         if os.path.exists(parent):
-            raise FolderError(f"--out {out}: {parent} is a file, not a folder; choose another --out")
+            raise FolderError(f"--out {out}: {parent} is a file, not a folder; choose another "
+                              f"--out")
         parent = os.path.dirname(parent) or "."
     try:
         tempfile.TemporaryFile(dir=parent).close()
     except OSError as err:
-        raise FolderError(f"--out {out}: cannot write in {parent} ({err.strerror}); choose another --out")
+        raise FolderError(f"--out {out}: cannot write in {parent} ({err.strerror}); choose "
+                          f"another --out")
     held = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
     if fresh and held and not overwrite:
         checkpoint = os.path.join(out, "checkpoint.npz")
@@ -45,21 +50,24 @@ def check_out(out, fresh, overwrite):
 
 
 def lock(fd, path):
-    """Take the operating system's lock on the open file fd without waiting; OSError if it is held."""
+    """Take the operating system's lock on the open file fd without waiting; OSError if it is held.
+    """
     if os.name == "nt":
         import msvcrt
         msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
         return
     import fcntl
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    if os.fstat(fd).st_ino != os.stat(path).st_ino:     # we locked a .lock its owner had just removed
+    # we locked a .lock its owner had just removed
+    if os.fstat(fd).st_ino != os.stat(path).st_ino:
         raise OSError("lock file replaced")
 
 
 @contextlib.contextmanager
 def claim(out, fresh, overwrite):
-    """Create the folder and hold its lock while a run writes into it: a second run into the same folder
-    is refused. The lock is on the file .lock, removed at the end; a crashed run's lock ends with it."""
+    """Create the folder and hold its lock while a run writes into it: a second run into the same
+    folder is refused. The lock is on the file .lock, removed at the end; a crashed run's lock ends
+    with it."""
     created = not os.path.isdir(out)
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, ".lock")
@@ -68,10 +76,12 @@ def claim(out, fresh, overwrite):
         lock(fd, path)
     except OSError:
         os.close(fd)
-        raise FolderError(f"{out} is in use by another run; wait for it to end, or choose another --out")
+        raise FolderError(f"{out} is in use by another run; wait for it to end, or choose "
+                          f"another --out")
     try:
         check_out(out, fresh, overwrite)            # again, now that no other run can write there
-        if fresh and overwrite:                     # the old run's files go before the new run writes any
+        # the old run's files go before the new run writes any
+        if fresh and overwrite:
             for f in os.listdir(out):
                 if f in RUN_FILES or f.endswith(".png"):
                     os.remove(os.path.join(out, f))
@@ -94,8 +104,9 @@ def number_text(value):
 
 
 def default_out(cfg, recipe):
-    """A run's default folder: runs/<dataset>-h<hidden>-z<latent>-s<seed>, then every option in cfg that
-    differs from the recipe's (train.DEFAULTS, 10 epochs): runs that differ never share a folder."""
+    """A run's default folder: runs/<dataset>-h<hidden>-z<latent>-s<seed>, then every option in cfg
+    that differs from the recipe's (train.DEFAULTS, 10 epochs): runs that differ never share a
+    folder."""
     parts = [f"{cfg['dataset']}-h{cfg['hidden']}-z{cfg['latent']}-s{cfg['seed']}"]
     if cfg["prior"] != "standard":
         parts.append(cfg["prior"] + str(cfg["prior_components"] or ""))
@@ -107,14 +118,15 @@ def default_out(cfg, recipe):
     if cfg["binarize"]:
         parts.append("binary")
     recipe = {**recipe, "epochs": 10}
-    short_names = {"beta": "beta", "kl_warmup": "warmup", "lr": "lr", "batch_size": "b", "epochs": "e"}
+    short_names = {"beta": "beta", "kl_warmup": "warmup", "lr": "lr", "batch_size": "b",
+                   "epochs": "e"}
     for key, short in short_names.items():
         if cfg[key] != recipe[key]:
             parts.append(short + number_text(cfg[key]))
     return os.path.join("runs", "-".join(parts))
 
 
-# ---- the model and the checkpoint ------------------------------------------------------------------
+# ---- the model and the checkpoint ----------------------------------------------------------------
 
 def save_model(model, path, **extra):
     """One .npz: the architecture, every parameter, and any extra arrays (a checkpoint's state)."""
@@ -141,11 +153,14 @@ def parse_decoder_sigma(text):
 
 
 def load_model(path):
-    """(model, extra) from a file written by save_model(). Raises ModelFileError with a one-line reason."""
+    """(model, extra) from a file written by save_model(). Raises ModelFileError with a one-line
+    reason."""
     if not os.path.isfile(path):
         raise ModelFileError(f"{path}: no such file")
-    if not zipfile.is_zipfile(path):        # np.load would take any other file for a pickle, and say so
-        raise ModelFileError(f"{path}: not a readable model file of this project (not an .npz archive)")
+    # np.load would take any other file for a pickle, and say so
+    if not zipfile.is_zipfile(path):
+        raise ModelFileError(f"{path}: not a readable model file of this project (not an .npz "
+                             f"archive)")
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
@@ -205,19 +220,20 @@ def load_checkpoint(path):
             opt.m[k][...] = extra[f"adam_m.{k}"]
             opt.v[k][...] = extra[f"adam_v.{k}"]
     except (KeyError, ValueError, TypeError) as err:
-        raise ModelFileError(f"{path}: not a training checkpoint or corrupt ({err}); use model.npz files "
-                             f"for inference only, or start a new run")
+        raise ModelFileError(f"{path}: not a training checkpoint or corrupt ({err}); use model.npz "
+                             f"files for inference only, or start a new run")
     return model, opt, state, cfg
 
 
-# ---- metrics.json -----------------------------------------------------------------------------------
+# ---- metrics.json --------------------------------------------------------------------------------
 
 class MetricsError(Exception):
     """A metrics.json that cannot be read."""
 
 
 def write_metrics(path, metrics):
-    """metrics.json (or comparison.json), the record of a run's measurements, written whole or not at all."""
+    """metrics.json (or comparison.json), the record of a run's measurements, written whole or not
+    at all."""
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(metrics, f, indent=2)
 

@@ -1,6 +1,6 @@
-"""--benchmark's report: where the time of a training step goes, against the least time the step's matrix
-products alone take (the product floor), the peak memory, and the time of each measurement after
-training.
+"""--benchmark's report: where the time of a training step goes, against the least time the step's
+matrix products alone take (the product floor), the peak memory, and the time of each measurement
+after training.
 """
 import math
 import os
@@ -14,9 +14,9 @@ from autograd import Linear
 
 
 def matmul_floor(mlps, batch_size, dtype, reps=50):
-    """Seconds per training step spent in the matrix products of these MLPs alone (the same shapes, timed
-    here), and their FLOP count. For each Linear, W (n_in, n_out): forward x W, backward x^T dy and
-    dy W^T (except for the very first layer, whose input is data)."""
+    """Seconds per training step spent in the matrix products of these MLPs alone (the same shapes,
+    timed here), and their FLOP count. For each Linear, W (n_in, n_out): forward x W, backward x^T
+    dy and dy W^T (except for the very first layer, whose input is data)."""
     rng = np.random.default_rng(0)
     linears = [layer for mlp in mlps for layer in mlp.layers if isinstance(layer, Linear)]
     work = []
@@ -62,9 +62,9 @@ def time_steps(model, opt, make_batch, n_steps, beta):
 
 
 def speed(model, opt, make_batch, x_train, x_test, cfg, state, args):
-    """--benchmark, after a few epochs of training: the median epoch; the median time of each phase of a
-    step; the product floor, timed in the same run; the peak memory of the process; and the phases of
-    the analysis after training."""
+    """--benchmark, after a few epochs of training: the median epoch; the median time of each phase
+    of a step; the product floor, timed in the same run; the peak memory of the process; and the
+    phases of the analysis after training."""
     n_images = len(x_train)
     n_steps = math.ceil(n_images / cfg["batch_size"])
     phases = time_steps(model, opt, make_batch, n_steps, cfg["beta"])
@@ -94,8 +94,8 @@ def speed(model, opt, make_batch, x_train, x_test, cfg, state, args):
 
 
 def peak_memory_mb():
-    """The most memory this process has held (max resident set size), in MB, where the platform reports
-    it."""
+    """The most memory this process has held (max resident set size), in MB, where the platform
+    reports it."""
     try:
         import resource
     except ImportError:                     # Windows: the peak working set, through the Win32 API

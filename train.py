@@ -1,11 +1,11 @@
 """Train the VAE on MNIST (or Fashion-MNIST) and write the model, metrics and figures.
 
-    python train.py                       # the recipe: 784-400-20-400-784, Adam 1e-3, batch 128, 10 epochs
-    python train.py --resume runs/mnist-h400-z20-s0/checkpoint.npz --epochs 20
-    python train.py --analyze runs/mnist-h400-z20-s0/model.npz    # measure and draw the latent space again
-    python train.py --betas 0 0.1 0.3 1 3                         # the KL-weight experiment: a run per beta
-    python train.py --likelihoods                                 # the likelihood experiment: a run per p(x|z)
-    python train.py --benchmark                                   # time training against the matmul floor
+    python train.py                           # the recipe: 784-400-20-400-784, 10 epochs
+    python train.py --resume runs/mnist-h400-z20-s0/checkpoint.npz
+    python train.py --analyze runs/mnist-h400-z20-s0/model.npz     # measure and draw again
+    python train.py --betas 0 0.1 0.3 1 3     # the KL-weight experiment: a run per beta
+    python train.py --likelihoods             # the likelihood experiment: a run per p(x|z)
+    python train.py --benchmark               # time training against the matmul floor
 """
 import argparse
 import math
@@ -27,8 +27,9 @@ import speed
 from autograd import Adam
 from options import ARCHITECTURE, DEFAULTS, LIKELIHOOD_RUNS, UsageError, likelihood_run, parse_args
 
-# What an epoch records, one value per epoch each: the means over the epoch's examples of the loss and its
-# parts, of the objective recon + beta * KL and of beta; the test loss at the epoch's end; its seconds.
+# What an epoch records, one value per epoch each: the means over the epoch's examples of the loss
+# and its parts, of the objective recon + beta * KL and of beta; the test loss at the epoch's end;
+# its seconds.
 EPOCH_SUMS = ("train_loss", "train_recon", "train_kl", "train_objective", "kl_weight")
 EPOCH_RECORDS = EPOCH_SUMS + ("test_loss_curve", "epoch_seconds")
 # The four gradients that meet at the encoder's outputs (vae.VAE.backward's self.paths).
@@ -39,16 +40,17 @@ class NonFiniteLoss(Exception):
     """The loss became NaN or infinite."""
 
 
-# ---- the training loop ----------------------------------------------------------------------------------
+# ---- the training loop ---------------------------------------------------------------------------
 
 def new_run(cfg, x_train):
     """The model, its optimizer, and the state that, with the parameters, makes a run resumable."""
-    model = models.build(cfg["prior"], cfg["prior_components"], cfg["likelihood"], cfg["decoder_sigma"],
-                         n_in=x_train.shape[1], hidden=cfg["hidden"], latent=cfg["latent"],
-                         seed=cfg["seed"])
+    model = models.build(cfg["prior"], cfg["prior_components"], cfg["likelihood"],
+                         cfg["decoder_sigma"], n_in=x_train.shape[1], hidden=cfg["hidden"],
+                         latent=cfg["latent"], seed=cfg["seed"])
     cfg["prior_components"] = models.components_of(model) or None
     if cfg["prior"] == "vamp":
-        # The pseudo-inputs start as K random training images plus N(0, 0.01^2) noise, as in the paper.
+        # The pseudo-inputs start as K random training images plus N(0, 0.01^2) noise, as in the
+        # paper.
         rng = np.random.default_rng([cfg["seed"], 6])
         w = model.prior["w"]
         images = x_train[rng.choice(len(x_train), len(w), replace=False)]
@@ -63,17 +65,17 @@ def new_run(cfg, x_train):
 
 
 def kl_weight(cfg, global_step, n_steps):
-    """beta; during a warm-up of W epochs, beta * t / (W * steps per epoch) at global step t (counted
-    from 0): 0 at the first step, beta from the first step of epoch W + 1 on (Bowman et al. 2016;
-    Sonderby et al. 2016)."""
+    """beta; during a warm-up of W epochs, beta * t / (W * steps per epoch) at global step t
+    (counted from 0): 0 at the first step, beta from the first step of epoch W + 1 on (Bowman et al.
+    2016; Sonderby et al. 2016)."""
     if not cfg["kl_warmup"]:
         return cfg["beta"]
     return cfg["beta"] * min(1.0, global_step / (cfg["kl_warmup"] * n_steps))
 
 
 def batch(x_train, perm, step, cfg, rng, latent):
-    """The step-th batch of the epoch's order as float32 in [0, 1] (with --binarize, pixels drawn afresh
-    as Bernoulli(intensity)), and its eps ~ N(0, I)."""
+    """The step-th batch of the epoch's order as float32 in [0, 1] (with --binarize, pixels drawn
+    afresh as Bernoulli(intensity)), and its eps ~ N(0, I)."""
     rows = perm[step * cfg["batch_size"]:(step + 1) * cfg["batch_size"]]
     images = x_train[rows]
     if cfg["binarize"]:
@@ -88,7 +90,9 @@ def start_epoch(state, rng, n_images, latent):
     state["perm"] = rng.permutation(n_images)
     state["step"] = 0
     state["sums"] = {name: 0.0 for name in EPOCH_SUMS}
-    state["path_sums"] = {name: {"sum": np.zeros(latent), "sum_sq": np.zeros(latent)} for name in PATHS}
+    state["path_sums"] = {}
+    for name in PATHS:
+        state["path_sums"][name] = {"sum": np.zeros(latent), "sum_sq": np.zeros(latent)}
 
 
 def add_to_sums(state, model, loss, recon, kl, beta, batch_size):
@@ -122,10 +126,11 @@ def end_epoch(state, n_images, seconds):
     state["elapsed"] = 0.0
 
 
-@np.errstate(over="ignore", invalid="ignore")  # a diverging run overflows: the finite-loss check says so
+# a diverging run overflows: the finite-loss check says so
+@np.errstate(over="ignore", invalid="ignore")
 def train_epoch(model, opt, x_train, state, cfg, stop, progress):
-    """One pass over the shuffled training set, from state['step'] on (a resumed epoch continues mid-way).
-    Returns False if a stop was requested (Ctrl-C) before the epoch finished."""
+    """One pass over the shuffled training set, from state['step'] on (a resumed epoch continues
+    mid-way). Returns False if a stop was requested (Ctrl-C) before the epoch finished."""
     rng = state["rng"]
     n_steps = math.ceil(len(x_train) / cfg["batch_size"])
     grads = model.grads()
@@ -137,8 +142,8 @@ def train_epoch(model, opt, x_train, state, cfg, stop, progress):
         loss, recon, kl = model.forward(x, eps)             # the negative ELBO and its two terms
         if not np.isfinite(loss):
             global_step = state["epoch"] * n_steps + step + 1
-            raise NonFiniteLoss(f"the loss became {loss} at epoch {state['epoch'] + 1}, step {step + 1} "
-                                f"(global step {global_step})")
+            raise NonFiniteLoss(f"the loss became {loss} at epoch {state['epoch'] + 1}, "
+                                f"step {step + 1} (global step {global_step})")
         beta = kl_weight(cfg, state["epoch"] * n_steps + step, n_steps)
         model.backward(beta)                                # the gradient of recon + beta * KL
         opt.step(grads)                                     # an Adam step on every parameter
@@ -153,9 +158,9 @@ def train_epoch(model, opt, x_train, state, cfg, stop, progress):
 
 
 def train(model, opt, x_train, x_test, state, cfg, checkpoint):
-    """Epochs until cfg['epochs'], the test loss and a checkpoint after each (none if checkpoint is None).
-    Ctrl-C finishes the step in flight, saves a checkpoint and returns False; a second Ctrl-C stops at
-    once."""
+    """Epochs until cfg['epochs'], the test loss and a checkpoint after each (none if checkpoint is
+    None). Ctrl-C finishes the step in flight, saves a checkpoint and returns False; a second Ctrl-C
+    stops at once."""
     stop = {"requested": False}
 
     def on_sigint(signum, frame):
@@ -185,7 +190,7 @@ def train(model, opt, x_train, x_test, state, cfg, checkpoint):
     return True
 
 
-# ---- the command ----------------------------------------------------------------------------------------
+# ---- the command ---------------------------------------------------------------------------------
 
 def prepare_config(args):
     """A new run's training options: the recipe's, unless given on the command line."""
@@ -206,14 +211,16 @@ def prepare_config(args):
 
 def resume_config(args, path, state, saved):
     """A resumed run's options: the checkpoint's; a flag that differs from them is refused."""
-    cfg = {**DEFAULTS, **saved}         # a checkpoint from before an option was added has its default
+    # a checkpoint from before an option was added has its default
+    cfg = {**DEFAULTS, **saved}
     for k in DEFAULTS:
         asked = getattr(args, k)
         if asked is None or asked == cfg[k]:
             continue
         what = "of another architecture" if k in ARCHITECTURE else "from another run"
-        raise UsageError(f"{path}: checkpoint is {what}: it has --{k.replace('_', '-')} {cfg[k]}, you "
-                         f"asked for {asked}; drop the flag or start a new run")
+        flag = "--" + k.replace("_", "-")
+        raise UsageError(f"{path}: checkpoint is {what}: it has {flag} {cfg[k]}, you asked for "
+                         f"{asked}; drop the flag or start a new run")
     if args.epochs is not None:
         cfg["epochs"] = args.epochs
     else:
@@ -230,28 +237,31 @@ def folder_of(path):
 
 
 def prepare(args):
-    """(cfg, model, opt, state, out, fresh) from the options and files alone: every check that needs no
-    data, before any download or training. model is None for a new run; fresh: the output folder is not
-    the run's own."""
+    """(cfg, model, opt, state, out, fresh) from the options and files alone: every check that needs
+    no data, before any download or training. model is None for a new run; fresh: the output folder
+    is not the run's own."""
     model = None
     opt = None
     state = None
     path = args.analyze or args.resume
-    if args.analyze:                    # the run's options come from the metrics.json beside the model
+    # the run's options come from the metrics.json beside the model
+    if args.analyze:
         model, _ = runs.load_model(path)
         beside = runs.read_metrics(os.path.join(folder_of(path), "metrics.json")).get("config", {})
         cfg = {**DEFAULTS, **beside}
         for k in ("dataset", "seed", "binarize"):
             if getattr(args, k) is not None:
                 cfg[k] = getattr(args, k)
-    elif args.resume:                   # the epoch target it was started with, unless --epochs is given
+    # the epoch target it was started with, unless --epochs is given
+    elif args.resume:
         model, opt, state, saved = runs.load_checkpoint(path)
         cfg = resume_config(args, path, state, saved)
     else:
         cfg = prepare_config(args)
     if not args.analyze and cfg["kl_warmup"] > cfg["epochs"]:
-        raise UsageError(f"--kl-warmup {cfg['kl_warmup']} is longer than the {cfg['epochs']} epochs: the KL "
-                         f"weight would never reach beta; shorten the warm-up or train longer")
+        raise UsageError(f"--kl-warmup {cfg['kl_warmup']} is longer than the {cfg['epochs']} "
+                         f"epochs: the KL weight would never reach beta; shorten the warm-up or "
+                         f"train longer")
     if args.out:
         out = args.out
     elif path:
@@ -273,7 +283,8 @@ def check_against_data(args, cfg, model, x_train, x_test):
     limits = [
         ("--posterior-image", args.posterior_image, len(x_test) - 1,
          f"the test set has {len(x_test)} images"),
-        ("--batch-size", cfg["batch_size"], len(x_train), f"the training set has {len(x_train)} images"),
+        ("--batch-size", cfg["batch_size"], len(x_train),
+         f"the training set has {len(x_train)} images"),
         ("--gmm-components", args.gmm_components, codes, f"the mixture is fitted to {codes} codes"),
         ("--prior-components", vamp_components, len(x_train),
          f"a VampPrior starts from that many of the {len(x_train)} training images"),
@@ -296,7 +307,8 @@ def load_data(args, cfg, model):
 
 
 def benchmark(model, opt, state, cfg, x_train, x_test, args):
-    """--benchmark: train a few epochs (writing nothing), then time a step's phases and the analysis."""
+    """--benchmark: train a few epochs (writing nothing), then time a step's phases and the
+    analysis."""
     train(model, opt, x_train, x_test, state, cfg, checkpoint=None)
     perm = state["rng"].permutation(len(x_train))
 
@@ -315,12 +327,12 @@ def resume_command(checkpoint, data_dir):
 
 
 def run(args):
-    """Train a new run (or --resume one), or take a saved model (--analyze); then measure it and draw it.
-    Returns (exit code, {"model", "metrics", "x_test", "y_test"} of a finished run)."""
+    """Train a new run (or --resume one), or take a saved model (--analyze); then measure it and
+    draw it. Returns (exit code, {"model", "metrics", "x_test", "y_test"} of a finished run)."""
     cfg, model, opt, state, out, fresh = prepare(args)
     if args.resume and state["epoch"] >= cfg["epochs"]:
-        print(f"{args.resume}: already at epoch {state['epoch']} of {cfg['epochs']}: nothing to train "
-              f"(--epochs {state['epoch'] + 1} or more trains on)")
+        print(f"{args.resume}: already at epoch {state['epoch']} of {cfg['epochs']}: nothing to "
+              f"train (--epochs {state['epoch'] + 1} or more trains on)")
         return 0, None
     x_train, x_test, y_test = load_data(args, cfg, model)
     if model is None:
@@ -331,7 +343,8 @@ def run(args):
     with runs.claim(out, fresh, args.overwrite):
         if args.analyze:
             metrics = runs.read_metrics(os.path.join(out, "metrics.json"))
-            result = report.measure_and_draw(model, metrics, cfg, x_train, x_test, y_test, out, args)
+            result = report.measure_and_draw(model, metrics, cfg, x_train, x_test, y_test, out,
+                                             args)
             return 0, result
         print(console.run_header(cfg, model, state, len(x_train), len(x_test), out))
         checkpoint = os.path.join(out, "checkpoint.npz")
@@ -357,11 +370,13 @@ def run(args):
 
 
 def experiment_runs(args, out):
-    """{name: options} of each run of --betas or --likelihoods, each in a folder of its own in out."""
+    """{name: options} of each run of --betas or --likelihoods, each in a folder of its own in out.
+    """
     variants = {}
     if args.betas:
         for beta in args.betas:
-            variants[f"beta = {beta:g}"] = {"beta": beta, "out": os.path.join(out, f"beta-{beta:g}")}
+            folder = os.path.join(out, f"beta-{beta:g}")
+            variants[f"beta = {beta:g}"] = {"beta": beta, "out": folder}
     else:
         specs = args.likelihoods or [likelihood_run(spec) for spec in LIKELIHOOD_RUNS]
         for name, sigma in specs:
@@ -377,8 +392,8 @@ def experiment_runs(args, out):
 
 
 def experiment(args):
-    """--betas or --likelihoods: the same recipe and seed trained once per KL weight or likelihood, each
-    run in its own folder <out>/beta-<BETA> or <out>/<SPEC>; then the table (printed, and
+    """--betas or --likelihoods: the same recipe and seed trained once per KL weight or likelihood,
+    each run in its own folder <out>/beta-<BETA> or <out>/<SPEC>; then the table (printed, and
     comparison.json) and the figures."""
     if args.out:
         out = args.out
@@ -401,8 +416,8 @@ def experiment(args):
 
 def main(argv=None):
     args = parse_args(argv, __doc__)
-    errors = (mnist.DataError, runs.FolderError, runs.ModelFileError, runs.MetricsError, NonFiniteLoss,
-              UsageError)
+    errors = (mnist.DataError, runs.FolderError, runs.ModelFileError, runs.MetricsError,
+              NonFiniteLoss, UsageError)
     try:
         if args.betas or args.likelihoods is not None:
             return experiment(args)
@@ -411,7 +426,8 @@ def main(argv=None):
     except errors as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:   # outside the training loop (download, analysis): every file whole or absent
+    # outside the training loop (download, analysis): every file whole or absent
+    except KeyboardInterrupt:
         print("\ninterrupted; the last checkpoint written, if any, is intact", file=sys.stderr)
         return 130
 

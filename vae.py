@@ -1,9 +1,12 @@
 """The variational autoencoder (Kingma & Welling 2014), forward and backward written out by hand.
 
-    encoder:  x (B, D) -> h -> [mu, log_var] (B, 2Z)   q(z|x) = N(mu, diag(sigma^2)), sigma = exp(log_var / 2)
-    sample:   z = mu + sigma * eps,  eps ~ N(0, I)      the reparameterization z = g(eps, x) (K&W section 2.4)
-    decoder:  z (B, Z) -> h -> logits (B, D)            p(x|z) = Bernoulli(sigmoid(logits)), pixel by pixel
-    loss:     -ELBO = -log p(x|z) + KL(q(z|x) || p(z))  K&W eq. 10 with one z per image, batch mean
+    encoder:  x (B, D) -> h -> [mu, log_var] (B, 2Z)    q(z|x) = N(mu, diag(sigma^2)),
+                                                         sigma = exp(log_var / 2)
+    sample:   z = mu + sigma * eps,  eps ~ N(0, I)       the reparameterization z = g(eps, x)
+                                                         (K&W section 2.4)
+    decoder:  z (B, Z) -> h -> logits (B, D)             p(x|z) = Bernoulli(sigmoid(logits)),
+                                                         pixel by pixel
+    loss:     -ELBO = -log p(x|z) + KL(q(z|x) || p(z))   K&W eq. 10, one z per image, batch mean
     prior:    p(z) = N(0, I)
 
 This file is the standard VAE and nothing else. It reads top to bottom:
@@ -24,11 +27,11 @@ from autograd import MLP
 LOG_2PI = math.log(2 * math.pi)
 
 
-# ---- the formulas ---------------------------------------------------------------------------------
+# ---- the formulas --------------------------------------------------------------------------------
 
 def sigmoid(logits):
-    """sigmoid(l) = 1 / (1 + exp(-l)), written as (1 + tanh(l / 2)) / 2: the same function, no exp to
-    overflow for large negative l."""
+    """sigmoid(l) = 1 / (1 + exp(-l)), written as (1 + tanh(l / 2)) / 2: the same function, no exp
+    to overflow for large negative l."""
     return 0.5 + 0.5 * np.tanh(0.5 * logits)
 
 
@@ -53,13 +56,14 @@ def log_bernoulli(x, logits):
     return (x * logits - softplus(logits)).sum(-1)
 
 
-# ---- the loss, piece by piece: forward(...) -> (out, cache), backward(d<out>, cache) -> gradients ----
-# Each loss term returns one value per example (B,); its backward takes the loss's gradient with respect
-# to that value (B,): 1/B for a batch mean. The reparameterization maps (mu, log_var) (B, Z) to z (B, Z).
+# ---- the loss, piece by piece: forward(...) -> (out, cache), backward(d<out>, cache) -> gradients-
+# Each loss term returns one value per example (B,); its backward takes the loss's gradient with
+# respect to that value (B,): 1/B for a batch mean. The reparameterization maps (mu, log_var) (B, Z)
+# to z (B, Z).
 
 def bernoulli_nll_forward(logits, x):
-    """The reconstruction term -log p(x|z) per example: sum_j softplus(l_j) - x_j l_j, from the decoder's
-    logits (B, D) and the images x (B, D) in [0, 1]."""
+    """The reconstruction term -log p(x|z) per example: sum_j softplus(l_j) - x_j l_j, from the
+    decoder's logits (B, D) and the images x (B, D) in [0, 1]."""
     nll = -log_bernoulli(x, logits)
     return nll, (logits, x)
 
@@ -72,8 +76,8 @@ def bernoulli_nll_backward(dnll, cache):
 
 
 def reparameterize_forward(mu, log_var, eps):
-    """z = mu + sigma * eps, sigma = exp(log_var / 2): a draw from N(mu, sigma^2) written as a function of
-    mu and log_var, the randomness kept in eps ~ N(0, I), outside the model."""
+    """z = mu + sigma * eps, sigma = exp(log_var / 2): a draw from N(mu, sigma^2) written as a
+    function of mu and log_var, the randomness kept in eps ~ N(0, I), outside the model."""
     sigma = np.exp(0.5 * log_var)
     z = mu + sigma * eps
     return z, (eps, sigma)
@@ -83,7 +87,8 @@ def reparameterize_backward(dz, cache):
     eps, sigma = cache
     dmu = dz                                    # dz/dmu = 1
     dlog_var = dz * eps * sigma * 0.5           # dz/dsigma = eps, dsigma/dlog_var = sigma / 2
-    return dmu, dlog_var                        # eps gets none: it is noise, a function of no parameter
+    # eps gets none: it is noise, a function of no parameter
+    return dmu, dlog_var
 
 
 def kl_normal_forward(mu, log_var):
@@ -95,18 +100,19 @@ def kl_normal_forward(mu, log_var):
 
 
 def kl_normal_backward(dkl, cache):
-    mu, var = cache                             # KL = 1/2 sum(mu^2 + exp(log_var) - log_var - 1), so:
+    # KL = 1/2 sum(mu^2 + exp(log_var) - log_var - 1), so:
+    mu, var = cache
     dmu = dkl[:, None] * mu                     # d/dmu [mu^2 / 2] = mu
     dlog_var = dkl[:, None] * 0.5 * (var - 1.0)     # d/dlog_var [(exp(log_var) - log_var) / 2]
     return dmu, dlog_var                        #   = (sigma^2 - 1) / 2
 
 
-# ---- the model --------------------------------------------------------------------------------------
+# ---- the model -----------------------------------------------------------------------------------
 
 class Bernoulli:
-    """p(x|z) = prod_j Bernoulli(x_j; sigmoid(l_j)), the recipe's likelihood: the pair above, log p(x|z),
-    the mean E[x|z] = sigmoid(l), and a draw. On grey levels x in [0, 1] it is a cross-entropy, not a
-    normalised density: likelihoods.py has densities over grey levels."""
+    """p(x|z) = prod_j Bernoulli(x_j; sigmoid(l_j)), the recipe's likelihood: the pair above, log
+    p(x|z), the mean E[x|z] = sigmoid(l), and a draw. On grey levels x in [0, 1] it is a
+    cross-entropy, not a normalised density: likelihoods.py has densities over grey levels."""
 
     name = "bernoulli"
     spec = "bernoulli"      # how --likelihoods names it
@@ -140,12 +146,14 @@ class VAE:
     prior_name = "standard"     # p(z) = N(0, I); priors.py has learned ones
 
     def __init__(self, n_in=784, hidden=400, latent=20, seed=0, dtype=np.float32, likelihood=None):
-        rng = np.random.default_rng(seed)   # seed: an int, or the Generator a subclass goes on using
+        # seed: an int, or the Generator a subclass goes on using
+        rng = np.random.default_rng(seed)
         self.n_in = n_in
         self.hidden = hidden
         self.latent = latent
-        # 2Z outputs split into mu and log_var (the recipe's heads fc21 and fc22 in one product). log_var,
-        # not sigma: any real output is valid, and sigma = exp(log_var / 2) is positive whatever it is.
+        # 2Z outputs split into mu and log_var (the recipe's heads fc21 and fc22 in one product).
+        # log_var, not sigma: any real output is valid, and sigma = exp(log_var / 2) is positive
+        # whatever it is.
         self.encoder = MLP([n_in, hidden, 2 * latent], rng, dtype)
         self.decoder = MLP([latent, hidden, n_in], rng, dtype)
         self.likelihood = Bernoulli() if likelihood is None else likelihood
@@ -153,12 +161,16 @@ class VAE:
     def params(self):
         """{name: array} of every parameter, by reference (updating one updates the model)."""
         likelihood = {"likelihood." + k: p for k, p in self.likelihood.params.items()}
-        return {**self.encoder.named("params", "enc"), **self.decoder.named("params", "dec"), **likelihood}
+        encoder = self.encoder.named("params", "enc")
+        decoder = self.decoder.named("params", "dec")
+        return {**encoder, **decoder, **likelihood}
 
     def grads(self):
         """{name: dL/dparam}, filled by backward(), by reference."""
         likelihood = {"likelihood." + k: g for k, g in self.likelihood.grads.items()}
-        return {**self.encoder.named("grads", "enc"), **self.decoder.named("grads", "dec"), **likelihood}
+        encoder = self.encoder.named("grads", "enc")
+        decoder = self.decoder.named("grads", "dec")
+        return {**encoder, **decoder, **likelihood}
 
     def encode(self, x):
         """x (B, D) in [0, 1] -> mu, log_var (B, Z) of q(z|x)."""
@@ -171,12 +183,14 @@ class VAE:
         """z (B, Z) -> logits (B, D), the parameters of p(x|z)."""
         return self.decoder.forward(z)
 
-    # ---- training: the negative ELBO and its gradient ----------------------------------------------
+    # ---- training: the negative ELBO and its gradient --------------------------------------------
 
     def forward(self, x, eps):
-        """Negative ELBO of the batch x (B, D) for the noise eps (B, Z): (loss, recon, kl), each the batch
-        mean in nats per example, loss = recon + kl. A deterministic function of (params, x, eps)."""
-        mu, log_var = self.encode(x)                                # q(z|x) = N(mu, diag(exp(log_var)))
+        """Negative ELBO of the batch x (B, D) for the noise eps (B, Z): (loss, recon, kl), each the
+        batch mean in nats per example, loss = recon + kl. A deterministic function of (params, x,
+        eps)."""
+        # q(z|x) = N(mu, diag(exp(log_var)))
+        mu, log_var = self.encode(x)
         z, self.z_cache = reparameterize_forward(mu, log_var, eps)  # z = mu + sigma * eps
         logits = self.decode(z)                                     # the parameters of p(x|z)
         recon, self.recon_cache = self.likelihood.forward(logits, x)    # -log p(x|z)
@@ -186,28 +200,32 @@ class VAE:
         return recon + kl, recon, kl
 
     def backward(self, beta=1.0):
-        """Gradients of mean_b(recon_b + beta * kl_b) at the last forward() into self.grads(); beta = 1 is
-        the negative ELBO. self.paths keeps the four gradients that meet at the encoder's outputs (of the
-        batch mean: an example's own gradient is B times its row)."""
+        """Gradients of mean_b(recon_b + beta * kl_b) at the last forward() into self.grads(); beta
+        = 1 is the negative ELBO. self.paths keeps the four gradients that meet at the encoder's
+        outputs (of the batch mean: an example's own gradient is B times its row)."""
         eps, sigma = self.z_cache
-        drecon = np.full(len(eps), 1.0 / len(eps), sigma.dtype)     # each example's share of the mean
-        dkl = beta * drecon                     # the KL weight beta enters every KL path through dkl
+        # each example's share of the mean
+        drecon = np.full(len(eps), 1.0 / len(eps), sigma.dtype)
+        # the KL weight beta enters every KL path through dkl
+        dkl = beta * drecon
         # Reconstruction: -log p(x|z) -> logits -> decoder -> z -> (mu, log_var).
         dlogits = self.likelihood.backward(drecon, self.recon_cache)    # (sigmoid(logits) - x) / B
         dz = self.decoder.backward(dlogits)
-        dmu_rec, dlog_var_rec = reparameterize_backward(dz, self.z_cache)  # dz; dz * eps * sigma / 2
+        # dz; dz * eps * sigma / 2
+        dmu_rec, dlog_var_rec = reparameterize_backward(dz, self.z_cache)
         # KL(q(z|x) || p(z)) -> (mu, log_var).
         dmu_kl, dlog_var_kl = self.kl_backward(dkl)     # beta mu / B; beta (sigma^2 - 1) / (2B)
         # The two paths meet at the encoder's outputs:
         dmu = dmu_rec + dmu_kl                  # dL/dmu = dz + beta mu / B
-        dlog_var = dlog_var_rec + dlog_var_kl   # dL/dlog_var = dz eps sigma / 2 + beta (sigma^2 - 1) / (2B)
+        # dL/dlog_var = dz eps sigma / 2 + beta (sigma^2 - 1) / (2B)
+        dlog_var = dlog_var_rec + dlog_var_kl
         self.paths = {"recon_mu": dmu_rec, "kl_mu": dmu_kl,
                       "recon_log_var": dlog_var_rec, "kl_log_var": dlog_var_kl}
         # [mu, log_var] -> the encoder's weights. dL/dx is never needed: x is data.
         dout = np.concatenate([dmu, dlog_var], axis=1)
         self.encoder.backward(dout, need_dx=False)
 
-    # ---- the prior, N(0, I): its KL term, and drawing from it. priors.py replaces these four. -------
+    # ---- the prior, N(0, I): its KL term, and drawing from it. priors.py replaces these four. ----
 
     def kl_forward(self, mu, log_var, z, eps):
         """KL(q(z|x) || p(z)) per example: for N(0, I) in closed form, from mu and log_var alone."""
@@ -234,13 +252,14 @@ class VAE:
         return self.likelihood.mean(self.decode(mu))
 
     def sample_prior(self, n, rng):
-        """n draws z ~ p(z), decoded to the means E[x|z] of p(x|z) (likelihood.sample draws x itself)."""
+        """n draws z ~ p(z), decoded to the means E[x|z] of p(x|z) (likelihood.sample draws x
+        itself)."""
         z = self.sample_z(n, rng).astype(self.dtype)
         return self.likelihood.mean(self.decode(z))
 
     def sample_posterior(self, x, n, rng):
-        """n images (the means of p(x|z)) for each row of x, decoded from z ~ q(z|x) = N(mu(x), sigma(x)^2):
-        variations of x. Returns (len(x), n, D)."""
+        """n images (the means of p(x|z)) for each row of x, decoded from z ~ q(z|x) = N(mu(x),
+        sigma(x)^2): variations of x. Returns (len(x), n, D)."""
         mu, log_var = self.encode(x)
         eps = rng.standard_normal((n, len(x), self.latent)).astype(self.dtype)
         z, _ = reparameterize_forward(mu, log_var, eps)             # (n, len(x), Z)
