@@ -1,14 +1,18 @@
 """Every hand-written gradient of the VAE against PyTorch's autograd, in one command.
 
-For every prior (N(0, I), a mixture, the VampPrior) x every likelihood (Bernoulli, Gaussian with a fixed and with
-a learned sigma, continuous Bernoulli) x a KL weight of 1 and 0.3, a small float64 model computes the objective
-mean_b(recon_b + beta * kl_b) and its gradient by hand (vae.py, priors.py). The same objective is then written
-again in PyTorch from the model's parameter arrays, with torch's own densities where it has them
-(binary_cross_entropy_with_logits, Normal, ContinuousBernoulli), and differentiated by autograd. Prints the largest
-relative error |a - b| / (|a| + |b|) per case and parameter group; exits 1 if any is above 1e-10.
+For every prior (N(0, I), a mixture, the VampPrior) x every likelihood (Bernoulli, Gaussian with a
+fixed and with a learned sigma, continuous Bernoulli) x a KL weight of 1 and 0.3, a small float64
+model computes the objective mean_b(recon_b + beta * kl_b) and its gradient by hand (vae.py,
+priors.py, likelihoods.py; built by models.build). The same objective is then written again in
+PyTorch from the model's parameter arrays, with torch's own densities where it has them
+(binary_cross_entropy_with_logits, Normal, ContinuousBernoulli), and differentiated by autograd.
+Prints the largest relative error |a - b| / (|a| + |b|) per case and parameter group; exits 1 if
+any is above 1e-10.
 
-torch is not a dependency of this project: without it, this script says so and exits 0 (nothing checked).
-    python -m venv /tmp/torchenv && /tmp/torchenv/bin/pip install torch numpy matplotlib
+torch is not a dependency of this project: without it, this script says so and exits 0 (nothing
+checked).
+    python -m venv /tmp/torchenv
+    /tmp/torchenv/bin/pip install torch numpy matplotlib
     /tmp/torchenv/bin/python benchmarks/torch_gradients.py
 """
 import math
@@ -27,19 +31,28 @@ try:
 except ImportError:
     torch = None
 
-CASES = [(prior, likelihood, sigma, beta) for prior in ("standard", "mog", "vamp")
-         for likelihood, sigma in (("bernoulli", None), ("gaussian", 0.3), ("gaussian", "learned"), ("cb", None))
-         for beta in (1.0, 0.3)]
+PRIORS = ("standard", "mog", "vamp")
+LIKELIHOODS = (                                     # p(x|z), with the Gaussian's decoder sigma
+    {"likelihood": "bernoulli", "sigma": None},
+    {"likelihood": "gaussian", "sigma": 0.3},
+    {"likelihood": "gaussian", "sigma": "learned"},
+    {"likelihood": "cb", "sigma": None},
+)
+BETAS = (1.0, 0.3)
+CASES = [{"prior": prior, **likelihood, "beta": beta}
+         for prior in PRIORS for likelihood in LIKELIHOODS for beta in BETAS]
 
 
 def torch_objective(p, model, x, eps, beta):
-    """mean_b(-log p(x_b|z_b) + beta * KL_b), written in torch from the parameters p ({name: tensor})."""
+    """mean_b(-log p(x_b|z_b) + beta * KL_b), written in torch from the parameters p
+    ({name: tensor})."""
     def mlp(h, prefix):
         h = F.relu(h @ p[f"{prefix}.0.W"] + p[f"{prefix}.0.b"])
         return h @ p[f"{prefix}.2.W"] + p[f"{prefix}.2.b"]
     zdim = model.latent
     out = mlp(x, "enc")
-    mu, log_var = out[:, :zdim], out[:, zdim:]
+    mu = out[:, :zdim]
+    log_var = out[:, zdim:]
     sigma = torch.exp(0.5 * log_var)
     z = mu + sigma * eps
     logits = mlp(z, "dec")
@@ -49,53 +62,72 @@ def torch_objective(p, model, x, eps, beta):
     elif name == "cb":
         recon = -ContinuousBernoulli(logits=logits).log_prob(x).sum(1)
     else:
-        log_sigma = p["likelihood.log_sigma"] if "likelihood.log_sigma" in p else torch.tensor(math.log(model.likelihood.decoder_sigma), dtype=torch.float64)
+        if "likelihood.log_sigma" in p:             # a learned sigma
+            log_sigma = p["likelihood.log_sigma"]
+        else:
+            fixed_sigma = model.likelihood.decoder_sigma
+            log_sigma = torch.tensor(math.log(fixed_sigma), dtype=torch.float64)
         recon = -Normal(torch.sigmoid(logits), torch.exp(log_sigma)).log_prob(x).sum(1)
     q = Normal(mu, sigma)
     if model.prior_name == "standard":
-        kl = torch.distributions.kl_divergence(q, Normal(torch.zeros_like(mu), torch.ones_like(sigma))).sum(1)
+        p_z = Normal(torch.zeros_like(mu), torch.ones_like(sigma))
+        kl = torch.distributions.kl_divergence(q, p_z).sum(1)
     else:
         if model.prior_name == "mog":
-            means, log_vars = p["prior.means"], p["prior.log_vars"]
+            means = p["prior.means"]
+            log_vars = p["prior.log_vars"]
             log_pi = torch.log_softmax(p["prior.log_weights"], 0)
-        else:                                           # VampPrior: the encoder's posteriors of u = clip(w, 0, 1)
+        else:                   # VampPrior: the encoder's posteriors of u = clip(w, 0, 1)
             out_u = mlp(torch.clamp(p["prior.w"], 0, 1), "enc")
-            means, log_vars = out_u[:, :zdim], out_u[:, zdim:]
-            log_pi = torch.full((len(means),), -math.log(len(means)), dtype=torch.float64)
-        components = Normal(means, torch.exp(0.5 * log_vars)).log_prob(z[:, None, :]).sum(-1)   # (B, K)
+            means = out_u[:, :zdim]
+            log_vars = out_u[:, zdim:]
+            k = len(means)
+            log_pi = torch.full((k,), -math.log(k), dtype=torch.float64)
+        component_sigma = torch.exp(0.5 * log_vars)
+        components = Normal(means, component_sigma).log_prob(z[:, None, :]).sum(-1)   # (B, K)
         kl = q.log_prob(z).sum(1) - torch.logsumexp(log_pi + components, 1)
     return recon.mean() + beta * kl.mean()
 
 
+def relative_error(a, b):
+    """max |a - b| / (|a| + |b|), elementwise, with 0 / 0 counted as 0."""
+    scale = np.maximum(np.abs(a) + np.abs(b), 1e-300)
+    return float((np.abs(a - b) / scale).max())
+
+
 def main():
     if torch is None:
-        print("torch is not installed: nothing checked (pip install torch in a separate venv; see the docstring)")
+        print("torch is not installed: nothing checked (pip install torch in a separate venv; "
+              "see the docstring)")
         return 0
     worst = 0.0
-    for prior, likelihood, sigma, beta in CASES:
+    for case in CASES:
+        prior = case["prior"]
+        likelihood = case["likelihood"]
+        sigma = case["sigma"]
+        beta = case["beta"]
         rng = np.random.default_rng(0)
-        model = models.build(prior, 4, n_in=12, hidden=7, latent=3, seed=1, dtype=np.float64, likelihood=likelihood,
-                             decoder_sigma=sigma)
-        if prior == "vamp":                             # inside (0, 1), away from the clip's kinks
+        model = models.build(prior, components=4, likelihood=likelihood, decoder_sigma=sigma,
+                             n_in=12, hidden=7, latent=3, seed=1, dtype=np.float64)
+        if prior == "vamp":                         # inside (0, 1), away from the clip's kinks
             model.prior["w"][...] = rng.uniform(0.05, 0.95, model.prior["w"].shape)
         if sigma == "learned":
             model.likelihood.params["log_sigma"][...] = -0.7
-        x, eps = rng.uniform(0, 1, (5, 12)), rng.standard_normal((5, 3))
+        x = rng.uniform(0, 1, (5, 12))
+        eps = rng.standard_normal((5, 3))
         model.forward(x, eps)
         model.backward(beta)
         p = {k: torch.tensor(v, requires_grad=True) for k, v in model.params().items()}
-        torch_objective(p, model, torch.tensor(x), torch.tensor(eps), beta).backward()
-        errors = {}
-        for k, g in model.grads().items():
-            t = p[k].grad.numpy()
-            errors[k] = float((np.abs(g - t) / np.maximum(np.abs(g) + np.abs(t), 1e-300)).max())
+        objective = torch_objective(p, model, torch.tensor(x), torch.tensor(eps), beta)
+        objective.backward()
+        errors = {k: relative_error(g, p[k].grad.numpy()) for k, g in model.grads().items()}
         worst = max(worst, *errors.values())
-        groups = {}
+        groups = {}                                 # the largest error per group: enc, dec, ...
         for k, e in errors.items():
             group = k.split(".")[0]
             groups[group] = max(groups.get(group, 0.0), e)
-        print(f"{prior:8s} {likelihood:9s} sigma {str(sigma):7s} beta {beta:3g}: " +
-              "  ".join(f"{g} {e:.1e}" for g, e in groups.items()))
+        group_errors = "  ".join(f"{g} {e:.1e}" for g, e in groups.items())
+        print(f"{prior:8s} {likelihood:9s} sigma {str(sigma):7s} beta {beta:3g}: " + group_errors)
     print(f"largest relative error over {len(CASES)} cases: {worst:.1e}")
     return 0 if worst < 1e-10 else 1
 

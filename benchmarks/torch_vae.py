@@ -5,20 +5,22 @@ The recipe is pytorch/examples' vae/main.py, the same one train.py trains in Num
     z = mu + sigma * eps with eps ~ N(0, I), a Bernoulli likelihood on the logits
     (binary_cross_entropy_with_logits summed over pixels), the closed-form KL (Appendix B),
     the loss summed over the batch, Adam lr 1e-3, batch 128, 10 epochs.
-The images are read from the IDX archives into memory once, as float32 tensors x = pixel / 255 in [0, 1], and
-batches are sliced from them (no DataLoader), on --threads 2 CPU threads: the loop measures the model, not data
-loading. An epoch's seconds count the training steps only, as train.py's do; the test loss is the negative ELBO on
-the 10,000 test images with one z each, in nats per image.
+The images are read from the IDX archives into memory once, as float32 tensors x = pixel / 255 in
+[0, 1], and batches are sliced from them (no DataLoader), on --threads 2 CPU threads: the loop
+measures the model, not data loading. An epoch's seconds count the training steps only, as
+train.py's do; the test loss is the negative ELBO on the 10,000 test images with one z each, in
+nats per image.
 
 torch is never a dependency of this project; install it in a separate venv:
     python -m venv /tmp/torchenv && /tmp/torchenv/bin/pip install torch numpy
 
 usage:
-    /tmp/torchenv/bin/python benchmarks/torch_vae.py DATA_DIR [--epochs 10] [--latent 20] [--hidden 400]
-        [--batch-size 128] [--seed 0] [--threads 2] [--iw-samples S] [--flush-denormal]
-DATA_DIR holds the four MNIST-format .gz archives (MNIST or Fashion-MNIST). Prints one line per epoch, then one
-JSON line: {"epoch_seconds": [...], "epoch_s_median": ..., "test_loss": ..., "iw_nll": ... or null,
-"flush_denormal": true or false}.
+    /tmp/torchenv/bin/python benchmarks/torch_vae.py DATA_DIR [--epochs 10] [--latent 20]
+        [--hidden 400] [--batch-size 128] [--seed 0] [--threads 2] [--iw-samples S]
+        [--flush-denormal]
+DATA_DIR holds the four MNIST-format .gz archives (MNIST or Fashion-MNIST). Prints one line per
+epoch, then one JSON line: {"epoch_seconds": [...], "epoch_s_median": ..., "test_loss": ...,
+"iw_nll": ... or null, "flush_denormal": true or false}.
 --flush-denormal calls torch.set_flush_denormal(True) before training: subnormal floats become zero.
 Adam's first moments hold subnormals from the second epoch on (about 160,000 of 650,000 entries).
 A CPU slow on subnormals then slows every later epoch; the flush avoids that, the losses unchanged.
@@ -41,19 +43,22 @@ except ImportError:                     # an optional script: main() says how to
 
 
 def read_images(path):
-    """uint8 images from an IDX archive -> float32 tensor (N, rows * cols) of x = pixel / 255 in [0, 1]."""
+    """uint8 images from an IDX archive -> float32 tensor (N, rows * cols) of x = pixel / 255 in
+    [0, 1]."""
     with gzip.open(path, "rb") as f:
         magic, n, rows, cols = struct.unpack(">4i", f.read(16))
         if magic != 2051:               # 0x00000803: unsigned bytes, 3 dimensions
             raise ValueError(f"{path}: IDX magic {magic}, expected 2051 (an images file)")
         pixels = np.frombuffer(f.read(), dtype=np.uint8)
     if pixels.size != n * rows * cols:
-        raise ValueError(f"{path}: header says {n} x {rows} x {cols} pixels, the file holds {pixels.size}")
+        raise ValueError(f"{path}: header says {n} x {rows} x {cols} pixels, "
+                         f"the file holds {pixels.size}")
     return torch.from_numpy(np.divide(pixels.reshape(n, rows * cols), 255, dtype=np.float32))
 
 
 def make_vae(hidden, latent):
-    """The encoder x -> h -> (mu, log_var) and the decoder z -> h -> logits, in pytorch/examples' layer order."""
+    """The encoder x -> h -> (mu, log_var) and the decoder z -> h -> logits, in pytorch/examples'
+    layer order."""
     return torch.nn.ModuleDict({
         "encoder": torch.nn.Linear(784, hidden),
         "mu": torch.nn.Linear(hidden, latent),
@@ -69,7 +74,8 @@ def encode(vae, x):
 
 
 def decode(vae, z):
-    return vae["logits"](F.relu(vae["decoder"](z)))     # logits l: p(x_j = 1 | z) = sigmoid(l_j)
+    h = F.relu(vae["decoder"](z))
+    return vae["logits"](h)                             # logits l: p(x_j = 1 | z) = sigmoid(l_j)
 
 
 def reparameterize(mu, log_var):
@@ -78,33 +84,46 @@ def reparameterize(mu, log_var):
 
 
 def negative_elbo(vae, x):
-    """-ELBO summed over the batch, one z per image (Kingma & Welling 2014, eq. 10 with Appendix B's KL)."""
+    """-ELBO summed over the batch, one z per image (Kingma & Welling 2014, eq. 10 with Appendix
+    B's KL)."""
     mu, log_var = encode(vae, x)
-    logits = decode(vae, reparameterize(mu, log_var))
-    recon = F.binary_cross_entropy_with_logits(logits, x, reduction="sum")   # -log p(x|z) = sum softplus(l) - x l
-    kl = -0.5 * torch.sum(1 + log_var - mu.pow(2) - log_var.exp())  # KL = -1/2 sum(1 + log_var - mu^2 - exp(log_var))
+    z = reparameterize(mu, log_var)
+    logits = decode(vae, z)
+    # -log p(x|z) = sum softplus(l) - x l
+    recon = F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
+    # KL = -1/2 sum(1 + log_var - mu^2 - exp(log_var))
+    kl = -0.5 * torch.sum(1 + log_var - mu.pow(2) - log_var.exp())
     return recon + kl
 
 
 def log_normal(z, mu, log_var):
     """log N(z; mu, diag(exp(log_var))), summed over the last axis."""
-    return -0.5 * torch.sum(math.log(2 * math.pi) + log_var + (z - mu) ** 2 / torch.exp(log_var), dim=-1)
+    squared_distance = (z - mu) ** 2 / torch.exp(log_var)
+    return -0.5 * torch.sum(math.log(2 * math.pi) + log_var + squared_distance, dim=-1)
 
 
 def iw_nll(vae, x, S, rows=20000):
-    """-log (1/S) sum_s p(x|z_s) p(z_s) / q(z_s|x), z_s ~ q(z|x) (Burda et al. 2015), averaged over the images.
-    A chunk of images decodes about `rows` codes at once, so memory stays bounded for any S."""
-    total, chunk = 0.0, max(1, rows // S)
+    """-log (1/S) sum_s p(x|z_s) p(z_s) / q(z_s|x), z_s ~ q(z|x) (Burda et al. 2015), averaged
+    over the images. A chunk of images decodes about `rows` codes at once, so memory stays bounded
+    for any S."""
+    total = 0.0
+    chunk = max(1, rows // S)                   # images per chunk
     with torch.no_grad():
         for i in range(0, len(x), chunk):
             x_chunk = x[i:i + chunk]
             mu, log_var = encode(vae, x_chunk)
-            z = mu + torch.exp(0.5 * log_var) * torch.randn(S, *mu.shape)            # (S, images, Z)
+            eps = torch.randn(S, *mu.shape)
+            z = mu + torch.exp(0.5 * log_var) * eps                             # (S, images, Z)
             logits = decode(vae, z)
-            log_px_z = -F.binary_cross_entropy_with_logits(logits, x_chunk.expand_as(logits), reduction="none").sum(-1)
+            x_s = x_chunk.expand_as(logits)                                     # x for every z_s
+            bce = F.binary_cross_entropy_with_logits(logits, x_s, reduction="none")
+            log_px_z = -bce.sum(-1)
             zeros = torch.zeros_like(z)
-            log_w = log_px_z + log_normal(z, zeros, zeros) - log_normal(z, mu, log_var)   # log p(x|z)p(z)/q(z|x)
-            total -= (torch.logsumexp(log_w, dim=0) - math.log(S)).sum().item()         # log-mean-exp over s
+            log_pz = log_normal(z, zeros, zeros)
+            log_qz_x = log_normal(z, mu, log_var)
+            log_w = log_px_z + log_pz - log_qz_x                # log p(x|z) p(z) / q(z|x)
+            log_mean_w = torch.logsumexp(log_w, dim=0) - math.log(S)    # log-mean-exp over s
+            total -= log_mean_w.sum().item()
     return total / len(x)
 
 
@@ -117,13 +136,15 @@ def main():
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--iw-samples", type=int, default=0, metavar="S", help="importance samples for iw_nll (0: skip)")
+    p.add_argument("--iw-samples", type=int, default=0, metavar="S",
+                   help="importance samples for iw_nll (0: skip)")
     p.add_argument("--flush-denormal", action="store_true",
                    help="torch.set_flush_denormal(True) before training: subnormals become zero")
     args = p.parse_args()
     if torch is None:
-        print("error: torch_vae.py needs torch and numpy; install them in a separate venv: python -m venv "
-              "/tmp/torchenv && /tmp/torchenv/bin/pip install torch numpy", file=sys.stderr)
+        print("error: torch_vae.py needs torch and numpy; install them in a separate venv: "
+              "python -m venv /tmp/torchenv && /tmp/torchenv/bin/pip install torch numpy",
+              file=sys.stderr)
         sys.exit(2)
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -136,15 +157,17 @@ def main():
         x_train = read_images(f"{args.data_dir}/train-images-idx3-ubyte.gz")
         x_test = read_images(f"{args.data_dir}/t10k-images-idx3-ubyte.gz")
     except (OSError, ValueError, struct.error) as err:
-        print(f"error: {err}; DATA_DIR must hold the MNIST-format archives train-images-idx3-ubyte.gz and "
-              f"t10k-images-idx3-ubyte.gz", file=sys.stderr)
+        print(f"error: {err}; DATA_DIR must hold the MNIST-format archives "
+              f"train-images-idx3-ubyte.gz and t10k-images-idx3-ubyte.gz", file=sys.stderr)
         sys.exit(1)
     vae = make_vae(args.hidden, args.latent)
     opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
-    epoch_seconds, test_loss = [], None
+    epoch_seconds = []
+    test_loss = None
     for epoch in range(1, args.epochs + 1):
         t0 = time.perf_counter()
-        perm, train_loss = torch.randperm(len(x_train)), 0.0
+        perm = torch.randperm(len(x_train))
+        train_loss = 0.0
         for i in range(0, len(x_train), args.batch_size):
             loss = negative_elbo(vae, x_train[perm[i:i + args.batch_size]])
             opt.zero_grad()
@@ -152,15 +175,19 @@ def main():
             opt.step()
             train_loss += loss.item()
         epoch_seconds.append(time.perf_counter() - t0)
+        test_loss = 0.0
         with torch.no_grad():
-            test_loss = sum(negative_elbo(vae, x_test[i:i + 1000]).item() for i in range(0, len(x_test), 1000))
+            for i in range(0, len(x_test), 1000):
+                test_loss += negative_elbo(vae, x_test[i:i + 1000]).item()
         test_loss /= len(x_test)
         print(f"epoch {epoch:3d}  train {train_loss / len(x_train):8.2f}  test {test_loss:8.2f}  "
               f"{epoch_seconds[-1]:5.2f} s", flush=True)
+    epoch_s_median = statistics.median(epoch_seconds) if epoch_seconds else None
+    test_iw_nll = iw_nll(vae, x_test, args.iw_samples) if args.iw_samples > 0 else None
     result = {"epoch_seconds": [round(s, 4) for s in epoch_seconds],
-              "epoch_s_median": statistics.median(epoch_seconds) if epoch_seconds else None,
+              "epoch_s_median": epoch_s_median,
               "test_loss": test_loss,
-              "iw_nll": iw_nll(vae, x_test, args.iw_samples) if args.iw_samples > 0 else None,
+              "iw_nll": test_iw_nll,
               "flush_denormal": args.flush_denormal}
     print(json.dumps(result))
 
