@@ -1,0 +1,147 @@
+"""What the test files share: a small model and batch, generated images and datasets, the command
+line run in this process, and the fixtures of the runs that several files read. pytest loads this
+file first and puts its folder, the repository's root, on sys.path: test_vae.py and tests/ import
+the project's modules, and the helpers below with `from conftest import ...`."""
+import os
+
+import numpy as np
+import pytest
+
+import figures
+import mnist
+import models
+import train
+
+REPO = os.path.dirname(os.path.abspath(__file__))      # the repository's root, where train.py is
+
+# A command line small enough for a run of a few seconds on generated data.
+SMALL = ["--hidden", "32", "--latent", "4", "--batch-size", "50", "--iw-samples", "10",
+         "--gmm-components", "3"]
+
+
+def direct_log_normal(z, mean, var):
+    """log N(z; mean, diag(var)) written out independently of vae.log_normal."""
+    return (-0.5 * (z - mean) ** 2 / var - 0.5 * np.log(2 * np.pi * var)).sum(-1)
+
+
+def small_vae_batch(seed=3, n_in=12, hidden=7, latent=3, batch=5, prior="standard",
+                    likelihood="bernoulli", decoder_sigma=None):
+    """A float64 model (by default 12 pixels, 7 hidden units, 3 latents), a batch x of intensities
+    and its eps: what every test of a formula starts from."""
+    rng = np.random.default_rng(seed)
+    model = models.build(prior, 4, n_in=n_in, hidden=hidden, latent=latent, seed=seed,
+                         dtype=np.float64, likelihood=likelihood, decoder_sigma=decoder_sigma)
+    if prior == "vamp":
+        # pseudo-inputs inside (0, 1), away from the clip's kinks
+        model.prior["w"][...] = rng.uniform(0.05, 0.95, model.prior["w"].shape)
+    x = rng.uniform(0, 1, (batch, n_in))                # intensities in [0, 1], as the images are
+    eps = rng.standard_normal((batch, latent))
+    return model, x, eps
+
+
+def make_images(n, rng):
+    """n 28x28 uint8 images from 10 blob templates plus noise, and their labels: learnable, like
+    digits."""
+    yy, xx = np.mgrid[0:28, 0:28]
+    row = 7 + 14 * (np.arange(10) // 5)                 # template k's blob centre: 2 rows of 5
+    column = 4 + 5 * (np.arange(10) % 5)
+    squared_distance = [(yy - row[k]) ** 2 + (xx - column[k]) ** 2 for k in range(10)]
+    templates = np.exp(-np.stack(squared_distance) / 18)
+    labels = rng.integers(0, 10, n).astype(np.uint8)
+    noisy = templates[labels] * 255 + rng.normal(0, 20, (n, 28, 28))
+    images = np.clip(noisy, 0, 255).astype(np.uint8)
+    return images, labels
+
+
+def make_flat_images(n, rng):
+    """n generated images as the training code holds them: (n, 784) uint8, without their labels."""
+    images, _ = make_images(n, rng)
+    return images.reshape(n, 784)
+
+
+def write_dataset(folder, n_train=600, n_test=200, seed=0):
+    """Write the four IDX archives of a generated dataset into folder; return its arrays, named as
+    mnist.FILES names the archives."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    train_images, train_labels = make_images(n_train, rng)
+    test_images, test_labels = make_images(n_test, rng)
+    arrays = {"train_images": train_images, "train_labels": train_labels,
+              "test_images": test_images, "test_labels": test_labels}
+    for key, array in arrays.items():
+        mnist.write_idx(os.path.join(folder, mnist.FILES[key]), array)
+    return arrays
+
+
+def run_cli(*args):
+    """train.py's command line, run in this process; returns its exit code."""
+    return train.main(list(args))
+
+
+def one_line_error(capsys, *args, code=1):
+    """Run the command; assert it failed with exit code `code` and one line 'error: ...'; return
+    that line."""
+    try:
+        got = run_cli(*args)
+    except SystemExit as exit_:                         # argparse's own errors
+        got = exit_.code
+    err = capsys.readouterr().err
+    assert got == code, (got, err)
+    assert err.startswith("error: "), (got, err)
+    assert err.count("\n") == 1, (got, err)
+    assert "Traceback" not in err, (got, err)
+    return err
+
+
+def quiet(message):
+    """Stands in for a log: prints nothing."""
+
+
+def no_progress(state, n_steps, seen):
+    """Stands in for the training's progress bar: shows nothing."""
+
+
+def draw_nothing(*args, **kwargs):
+    """Stands in for a function that draws figures: no figures."""
+    return {}
+
+
+def fail_if_loaded(*args, **kwargs):
+    """Stands in for mnist.load where the command must stop before loading (or downloading)."""
+    pytest.fail("loaded data before checking the options")
+
+
+def fail_if_trained(*args):
+    """Stands in for train.train_epoch where the command must stop before training."""
+    pytest.fail("trained before checking the options")
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A generated dataset of 600 training and 200 test images, in MNIST's four archives."""
+    folder = tmp_path_factory.mktemp("data")
+    write_dataset(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, data_dir):
+    """One small standard-prior run of 2 epochs, shared by the tests that read its outputs."""
+    out = tmp_path_factory.mktemp("runs") / "run"
+    assert run_cli("--data-dir", data_dir, *SMALL, "--epochs", "2", "--out", str(out)) == 0
+    return out
+
+
+@pytest.fixture
+def no_figures(monkeypatch):
+    """Draw nothing: for tests of files and folders, which do not look at the figures (and run
+    faster so)."""
+    for name in ("run_figures", "analysis_figures"):
+        monkeypatch.setattr(figures, name, draw_nothing)
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail the test if the command downloads (loads data) or trains."""
+    monkeypatch.setattr(mnist, "load", fail_if_loaded)
+    monkeypatch.setattr(train, "train_epoch", fail_if_trained)
