@@ -21,6 +21,7 @@ import time
 import numpy as np
 
 import mnist
+from codes import interpolate
 from gmm import fit_gmm, gmm_log_density, gmm_sample
 from priors import logsumexp
 from vae import LOG_2PI, log_normal, reparameterize_forward
@@ -137,6 +138,39 @@ def prior_hole_fraction(gmm, z_codes, z_draws, quantile=0.01):
     threshold = np.quantile(gmm_log_density(gmm, z_codes), quantile)
     in_hole = gmm_log_density(gmm, z_draws) < threshold
     return float(in_hole.mean()), float(threshold), in_hole
+
+
+def path_measures(gmm, threshold, z0, z1, steps=20):
+    """Along the paths from each row of z0 to the same row of z1 (n, Z), linear and spherical
+    (codes.interpolate), at `steps` points strictly between the ends (t = 1/(steps + 1), ...,
+    steps/(steps + 1)): the share of points in holes (log q_fit(z) below the threshold of the prior
+    draws' holes), the mean log-density log q_fit(z) of the points, and the mean norm at the
+    midpoint t = 1/2."""
+    found = {}
+    for kind in ("linear", "spherical"):
+        path = interpolate(z0, z1, steps + 2, kind)[1:-1]          # (steps, n, Z), the ends dropped
+        points = path.reshape(-1, path.shape[-1])
+        log_density = gmm_log_density(gmm, points)
+        midpoint = interpolate(z0, z1, 3, kind)[1]
+        found[kind] = {"hole_fraction": float((log_density < threshold).mean()),
+                       "mean_log_density": float(log_density.mean()),
+                       "midpoint_norm": float(np.linalg.norm(midpoint, axis=-1).mean())}
+    return found
+
+
+def interpolation_measures(model, gmm, threshold, mu_test, seed, n_pairs=200, steps=20):
+    """path_measures for n_pairs random pairs of test codes (posterior means of two different test
+    images) and n_pairs pairs of independent prior draws, with sqrt(Z), the norm of a typical prior
+    draw, to compare the midpoints' norms with. A random stream of its own: the other measurements
+    keep their numbers."""
+    rng = np.random.default_rng([seed, 7])
+    first = rng.choice(len(mu_test), n_pairs)
+    # never the same image
+    second = (first + rng.integers(1, len(mu_test), n_pairs)) % len(mu_test)
+    z_prior = model.sample_z(2 * n_pairs, rng)
+    return {"pairs": n_pairs, "steps": steps, "sqrt_latent": float(np.sqrt(mu_test.shape[1])),
+            "codes": path_measures(gmm, threshold, mu_test[first], mu_test[second], steps),
+            "prior": path_measures(gmm, threshold, z_prior[:n_pairs], z_prior[n_pairs:], steps)}
 
 
 # ---- the likelihood of the test images -----------------------------------------------------------
@@ -277,7 +311,9 @@ def analyze(model, x_train, x_test, seed, iw_samples, gmm_components, gmm_covari
         f"{surgery['kl_aggregate_prior']:.2f} nats; {moments['active_units']} active units")
     found["moments"] = moments
 
-    message = f"importance-weighted bound on -log p(x), S={iw_samples} per test image"
+    decodes = iw_samples * len(x_test)
+    message = (f"importance-weighted bound on -log p(x), S={iw_samples} per test image "
+               f"({decodes:,} decodes)")
     with phase("iw_nll", seconds, log, message):
         per_image = iw_nll(model, x_test, iw_samples, rng, progress=progress("iw_nll"))
         iw = float(per_image.mean())
@@ -292,6 +328,24 @@ def analyze(model, x_train, x_test, seed, iw_samples, gmm_components, gmm_covari
             metrics["bits_per_dim"] = bits_per_dim(model, x_test, iw_samples, rng,
                                                    progress("bits per dimension"))
         log(f"  {metrics['bits_per_dim']:.3f} bits per dimension on the 8-bit images")
+    message = "paths between test codes and between prior draws, linear and spherical"
+    with phase("interpolation", seconds, log, message):
+        threshold = holes["hole_log_density_threshold"]
+        walks = interpolation_measures(model, gmm, threshold, mu, seed)
+    log(interpolation_line(walks))
+    metrics["interpolation"] = walks
     metrics["analysis_seconds"] = seconds
     metrics["aggregate_posterior"] = {**moments, **surgery, **holes}
     return metrics, found
+
+
+def interpolation_line(walks):
+    """What interpolation_measures found, in one line."""
+    codes = walks["codes"]
+    prior = walks["prior"]
+    return (f"  points in holes, linear / spherical paths: between test codes "
+            f"{codes['linear']['hole_fraction']:.1%} / {codes['spherical']['hole_fraction']:.1%}, "
+            f"between prior draws {prior['linear']['hole_fraction']:.1%} / "
+            f"{prior['spherical']['hole_fraction']:.1%}; midpoint norm of prior pairs "
+            f"{prior['linear']['midpoint_norm']:.2f} / {prior['spherical']['midpoint_norm']:.2f} "
+            f"(sqrt(Z) = {walks['sqrt_latent']:.2f})")

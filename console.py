@@ -27,9 +27,11 @@ class Progress:
             self.stream.write(text)
             if fraction >= 1:
                 self.stream.write("\r" + " " * len(text) + "\r")
-        elif now - self.last_line >= self.every and fraction < 1:
+        elif now - self.last_line >= self.every and 0 < fraction < 1:
             elapsed = now - self.start
-            line = f"  {self.what}: {100 * fraction:.0f}% after {elapsed:.0f} s {detail}"
+            left = elapsed / fraction * (1 - fraction)          # at the rate so far
+            line = (f"  {self.what}: {100 * fraction:.0f}% after {elapsed:.0f} s, "
+                    f"about {left:.0f} s left {detail}")
             self.stream.write(line.rstrip() + "\n")
             self.last_line = now
         self.stream.flush()

@@ -10,6 +10,7 @@ import numpy as np
 
 import mnist
 from atomic import atomic_path
+from codes import interpolate, traverse
 from gmm import gmm_sample
 from models import likelihood_label, prior_label
 from vae import log_normal, sigmoid
@@ -151,7 +152,10 @@ def analysis_figures(model, x_test, y_test, found, image_index, seed, class_name
     image_grid(axes[2], model.likelihood.mean(model.decode(z_agg)), rows=8,
                title="aggregated posterior: z ~ mixture\nfitted to the training codes")
     figs = {"samples_three_ways.png": three, "prior_vs_aggregate.png": marginals(model, found),
-            "samples_mean_and_draw.png": mean_and_draw(model, rng)}
+            "samples_mean_and_draw.png": mean_and_draw(model, rng),
+            "interpolations.png": interpolations(model, x_test, found["mu_test"], y_test, seed),
+            "traversals.png": traversals(model, found["mu_test"], found["moments"]["activity"],
+                                         image_index)}
     if model.latent == 2:
         plane = latent_plane(model, found["mu_test"], y_test, found["z_prior"], found["in_hole"],
                              class_names)
@@ -289,6 +293,7 @@ def latent_plane(model, mu, labels, z_prior, in_hole, class_names=None):
     holes = z_prior[shown][in_hole[shown]]
     ax.scatter(holes[:, 0], holes[:, 1], marker="x", color="red", s=14,
                label=f"prior draws in holes ({100 * in_hole.mean():.1f}% of all)")
+    draw_paths(ax, mu, labels)
     ax.legend(loc="upper right", fontsize=8)
     # A grid over the plane at quantiles of the prior on each axis (equal prior mass per cell): of
     # N(0, 1), or of a learned prior's own draws.
@@ -306,6 +311,84 @@ def latent_plane(model, mu, labels, z_prior, in_hole, class_names=None):
                title=f"decoded grid of prior quantiles ({50 / n:.1f}% .. {100 - 50 / n:.1f}% "
                      "per axis):\nz0 grows to the right, z1 upwards, as in latent_space.png")
     return {"latent_space.png": space, "latent_manifold.png": manifold}
+
+
+# ---- walks through the latent space ---------------------------------------------------------
+
+def interpolation_pairs(labels, n_pairs=8):
+    """n_pairs pairs of test images of different classes: the first image of class k and the first
+    of class k + 3 (mod 10), for k = 0, 1, ...; (i, j) index pairs."""
+    pairs = []
+    for k in range(n_pairs):
+        first = int(np.flatnonzero(labels == k % 10)[0])
+        second = int(np.flatnonzero(labels == (k + 3) % 10)[0])
+        pairs.append((first, second))
+    return pairs
+
+
+def interpolations(model, x_test, mu_test, labels, seed, steps=10):
+    """For 8 pairs of test images of different classes: both images, and the images decoded at
+    `steps` points between their posterior means, the straight path above the spherical one; then
+    the same between two prior draws (their decodings at the ends)."""
+    pairs = interpolation_pairs(labels)
+    rng = np.random.default_rng([seed, 8])
+    prior_pair = model.sample_z(2, rng)
+    fig = new_figure(figsize=(9, 0.85 * 2 * (len(pairs) + 1) + 0.6))
+    axes = fig.subplots(2 * (len(pairs) + 1), 1)
+    ends = []
+    for first, second in pairs:
+        x = mnist.to_float(x_test[[first, second]], model.dtype)
+        label = f"test {first} -> {second}"
+        ends.append({"z": mu_test[[first, second]], "images": x, "label": label})
+    prior_images = model.likelihood.mean(model.decode(prior_pair.astype(model.dtype)))
+    ends.append({"z": prior_pair, "images": prior_images, "label": "prior draws"})
+    row = 0
+    for end in ends:
+        for kind in ("linear", "spherical"):
+            path = interpolate(end["z"][0], end["z"][1], steps + 2, kind)[1:-1]
+            decoded = model.likelihood.mean(model.decode(path.astype(model.dtype)))
+            images = np.concatenate([end["images"][:1], decoded, end["images"][1:]])
+            ax = axes[row]
+            image_grid(ax, images, rows=1)
+            ax.text(-0.01, 0.5, f"{end['label']}\n{kind}", transform=ax.transAxes, ha="right",
+                    va="center", fontsize=7)
+            row += 1
+    fig.suptitle("interpolations: the two ends, and 10 decoded points between their codes "
+                 "(straight above, spherical below)", fontsize=9)
+    return fig
+
+
+def traversals(model, mu_test, activity, image_index, steps=11):
+    """Each latent unit, ordered by its activity Var_x E[z|x], varied from -3 to 3 with the other
+    units at test image image_index's posterior mean. An inactive unit (activity <= 0.01) changes
+    nothing: its row is labelled in grey."""
+    activity = np.asarray(activity)
+    order = np.argsort(-activity)
+    values = np.linspace(-3, 3, steps)
+    fig = new_figure(figsize=(8, 0.62 * len(order) + 0.7))
+    axes = fig.subplots(len(order), 1, squeeze=False)[:, 0]
+    for ax, unit in zip(axes, order):
+        walk = traverse(mu_test[image_index], unit, values).astype(model.dtype)
+        image_grid(ax, model.likelihood.mean(model.decode(walk)), rows=1)
+        active = activity[unit] > 0.01
+        colour = "black" if active else "0.6"
+        state = "" if active else " (inactive)"
+        ax.text(-0.01, 0.5, f"z{unit}: {activity[unit]:.2f}{state}", transform=ax.transAxes,
+                ha="right", va="center", fontsize=7, color=colour)
+    fig.suptitle(f"traversals from test image {image_index}'s code: one unit from -3 to 3, the "
+                 f"others fixed; units by activity Var_x E[z|x]", fontsize=9)
+    return fig
+
+
+def draw_paths(ax, mu_test, labels):
+    """On the latent plane: the straight and spherical paths between the interpolated pairs."""
+    for first, second in interpolation_pairs(labels):
+        ends = mu_test[[first, second]]
+        for kind, style in (("linear", "-"), ("spherical", ":")):
+            path = interpolate(ends[0], ends[1], 30, kind)
+            ax.plot(path[:, 0], path[:, 1], style, color="k", lw=0.8)
+    ax.plot([], [], "-", color="k", lw=0.8, label="interpolations: straight")
+    ax.plot([], [], ":", color="k", lw=0.8, label="interpolations: spherical")
 
 
 # ---- a comparison of runs (--betas, --likelihoods) -----------------------------------------------

@@ -54,6 +54,27 @@ DATASETS = {
 }
 
 
+TITLES = {"mnist": "MNIST", "fashion": "Fashion-MNIST"}
+
+# The md5 of each archive's uncompressed IDX bytes, which recompression does not change: they
+# identify a local archive whatever its compression (Fashion-MNIST's are the same in the published
+# archives and in Debian's re-compressed ones).
+CONTENTS = {
+    "mnist": {
+        "train-images-idx3-ubyte.gz": "6bbc9ace898e44ae57da46a324031adb",
+        "train-labels-idx1-ubyte.gz": "a25bea736e30d166cdddb491f175f624",
+        "t10k-images-idx3-ubyte.gz": "2646ac647ad5339dbf082846283269ea",
+        "t10k-labels-idx1-ubyte.gz": "27ae3e4e09519cfbb04c329615203637",
+    },
+    "fashion": {
+        "train-images-idx3-ubyte.gz": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+        "train-labels-idx1-ubyte.gz": "9018921c3c673c538a1fc5bad174d6f9",
+        "t10k-images-idx3-ubyte.gz": "8181f5470baa50b63fa0f6fddb340f0a",
+        "t10k-labels-idx1-ubyte.gz": "15d484375f8d13e6eb1aabb0c3f46965",
+    },
+}
+
+
 class DataError(Exception):
     """Data that cannot be had or cannot be trusted; the message says which file and what to do."""
 
@@ -182,34 +203,107 @@ def load_split(images_path, labels_path):
     return images.reshape(len(images), 28 * 28), labels
 
 
-def load(dataset="mnist", data_dir=None, mirror=None, checksums=None, log=print):
-    """(x_train, y_train, x_test, y_test) of the dataset, images (N, 784) uint8, labels (N,) uint8.
+def content_md5(array, magic):
+    """The md5 of the IDX file's uncompressed bytes, rebuilt from the parsed array: its header
+    (magic and dimensions) and its data. Recompression (as Debian's Fashion-MNIST package did)
+    leaves it as it is, where the .gz checksum changes."""
+    header = struct.pack(">i", magic) + struct.pack(f">{array.ndim}i", *array.shape)
+    return hashlib.md5(header + array.tobytes()).hexdigest()
 
-    Archives already in data_dir are used as they are, validated by structure (re-compressed copies,
-    such as Debian's, have other archive checksums); missing ones are downloaded from `mirror` (or
-    the defaults) and kept only if their checksum matches."""
-    if dataset not in DATASETS:
-        raise DataError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}")
-    data_dir = data_dir or os.path.join("data", dataset)
+
+def identify(name, digest):
+    """The data sets whose published archive `name` holds the bytes with this md5."""
+    return [dataset for dataset, contents in CONTENTS.items() if contents[name] == digest]
+
+
+def new_folders(path):
+    """The folders that os.makedirs(path) would create, deepest first."""
+    created = []
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        created.append(path)
+        path = os.path.dirname(path)
+    return created
+
+
+def fetch_missing(data_dir, dataset, mirror, checksums, log):
+    """Download the archives that are in data_dir neither gzipped nor uncompressed. A failed first
+    download leaves no empty folder behind."""
+    missing = []
+    for name in FILES.values():
+        gz_path = os.path.join(data_dir, name)
+        raw_path = gz_path[:-len(".gz")]
+        if not os.path.exists(gz_path) and not os.path.exists(raw_path):
+            missing.append(name)
+    if not missing:
+        return
     mirrors = [mirror] if mirror else DATASETS[dataset]["mirrors"]
     checksums = checksums or DATASETS[dataset]["checksums"]
-    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
-        raise DataError(f"--data-dir {data_dir} is a file, not a folder")
-    missing = [n for n in FILES.values() if not os.path.exists(os.path.join(data_dir, n))]
-    created = missing and not os.path.isdir(data_dir)
+    created = new_folders(data_dir)
     os.makedirs(data_dir, exist_ok=True)
     try:
         for name in missing:
             log(f"downloading {name} into {data_dir}")
             download(name, mirrors, os.path.join(data_dir, name), checksums[name])
     except BaseException:
-        if created and not os.listdir(data_dir):
-            # leave no empty cache folder behind a failed first download
-            os.rmdir(data_dir)
+        for folder in created:
+            if os.path.isdir(folder) and not os.listdir(folder):
+                os.rmdir(folder)
         raise
-    paths = {key: os.path.join(data_dir, name) for key, name in FILES.items()}
+
+
+def archive_path(data_dir, name, log):
+    """The archive's path: name.gz, or the uncompressed file beside it when only that is there."""
+    gz_path = os.path.join(data_dir, name)
+    raw_path = gz_path[:-len(".gz")]
+    if not os.path.exists(gz_path) and os.path.exists(raw_path):
+        log(f"using the uncompressed {raw_path} (no {name})")
+        return raw_path
+    return gz_path
+
+
+def check_identity(dataset, found, log):
+    """found: {archive name: (path, content md5)}. An archive of another known data set is refused
+    with the option that asks for it; archives that match nothing known are used with a warning."""
+    unknown = []
+    for name, (path, digest) in found.items():
+        matches = identify(name, digest)
+        if dataset in matches:
+            continue
+        if matches:
+            other = matches[0]
+            raise DataError(f"{path} is {TITLES[other]}'s {name}, not {TITLES[dataset]}'s: pass "
+                            f"--dataset {other} to train on it, or point --data-dir at "
+                            f"{TITLES[dataset]}'s archives")
+        unknown.append(os.path.basename(path))
+    if unknown:
+        names = ", ".join(unknown)
+        log(f"warning: {names} match no published {TITLES[dataset]} file (by the md5 of their "
+            f"contents): well-formed IDX, used as they are, but what they hold is unchecked")
+
+
+def load(dataset="mnist", data_dir=None, mirror=None, checksums=None, log=print):
+    """(x_train, y_train, x_test, y_test) of the dataset, images (N, 784) uint8, labels (N,) uint8.
+
+    Archives already in data_dir are used as they are (or, where only the uncompressed file is
+    there, that file), validated by structure and identified by the md5 of their contents; missing
+    ones are downloaded from `mirror` (or the defaults) and kept only if their checksum matches the
+    published archive's."""
+    if dataset not in DATASETS:
+        raise DataError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}")
+    data_dir = data_dir or os.path.join("data", dataset)
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise DataError(f"--data-dir {data_dir} is a file, not a folder")
+    fetch_missing(data_dir, dataset, mirror, checksums, log)
+    paths = {key: archive_path(data_dir, name, log) for key, name in FILES.items()}
     x_train, y_train = load_split(paths["train_images"], paths["train_labels"])
     x_test, y_test = load_split(paths["test_images"], paths["test_labels"])
+    arrays = {"train_images": (x_train.reshape(-1, 28, 28), 2051), "train_labels": (y_train, 2049),
+              "test_images": (x_test.reshape(-1, 28, 28), 2051), "test_labels": (y_test, 2049)}
+    found = {}
+    for key, (array, magic) in arrays.items():
+        found[FILES[key]] = (paths[key], content_md5(array, magic))
+    check_identity(dataset, found, log)
     return x_train, y_train, x_test, y_test
 
 

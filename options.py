@@ -47,8 +47,8 @@ NOT_TOGETHER = {
     "analyze": ("it measures a saved model and trains nothing",
                 ["resume", "betas", "likelihoods", "benchmark", "epochs"] +
                 [k for k in DEFAULTS if k not in ("dataset", "seed", "binarize")]),
-    "resume": ("a run continues with its own options",
-               ["betas", "likelihoods", "benchmark", "overwrite"]),
+    "resume": ("a run continues with its own options", ["betas", "likelihoods", "benchmark"]),
+    "benchmark": ("it writes nothing", ["out", "overwrite"]),
     "betas": ("the experiment sets the KL weight of each run",
               ["beta", "benchmark", "likelihoods"]),
     "likelihoods": ("the experiment sets each run's likelihood",

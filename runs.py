@@ -28,9 +28,9 @@ class ModelFileError(Exception):
 
 # ---- the folder ----------------------------------------------------------------------------------
 
-def check_out(out, fresh, overwrite):
+def check_out(out, fresh, overwrite, own=()):
     """An output folder (--out) must be a folder we can write in; a new run's must hold no other
-    run."""
+    run. own: files that belong to what is written there (an experiment's comparison.json)."""
     parent = out
     while not os.path.isdir(parent):                # the nearest folder that exists
         if os.path.exists(parent):
@@ -42,7 +42,7 @@ def check_out(out, fresh, overwrite):
     except OSError as err:
         raise FolderError(f"--out {out}: cannot write in {parent} ({err.strerror}); choose "
                           f"another --out")
-    held = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+    held = [f for f in RUN_FILES if f not in own and os.path.exists(os.path.join(out, f))]
     if fresh and held and not overwrite:
         checkpoint = os.path.join(out, "checkpoint.npz")
         raise FolderError(f"{out} holds another run ({', '.join(held)}): continue it with --resume "
@@ -64,7 +64,7 @@ def lock(fd, path):
 
 
 @contextlib.contextmanager
-def claim(out, fresh, overwrite):
+def claim(out, fresh, overwrite, own=()):
     """Create the folder and hold its lock while a run writes into it: a second run into the same
     folder is refused. The lock is on the file .lock, removed at the end; a crashed run's lock ends
     with it."""
@@ -79,7 +79,7 @@ def claim(out, fresh, overwrite):
         raise FolderError(f"{out} is in use by another run; wait for it to end, or choose "
                           f"another --out")
     try:
-        check_out(out, fresh, overwrite)            # again, now that no other run can write there
+        check_out(out, fresh, overwrite, own)       # again, now that no other run can write there
         # the old run's files go before the new run writes any
         if fresh and overwrite:
             for f in os.listdir(out):
@@ -124,6 +124,14 @@ def default_out(cfg, recipe):
         if cfg[key] != recipe[key]:
             parts.append(short + number_text(cfg[key]))
     return os.path.join("runs", "-".join(parts))
+
+
+def is_complete(out):
+    """Whether the run in out is finished: its model saved and its measurements in metrics.json,
+    which is written last."""
+    metrics = read_metrics(os.path.join(out, "metrics.json"))
+    has_model = os.path.exists(os.path.join(out, "model.npz"))
+    return has_model and "test_loss" in metrics and "aggregate_posterior" in metrics
 
 
 # ---- the model and the checkpoint ----------------------------------------------------------------

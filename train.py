@@ -10,6 +10,7 @@
 import argparse
 import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -22,6 +23,7 @@ import figures
 import mnist
 import models
 import report
+import resources
 import runs
 import speed
 from autograd import Adam
@@ -157,10 +159,10 @@ def train_epoch(model, opt, x_train, state, cfg, stop, progress):
     return True
 
 
-def train(model, opt, x_train, x_test, state, cfg, checkpoint):
+def train(model, opt, x_train, x_test, state, cfg, checkpoint, resumed_from=None):
     """Epochs until cfg['epochs'], the test loss and a checkpoint after each (none if checkpoint is
     None). Ctrl-C finishes the step in flight, saves a checkpoint and returns False; a second Ctrl-C
-    stops at once."""
+    stops at once. resumed_from: the checkpoint the run started from, if any."""
     stop = {"requested": False}
 
     def on_sigint(signum, frame):
@@ -182,6 +184,8 @@ def train(model, opt, x_train, x_test, state, cfg, checkpoint):
     except NonFiniteLoss as err:
         if os.path.exists(checkpoint or ""):
             kept = f"the last good checkpoint is {checkpoint}"
+        elif resumed_from:
+            kept = f"the last good checkpoint is {resumed_from}, which it started from"
         else:
             kept = "no checkpoint was written"
         raise NonFiniteLoss(f"{err}; stopped, {kept}. Try a smaller --lr")
@@ -236,16 +240,88 @@ def folder_of(path):
     return os.path.dirname(path) or "."
 
 
+def same_folder(a, b):
+    return os.path.abspath(a) == os.path.abspath(b)
+
+
+def model_to_analyze(path):
+    """--analyze takes a model.npz, or the folder of a finished run."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "model.npz")
+        if not os.path.isfile(path):
+            raise UsageError(f"--analyze {folder_of(path)}: that folder holds no model.npz; pass "
+                             f"the model.npz of a finished run")
+    if os.path.basename(path) == "checkpoint.npz":
+        raise UsageError(f"--analyze {path}: that is a training checkpoint, not a model; "
+                         f"python train.py --resume {path} finishes its run (training and "
+                         f"measurements), or pass a model.npz")
+    return path
+
+
+def output_folder(args, cfg, path, state, extends):
+    """(out, fresh): where the run writes, and whether that folder must not hold another run.
+    A resumed run writes beside its checkpoint, unless it extends a finished run: then into a new
+    folder named for its epochs, or into the old one only with --out naming it and --overwrite."""
+    if args.resume and not extends and args.overwrite:
+        raise UsageError("--resume and --overwrite do not go together: a run continues with its "
+                         "own files (--overwrite only replaces a finished run extended to more "
+                         "epochs in its own folder)")
+    if extends:
+        out = args.out or runs.default_out(cfg, DEFAULTS)
+        old = folder_of(path)
+        if same_folder(out, old) and not args.overwrite:
+            new_folder = runs.default_out(cfg, DEFAULTS)
+            raise UsageError(f"{old} holds a finished {state['epoch']}-epoch run: training it to "
+                             f"{cfg['epochs']} epochs would replace it; drop --out to extend it "
+                             f"into {new_folder}, or add --overwrite to replace it")
+        return out, True
+    if args.out:
+        out = args.out
+    elif path:
+        out = folder_of(path)
+    else:
+        out = runs.default_out(cfg, DEFAULTS)
+    fresh = not path or not same_folder(out, folder_of(path))
+    return out, fresh
+
+
+def check_not_in_data(out, args, cfg):
+    """A run's files never go among the data set's archives."""
+    data_dir = args.data_dir or os.path.join("data", cfg["dataset"])
+    out_path = os.path.abspath(out)
+    data_path = os.path.abspath(data_dir)
+    if out_path == data_path or out_path.startswith(data_path + os.sep):
+        raise UsageError(f"--out {out} is inside the data folder {data_dir}: a run's files do not "
+                         f"go among the archives; choose another --out")
+
+
+def check_resources(args, cfg, model):
+    """Refuse, before any work, a run whose arrays would not fit in this machine's memory."""
+    if model is not None:
+        components = models.components_of(model)
+    elif cfg["prior"] == "standard":
+        components = 0
+    else:
+        components = cfg["prior_components"] or models.DEFAULT_COMPONENTS[cfg["prior"]]
+    parts = resources.estimate(cfg, 784, components, args.iw_samples, args.gmm_components)
+    reason = resources.check_memory(parts, resources.available_bytes())
+    if reason:
+        raise UsageError(reason)
+
+
 def prepare(args):
     """(cfg, model, opt, state, out, fresh) from the options and files alone: every check that needs
     no data, before any download or training. model is None for a new run; fresh: the output folder
-    is not the run's own."""
+    must not hold another run."""
     model = None
     opt = None
     state = None
+    extends = False
     path = args.analyze or args.resume
     # the run's options come from the metrics.json beside the model
     if args.analyze:
+        path = model_to_analyze(path)
+        args.analyze = path
         model, _ = runs.load_model(path)
         beside = runs.read_metrics(os.path.join(folder_of(path), "metrics.json")).get("config", {})
         cfg = {**DEFAULTS, **beside}
@@ -256,20 +332,22 @@ def prepare(args):
     elif args.resume:
         model, opt, state, saved = runs.load_checkpoint(path)
         cfg = resume_config(args, path, state, saved)
+        own_target = saved.get("epochs", 10)
+        finished = state["epoch"] >= own_target and runs.is_complete(folder_of(path))
+        extends = finished and cfg["epochs"] > state["epoch"]
     else:
         cfg = prepare_config(args)
     if not args.analyze and cfg["kl_warmup"] > cfg["epochs"]:
         raise UsageError(f"--kl-warmup {cfg['kl_warmup']} is longer than the {cfg['epochs']} "
                          f"epochs: the KL weight would never reach beta; shorten the warm-up or "
                          f"train longer")
-    if args.out:
-        out = args.out
-    elif path:
-        out = folder_of(path)
-    else:
-        out = runs.default_out(cfg, DEFAULTS)
-    fresh = not path or os.path.abspath(out) != os.path.abspath(folder_of(path))
+    check_resources(args, cfg, model)
+    out, fresh = output_folder(args, cfg, path, state, extends)
+    if extends:
+        print(f"{path}: its run finished at epoch {state['epoch']}; training it on to epoch "
+              f"{cfg['epochs']} in {out} ({folder_of(path)} stays as it is)")
     if not args.benchmark:
+        check_not_in_data(out, args, cfg)
         runs.check_out(out, fresh, args.overwrite)
     return cfg, model, opt, state, out, fresh
 
@@ -318,21 +396,55 @@ def benchmark(model, opt, state, cfg, x_train, x_test, args):
     speed.speed(model, opt, make_batch, x_train, x_test, cfg, state, args)
 
 
-def resume_command(checkpoint, data_dir):
-    """The command that continues an interrupted run."""
+def continue_command(args, checkpoint):
+    """The command that finishes an interrupted run: the experiment's own command for a run of an
+    experiment, else --resume of its checkpoint."""
+    if getattr(args, "experiment_command", None):
+        return args.experiment_command
     command = f"python train.py --resume {checkpoint}"
-    if data_dir:
-        command += f" --data-dir {data_dir}"
+    if args.data_dir:
+        command += f" --data-dir {args.data_dir}"
     return command
+
+
+def finish(model, state, cfg, x_train, x_test, y_test, out, args):
+    """After training: the test loss, model.npz, the run's figures, then the measurements and their
+    figures; metrics.json, written last, marks the run complete."""
+    loss, recon, kl = analysis.negative_elbo(model, x_test, cfg["seed"])   # beta = 1: the -ELBO
+    print(f"test negative ELBO {loss:.2f} nats (recon {recon:.2f} + kl {kl:.2f})")
+    runs.save_model(model, os.path.join(out, "model.npz"))
+    figures.save(out, figures.run_figures(model, x_test, state, cfg["seed"]))
+    metrics = {"config": cfg}
+    for name in EPOCH_RECORDS:
+        metrics[name] = state[name]
+    metrics["gradient_paths"] = state["gradient_paths"]
+    metrics["gradient_paths_per_unit"] = state["gradient_paths_per_unit"]
+    metrics["test_loss"] = loss
+    metrics["test_recon"] = recon
+    metrics["test_kl"] = kl
+    mean_epoch = np.mean(state["epoch_seconds"] or np.nan)
+    metrics["examples_per_second"] = len(x_train) / mean_epoch
+    return report.measure_and_draw(model, metrics, cfg, x_train, x_test, y_test, out, args)
+
+
+def finished_result(out, args):
+    """A complete run's result, read from its folder (for an experiment's comparison)."""
+    model, _ = runs.load_model(os.path.join(out, "model.npz"))
+    metrics = runs.read_metrics(os.path.join(out, "metrics.json"))
+    _, x_test, y_test = load_data(args, metrics["config"], model)
+    return {"model": model, "metrics": metrics, "x_test": x_test, "y_test": y_test}
 
 
 def run(args):
     """Train a new run (or --resume one), or take a saved model (--analyze); then measure it and
     draw it. Returns (exit code, {"model", "metrics", "x_test", "y_test"} of a finished run)."""
     cfg, model, opt, state, out, fresh = prepare(args)
-    if args.resume and state["epoch"] >= cfg["epochs"]:
-        print(f"{args.resume}: already at epoch {state['epoch']} of {cfg['epochs']}: nothing to "
-              f"train (--epochs {state['epoch'] + 1} or more trains on)")
+    checkpoint = os.path.join(out, "checkpoint.npz")
+    trained = args.resume and state["epoch"] >= cfg["epochs"]
+    if trained and runs.is_complete(out):
+        print(f"{args.resume}: the run is finished, at epoch {state['epoch']} of {cfg['epochs']} "
+              f"with its measurements in {out}: nothing to do; --epochs {state['epoch'] + 1} or "
+              f"more trains it on, into a new folder")
         return 0, None
     x_train, x_test, y_test = load_data(args, cfg, model)
     if model is None:
@@ -346,32 +458,25 @@ def run(args):
             result = report.measure_and_draw(model, metrics, cfg, x_train, x_test, y_test, out,
                                              args)
             return 0, result
-        print(console.run_header(cfg, model, state, len(x_train), len(x_test), out))
-        checkpoint = os.path.join(out, "checkpoint.npz")
-        if not train(model, opt, x_train, x_test, state, cfg, checkpoint):
-            print(console.interrupted_line(state, resume_command(checkpoint, args.data_dir)))
+        if trained:
+            print(f"{args.resume}: training is done (epoch {state['epoch']} of {cfg['epochs']}); "
+                  f"finishing its measurements in {out}")
+        else:
+            print(console.run_header(cfg, model, state, len(x_train), len(x_test), out))
+            if not train(model, opt, x_train, x_test, state, cfg, checkpoint, args.resume):
+                print(console.interrupted_line(state, continue_command(args, checkpoint)))
+                return 130, None
+        try:
+            return 0, finish(model, state, cfg, x_train, x_test, y_test, out, args)
+        except KeyboardInterrupt:
+            print(f"\ninterrupted after training, before the measurements were complete; finish "
+                  f"them with: {continue_command(args, checkpoint)}", file=sys.stderr)
             return 130, None
-        loss, recon, kl = analysis.negative_elbo(model, x_test, cfg["seed"])   # beta = 1: the -ELBO
-        print(f"test negative ELBO {loss:.2f} nats (recon {recon:.2f} + kl {kl:.2f})")
-        runs.save_model(model, os.path.join(out, "model.npz"))
-        figures.save(out, figures.run_figures(model, x_test, state, cfg["seed"]))
-        metrics = {"config": cfg}
-        for name in EPOCH_RECORDS:
-            metrics[name] = state[name]
-        metrics["gradient_paths"] = state["gradient_paths"]
-        metrics["gradient_paths_per_unit"] = state["gradient_paths_per_unit"]
-        metrics["test_loss"] = loss
-        metrics["test_recon"] = recon
-        metrics["test_kl"] = kl
-        mean_epoch = np.mean(state["epoch_seconds"] or np.nan)
-        metrics["examples_per_second"] = len(x_train) / mean_epoch
-        result = report.measure_and_draw(model, metrics, cfg, x_train, x_test, y_test, out, args)
-        return 0, result
 
 
 def experiment_runs(args, out):
-    """{name: options} of each run of --betas or --likelihoods, each in a folder of its own in out.
-    """
+    """{name: options} of each run of --betas or --likelihoods, each in a folder of its own in
+    out."""
     variants = {}
     if args.betas:
         for beta in args.betas:
@@ -391,21 +496,45 @@ def experiment_runs(args, out):
     return {name: argparse.Namespace(**{**vars(args), **v}) for name, v in variants.items()}
 
 
+def reuse_or_resume(sub):
+    """An experiment's run whose folder already holds its run (the same command, run before) is
+    reused if finished, else continued from its checkpoint (interrupted, or trained but not yet
+    measured). --overwrite trains every run anew."""
+    checkpoint = os.path.join(sub.out, "checkpoint.npz")
+    if sub.overwrite or not os.path.exists(checkpoint):
+        return "new"
+    sub.resume = checkpoint
+    sub.out = None
+    if runs.is_complete(folder_of(checkpoint)):
+        return "finished"
+    return "continued"
+
+
 def experiment(args):
     """--betas or --likelihoods: the same recipe and seed trained once per KL weight or likelihood,
     each run in its own folder <out>/beta-<BETA> or <out>/<SPEC>; then the table (printed, and
-    comparison.json) and the figures."""
+    comparison.json) and the figures. Run again with the same options, it reuses the finished runs,
+    continues an interrupted one, and writes the comparison."""
     if args.out:
         out = args.out
     else:
         suffix = "-betas" if args.betas else "-likelihoods"
         out = runs.default_out(prepare_config(args), DEFAULTS) + suffix
     every = experiment_runs(args, out)
-    for sub in every.values():          # every run's folder is checked before the first one trains
-        prepare(sub)
-    with runs.claim(out, True, args.overwrite):
+    plans = {}
+    for name, sub in every.items():
+        sub.experiment_command = args.command
+        plans[name] = reuse_or_resume(sub)
+        prepare(sub)                    # every run's folder is checked before the first one trains
+    with runs.claim(out, True, args.overwrite, own=("comparison.json",)):
         results = {}
         for name, sub in every.items():
+            if plans[name] == "finished":
+                print(f"{folder_of(sub.resume)}: finished before, reused")
+                results[name] = finished_result(folder_of(sub.resume), sub)
+                continue
+            if plans[name] == "continued":
+                print(f"{sub.resume}: continuing this run of the experiment")
             code, results[name] = run(sub)
             if code:
                 return code
@@ -416,6 +545,8 @@ def experiment(args):
 
 def main(argv=None):
     args = parse_args(argv, __doc__)
+    given = sys.argv[1:] if argv is None else argv
+    args.command = "python train.py " + shlex.join(given)
     errors = (mnist.DataError, runs.FolderError, runs.ModelFileError, runs.MetricsError,
               NonFiniteLoss, UsageError)
     try:
