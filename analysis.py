@@ -21,32 +21,12 @@ import time
 import numpy as np
 
 import mnist
-from codes import interpolate
+from codes import draw_codes, encode_all, interpolate
 from gmm import fit_gmm, gmm_log_density, gmm_sample
 from priors import logsumexp
 from vae import LOG_2PI, log_normal, reparameterize_forward
 
 FITTED_CODES = 20000    # the mixture that stands in for q(z) is fitted to this many training codes
-
-
-def encode_all(model, images, batch_size=1000):
-    """mu, log_var (N, Z) in float64 of every uint8 image, a batch at a time (no float copy of the
-    set)."""
-    mus = []
-    log_vars = []
-    for i in range(0, len(images), batch_size):
-        x = mnist.to_float(images[i:i + batch_size], model.dtype)
-        mu, log_var = model.encode(x)
-        mus.append(mu)
-        log_vars.append(log_var)
-    return np.concatenate(mus).astype(np.float64), np.concatenate(log_vars).astype(np.float64)
-
-
-def draw_codes(mu, log_var, rng):
-    """One z_n ~ q(z|x_n) per row: together, draws from the aggregated posterior q(z)."""
-    eps = rng.standard_normal(mu.shape)
-    z, _ = reparameterize_forward(mu, log_var, eps)
-    return z
 
 
 def negative_elbo(model, images, seed, batch_size=250):

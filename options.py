@@ -13,6 +13,10 @@ DEFAULTS = {"dataset": "mnist", "hidden": 400, "latent": 20, "prior": "standard"
             "prior_components": None, "likelihood": "bernoulli", "decoder_sigma": None,
             "batch_size": 128, "lr": 1e-3, "seed": 0, "beta": 1.0, "kl_warmup": 0,
             "binarize": False}
+# The measurements after training. A run records them, so that finishing it later (--resume)
+# measures as it would have; --analyze and --resume take them from the run unless given.
+MEASURE_DEFAULTS = {"iw_samples": 100, "gmm_components": 10, "gmm_covariance": "full",
+                    "posterior_image": 0}
 # The options that make the model what it is: a checkpoint cannot change them.
 ARCHITECTURE = ("hidden", "latent", "prior", "prior_components", "likelihood", "decoder_sigma")
 # --likelihoods' default runs.
@@ -35,11 +39,11 @@ NUMBERS = [  # the numeric flags: the least value allowed, and the default (None
     {"flag": "--kl-warmup", "type": int, "least": 0, "default": None,
      "help": "epochs over which the KL weight rises linearly from 0 to beta (default: 0)"},
     {"flag": "--seed", "type": int, "least": 0, "default": None, "help": "default: 0"},
-    {"flag": "--iw-samples", "type": int, "least": 1, "default": 100,
+    {"flag": "--iw-samples", "type": int, "least": 1, "default": None,
      "help": "S importance samples per test image for iw_nll (default: 100; Burda et al.: 5000)"},
-    {"flag": "--gmm-components", "type": int, "least": 1, "default": 10,
+    {"flag": "--gmm-components", "type": int, "least": 1, "default": None,
      "help": "components of the mixture fitted to the aggregated posterior (default: 10)"},
-    {"flag": "--posterior-image", "type": int, "least": 0, "default": 0,
+    {"flag": "--posterior-image", "type": int, "least": 0, "default": None,
      "help": "index of the test image whose posterior is sampled (default: 0)"},
 ]
 # An option, why it cannot go with the others listed, and those others.
@@ -114,7 +118,7 @@ def build_parser(description):
     for option in NUMBERS:
         p.add_argument(option["flag"], type=option["type"], default=option["default"],
                        help=option["help"])
-    p.add_argument("--gmm-covariance", choices=("full", "diag"), default="full",
+    p.add_argument("--gmm-covariance", choices=("full", "diag"),
                    help="default: full")
     p.add_argument("--out",
                    help="output folder (default: runs/<dataset>-h<hidden>-z<latent>-s<seed>[-...])")

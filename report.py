@@ -7,6 +7,7 @@ import os
 import numpy as np
 
 import analysis
+import codes
 import console
 import figures
 import mnist
@@ -48,6 +49,7 @@ COMPARISON_COLUMNS = [  # title, key in a row, format
     ("KL(q(z)||p(z))", "kl_aggregate_prior", "{:.2f}"),
     ("I(x;z)", "mutual_information", "{:.2f}"),
     ("holes", "prior_hole_fraction", "{:.1%}"),
+    ("paths in holes: linear / spherical", "path_holes", "{0[0]:.1%} / {0[1]:.1%}"),
     ("sigma", "decoder_sigma", "{:.4g}"),
     ("pull on mu: recon / KL", "pulls_on_mu", "{0[0]:.3g} / {0[1]:.3g}"),
 ]
@@ -62,6 +64,10 @@ def comparison_row(name, metrics):
     pulls = None
     if paths["recon_mu"]:
         pulls = [paths["recon_mu"][-1], paths["kl_mu"][-1]]
+    path_holes = None
+    if "interpolation" in metrics:       # between test codes
+        walks = metrics["interpolation"]["codes"]
+        path_holes = [walks["linear"]["hole_fraction"], walks["spherical"]["hole_fraction"]]
     config = metrics["config"]
     return {"run": name,
             "beta": config["beta"],
@@ -77,7 +83,8 @@ def comparison_row(name, metrics):
             "variance_range": [min(a["variance"]), max(a["variance"])],
             "kl_aggregate_prior": a["kl_aggregate_prior"],
             "mutual_information": a["mutual_information"],
-            "prior_hole_fraction": a["prior_hole_fraction"]}
+            "prior_hole_fraction": a["prior_hole_fraction"],
+            "path_holes": path_holes}
 
 
 def comparison_table(rows):
@@ -103,13 +110,14 @@ def compare(results, out, image_index, prefix):
     print(comparison_table(rows))
     last = list(results.values())[-1]
     models = {name: result["model"] for name, result in results.items()}
-    codes = {}
+    latent_codes = {}
     if all(model.latent == 2 for model in models.values()):
         for name, model in models.items():
-            mu, _ = analysis.encode_all(model, last["x_test"])
-            codes[name] = mu
+            mu, _ = codes.encode_all(model, last["x_test"])
+            latent_codes[name] = mu
     seed = last["metrics"]["config"]["seed"]
-    figs = figures.comparison_figures(models, codes, last["x_test"], last["y_test"], image_index,
+    figs = figures.comparison_figures(models, latent_codes, last["x_test"], last["y_test"],
+                                      image_index,
                                       seed, prefix)
     figures.save(out, figs)
     print(f"wrote comparison.json and the figures that compare the runs to {out}")

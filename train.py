@@ -27,7 +27,8 @@ import resources
 import runs
 import speed
 from autograd import Adam
-from options import ARCHITECTURE, DEFAULTS, LIKELIHOOD_RUNS, UsageError, likelihood_run, parse_args
+from options import (ARCHITECTURE, DEFAULTS, LIKELIHOOD_RUNS, MEASURE_DEFAULTS, UsageError,
+                     likelihood_run, parse_args)
 
 # What an epoch records, one value per epoch each: the means over the epoch's examples of the loss
 # and its parts, of the objective recon + beta * KL and of beta; the test loss at the epoch's end;
@@ -285,6 +286,16 @@ def output_folder(args, cfg, path, state, extends):
     return out, fresh
 
 
+def settle_measurements(args, cfg):
+    """The measurement options: as given, else as the run recorded them, else the defaults; set on
+    args (which the measurements read) and recorded in cfg["measure"]."""
+    recorded = cfg.get("measure", {})
+    for k, default in MEASURE_DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, recorded.get(k, default))
+    cfg["measure"] = {k: getattr(args, k) for k in MEASURE_DEFAULTS}
+
+
 def check_not_in_data(out, args, cfg):
     """A run's files never go among the data set's archives."""
     data_dir = args.data_dir or os.path.join("data", cfg["dataset"])
@@ -341,6 +352,7 @@ def prepare(args):
         raise UsageError(f"--kl-warmup {cfg['kl_warmup']} is longer than the {cfg['epochs']} "
                          f"epochs: the KL weight would never reach beta; shorten the warm-up or "
                          f"train longer")
+    settle_measurements(args, cfg)
     check_resources(args, cfg, model)
     out, fresh = output_folder(args, cfg, path, state, extends)
     if extends:
@@ -520,6 +532,7 @@ def experiment(args):
     else:
         suffix = "-betas" if args.betas else "-likelihoods"
         out = runs.default_out(prepare_config(args), DEFAULTS) + suffix
+    settle_measurements(args, {})
     every = experiment_runs(args, out)
     plans = {}
     for name, sub in every.items():

@@ -57,12 +57,12 @@ def test_the_comparison_table_shows_every_column_of_every_row():
     row = {"run": "beta = 0.3", "recon": 230.0, "kl": 9.5, "negative_elbo": 239.5, "iw_nll": 237.25,
            "bits_per_dim": None, "active_units": 12, "variance_range": [0.25, 1.5],
            "kl_aggregate_prior": 2.0, "mutual_information": 7.5, "prior_hole_fraction": 0.125,
-           "decoder_sigma": 0.0812, "pulls_on_mu": [5.7, 0.77]}
+           "decoder_sigma": 0.0812, "pulls_on_mu": [5.7, 0.77], "path_holes": [0.25, 0.0625]}
     lines = report.comparison_table([row]).splitlines()
     assert lines[0].startswith("| run | recon | KL | test -ELBO | iw_nll | bits/dim |")
     assert len(lines) == 3
     assert lines[2] == ("| beta = 0.3 | 230.00 | 9.50 | 239.50 | 237.25 | - | 12 | 0.25-1.50 | "
-                        "2.00 | 7.50 | 12.5% | 0.0812 | 5.7 / 0.77 |")
+                        "2.00 | 7.50 | 12.5% | 25.0% / 6.2% | 0.0812 | 5.7 / 0.77 |")
 
 
 @pytest.fixture(scope="module")

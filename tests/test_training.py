@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import analysis
+import codes
 import console
 import mnist
 import runs
@@ -167,9 +168,9 @@ def test_analyze_into_a_new_folder_takes_the_runs_options_from_beside_the_model(
     model, _ = runs.load_model(str(binary_warmup_run / "model.npz"))
     _, _, x_test, _ = mnist.load("mnist", data_dir)
     binary = mnist.binarize(x_test, np.random.default_rng(mnist.TEST_BINARIZATION_SEED))
-    mu, _ = analysis.encode_all(model, binary)          # the binarized test set, as the run used
+    mu, _ = codes.encode_all(model, binary)          # the binarized test set, as the run used
     np.testing.assert_allclose(a["mean"], mu.mean(0), rtol=1e-9)
-    grey, _ = analysis.encode_all(model, x_test)
+    grey, _ = codes.encode_all(model, x_test)
     assert not np.allclose(a["mean"], grey.mean(0), rtol=1e-6)
 
 
