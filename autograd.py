@@ -3,7 +3,8 @@
 Every layer follows one contract (the CS231n one, with the cache kept on the layer):
     y = layer.forward(x)       keeps exactly what backward needs
     dx = layer.backward(dy)    returns dL/dx and stores dL/dparam in layer.grads
-Shapes: x is (B, n_in), y is (B, n_out); B is the batch size.
+Shapes: x is (B, n_in), y is (B, n_out); B is the batch size. ReLU's forward overwrites its input,
+the fresh output of the Linear before it.
 """
 import numpy as np
 
@@ -21,7 +22,9 @@ class Linear:
 
     def forward(self, x):
         self.x = x                                  # backward needs x for dW
-        return x @ self.params["W"] + self.params["b"]
+        y = x @ self.params["W"]
+        y += self.params["b"]                       # y = x W + b, the bias added in place
+        return y
 
     def backward(self, dy, need_dx=True):
         """need_dx=False skips dL/dx where nobody uses it (the encoder's input is data)."""
@@ -40,8 +43,10 @@ class ReLU:
         self.grads = {}
 
     def forward(self, x):
-        self.y = np.maximum(x, 0)
-        return self.y
+        # In place: x is the fresh output of a Linear, which nothing else keeps. (Decoding many
+        # codes at once, as iw_nll does, then needs one array of activations less.)
+        self.y = np.maximum(x, 0, out=x)
+        return self.y                               # backward needs y unchanged
 
     def backward(self, dy):
         return dy * (self.y > 0)                    # dL/dx = dy * 1[x > 0] = dy * 1[y > 0]

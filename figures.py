@@ -326,6 +326,13 @@ def interpolation_pairs(labels, n_pairs=8):
     return pairs
 
 
+def label_rows(ax, labels, colours=None):
+    """Write a label left of each row of an image_grid (rows of 29 pixels)."""
+    for row, label in enumerate(labels):
+        colour = "black" if colours is None else colours[row]
+        ax.text(-4, 29 * row + 15, label, ha="right", va="center", fontsize=7, color=colour)
+
+
 def interpolations(model, x_test, mu_test, labels, seed, steps=10):
     """For 8 pairs of test images of different classes: both images, and the images decoded at
     `steps` points between their posterior means, the straight path above the spherical one; then
@@ -333,8 +340,6 @@ def interpolations(model, x_test, mu_test, labels, seed, steps=10):
     pairs = interpolation_pairs(labels)
     rng = np.random.default_rng([seed, 8])
     prior_pair = model.sample_z(2, rng)
-    fig = new_figure(figsize=(9, 0.85 * 2 * (len(pairs) + 1) + 0.6))
-    axes = fig.subplots(2 * (len(pairs) + 1), 1)
     ends = []
     for first, second in pairs:
         x = mnist.to_float(x_test[[first, second]], model.dtype)
@@ -342,19 +347,20 @@ def interpolations(model, x_test, mu_test, labels, seed, steps=10):
         ends.append({"z": mu_test[[first, second]], "images": x, "label": label})
     prior_images = model.likelihood.mean(model.decode(prior_pair.astype(model.dtype)))
     ends.append({"z": prior_pair, "images": prior_images, "label": "prior draws"})
-    row = 0
+    rows = []
+    row_labels = []
     for end in ends:
         for kind in ("linear", "spherical"):
             path = interpolate(end["z"][0], end["z"][1], steps + 2, kind)[1:-1]
             decoded = model.likelihood.mean(model.decode(path.astype(model.dtype)))
-            images = np.concatenate([end["images"][:1], decoded, end["images"][1:]])
-            ax = axes[row]
-            image_grid(ax, images, rows=1)
-            ax.text(-0.01, 0.5, f"{end['label']}\n{kind}", transform=ax.transAxes, ha="right",
-                    va="center", fontsize=7)
-            row += 1
-    fig.suptitle("interpolations: the two ends, and 10 decoded points between their codes "
-                 "(straight above, spherical below)", fontsize=9)
+            rows.append(np.concatenate([end["images"][:1], decoded, end["images"][1:]]))
+            row_labels.append(f"{end['label']}, {kind}")
+    fig = new_figure(figsize=(7, 0.5 * len(rows) + 0.6))
+    ax = fig.subplots()
+    image_grid(ax, np.concatenate(rows), rows=len(rows))
+    label_rows(ax, row_labels)
+    ax.set_title("interpolations: the two ends, and 10 decoded points between their codes\n"
+                 "(straight, then spherical)", fontsize=9)
     return fig
 
 
@@ -365,18 +371,22 @@ def traversals(model, mu_test, activity, image_index, steps=11):
     activity = np.asarray(activity)
     order = np.argsort(-activity)
     values = np.linspace(-3, 3, steps)
-    fig = new_figure(figsize=(8, 0.62 * len(order) + 0.7))
-    axes = fig.subplots(len(order), 1, squeeze=False)[:, 0]
-    for ax, unit in zip(axes, order):
+    rows = []
+    row_labels = []
+    colours = []
+    for unit in order:
         walk = traverse(mu_test[image_index], unit, values).astype(model.dtype)
-        image_grid(ax, model.likelihood.mean(model.decode(walk)), rows=1)
+        rows.append(model.likelihood.mean(model.decode(walk)))
         active = activity[unit] > 0.01
-        colour = "black" if active else "0.6"
         state = "" if active else " (inactive)"
-        ax.text(-0.01, 0.5, f"z{unit}: {activity[unit]:.2f}{state}", transform=ax.transAxes,
-                ha="right", va="center", fontsize=7, color=colour)
-    fig.suptitle(f"traversals from test image {image_index}'s code: one unit from -3 to 3, the "
-                 f"others fixed; units by activity Var_x E[z|x]", fontsize=9)
+        row_labels.append(f"z{unit}: {activity[unit]:.2f}{state}")
+        colours.append("black" if active else "0.6")
+    fig = new_figure(figsize=(6, 0.45 * len(rows) + 0.7))
+    ax = fig.subplots()
+    image_grid(ax, np.concatenate(rows), rows=len(rows))
+    label_rows(ax, row_labels, colours)
+    ax.set_title(f"traversals from test image {image_index}'s code: one unit from -3 to 3, the "
+                 f"others fixed;\nunits by activity Var_x E[z|x]", fontsize=9)
     return fig
 
 
