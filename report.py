@@ -9,6 +9,7 @@ import numpy as np
 import analysis
 import codes
 import console
+import explorer
 import figures
 import mnist
 import runs
@@ -28,6 +29,9 @@ def measure_and_draw(model, metrics, cfg, x_train, x_test, y_test, out, args):
     figs = figures.analysis_figures(model, x_test, y_test, found, args.posterior_image, cfg["seed"],
                                     class_names)
     figures.save(out, figs)
+    if model.latent == 2:       # explorer.html: the plane, decoded live in a browser
+        threshold = measured["aggregate_posterior"]["hole_log_density_threshold"]
+        explorer.write_explorer(out, model, found, threshold, x_test, y_test, class_names)
     metrics = {**metrics, **measured}
     runs.write_metrics(os.path.join(out, "metrics.json"), metrics)
     written = "metrics.json and figures" if args.analyze else "model.npz, metrics.json and figures"

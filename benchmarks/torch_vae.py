@@ -161,6 +161,20 @@ def main():
               f"train-images-idx3-ubyte.gz and t10k-images-idx3-ubyte.gz", file=sys.stderr)
         sys.exit(1)
     vae = make_vae(args.hidden, args.latent)
+    epoch_seconds, test_loss = train(vae, x_train, x_test, args)
+    epoch_s_median = statistics.median(epoch_seconds) if epoch_seconds else None
+    test_iw_nll = iw_nll(vae, x_test, args.iw_samples) if args.iw_samples > 0 else None
+    result = {"epoch_seconds": [round(s, 4) for s in epoch_seconds],
+              "epoch_s_median": epoch_s_median,
+              "test_loss": test_loss,
+              "iw_nll": test_iw_nll,
+              "flush_denormal": args.flush_denormal}
+    print(json.dumps(result))
+
+
+def train(vae, x_train, x_test, args):
+    """The epochs, each timed (its training steps only) and followed by the test loss: (epoch
+    seconds, the last test loss)."""
     opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
     epoch_seconds = []
     test_loss = None
@@ -182,14 +196,7 @@ def main():
         test_loss /= len(x_test)
         print(f"epoch {epoch:3d}  train {train_loss / len(x_train):8.2f}  test {test_loss:8.2f}  "
               f"{epoch_seconds[-1]:5.2f} s", flush=True)
-    epoch_s_median = statistics.median(epoch_seconds) if epoch_seconds else None
-    test_iw_nll = iw_nll(vae, x_test, args.iw_samples) if args.iw_samples > 0 else None
-    result = {"epoch_seconds": [round(s, 4) for s in epoch_seconds],
-              "epoch_s_median": epoch_s_median,
-              "test_loss": test_loss,
-              "iw_nll": test_iw_nll,
-              "flush_denormal": args.flush_denormal}
-    print(json.dumps(result))
+    return epoch_seconds, test_loss
 
 
 if __name__ == "__main__":

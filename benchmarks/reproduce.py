@@ -1,0 +1,578 @@
+"""Regenerate every number and figure the README shows, from one command and one commit.
+
+    python benchmarks/reproduce.py --data-dir /usr/share/datasets/fashion-mnist
+    python benchmarks/reproduce.py --data-dir DIR --only recipe       # one part
+    python benchmarks/reproduce.py --data-dir DIR --torch-python /work/torchenv/bin/python
+
+Each part trains and measures with train.py (runs/reproduce/<part>/..., ignored by git), copies the
+figures the README embeds into docs/figures/<part>/, and records its numbers, its Markdown table,
+the commit and its wall time in docs/results.json. A part whose record is of the current code commit
+and whose figures exist is skipped: run the command again after an interruption and it goes on where
+it stopped. Then the README's tables, between <!-- table:NAME --> and <!-- /table --> markers, are
+written from the records. The parts that need PyTorch (torch, speed) run with --torch-python, an
+interpreter that imports torch (never a dependency of the project), and are skipped without it.
+About 45 minutes on 2 cores for all parts (docs/results.json has each part's time).
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEEDS = (0, 1, 2)
+
+
+class PartError(Exception):
+    """A part's command failed; the message has its last lines."""
+
+
+# ---- running commands ----------------------------------------------------------------------------
+
+def run_command(command, log):
+    """Run a command (a list) from the repository's root; its stdout. Raises PartError."""
+    log("  $ " + " ".join(command))
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = "\n".join((done.stdout + done.stderr).splitlines()[-5:])
+        raise PartError(f"{' '.join(command)} exited with {done.returncode}:\n{tail}")
+    return done.stdout
+
+
+TRAIN_FLAGS = []       # --train-flags: added to every train.py command (the tests' small runs)
+
+
+def train(data_dir, out, log, *flags):
+    """python train.py on Fashion-MNIST into out: a finished run there is reused, an interrupted one
+    resumed."""
+    metrics_path = os.path.join(out, "metrics.json")
+    checkpoint = os.path.join(out, "checkpoint.npz")
+    if complete(metrics_path):
+        return read_json(metrics_path)
+    if os.path.exists(checkpoint):
+        command = [sys.executable, "train.py", "--data-dir", data_dir, "--resume", checkpoint]
+    else:
+        command = [sys.executable, "train.py", "--dataset", "fashion", "--data-dir", data_dir,
+                   "--out", out, *flags, *TRAIN_FLAGS]
+    run_command(command, log)
+    return read_json(metrics_path)
+
+
+def complete(metrics_path):
+    if not os.path.exists(metrics_path):
+        return False
+    metrics = read_json(metrics_path)
+    return "aggregate_posterior" in metrics
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def median_and_range(values):
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def summary_text(values, digits=2):
+    stats = median_and_range(values)
+    return (f"{stats['median']:.{digits}f} [{stats['min']:.{digits}f}, "
+            f"{stats['max']:.{digits}f}]")
+
+
+def markdown_table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        lines.append("| " + " | ".join(str(cell) for cell in row) + " |")
+    return "\n".join(lines)
+
+
+# ---- the parts -----------------------------------------------------------------------------------
+
+def run_row(metrics):
+    """The numbers of one run that the tables show."""
+    a = metrics["aggregate_posterior"]
+    return {"test_loss": metrics["test_loss"], "recon": metrics["test_recon"],
+            "kl": metrics["test_kl"], "iw_nll": metrics["iw_nll"],
+            "active_units": a["active_units"], "latent": len(a["activity"]),
+            "holes": a["prior_hole_fraction"], "mutual_information": a["mutual_information"],
+            "kl_aggregate_prior": a["kl_aggregate_prior"]}
+
+
+def part_recipe(args, work, log):
+    """The recipe, seeds 0, 1, 2: the results table, and seed 0's figures."""
+    rows = {}
+    for seed in SEEDS:
+        metrics = train(args.data_dir, os.path.join(work, f"seed-{seed}"), log, "--seed", str(seed))
+        rows[seed] = run_row(metrics)
+    table = markdown_table(
+        ["seed", "test negative ELBO", "recon", "KL", "`iw_nll` (S = 100)", "active units",
+         "I(x; z)", "KL(q(z) \\|\\| p(z))", "prior draws in holes"],
+        [[seed, f"{r['test_loss']:.2f}", f"{r['recon']:.2f}", f"{r['kl']:.2f}",
+          f"{r['iw_nll']:.2f}",
+          f"{r['active_units']} of {r['latent']}", f"{r['mutual_information']:.2f}",
+          f"{r['kl_aggregate_prior']:.2f}", f"{r['holes']:.1%}"] for seed, r in rows.items()])
+    figures = {name: os.path.join(work, "seed-0", name) for name in
+               ("reconstructions.png", "samples_prior.png", "loss_curves.png", "gradient_paths.png",
+                "samples_three_ways.png", "prior_vs_aggregate.png")}
+    return {"numbers": {str(seed): row for seed, row in rows.items()}, "tables": {"recipe": table},
+            "figures": figures}
+
+
+def part_torch(args, work, log):
+    """The same recipe in plain PyTorch (benchmarks/torch_vae.py), seeds 0, 1, 2."""
+    numbers = {}
+    for seed in SEEDS:
+        command = [args.torch_python, "benchmarks/torch_vae.py", args.data_dir, "--seed", str(seed),
+                   "--iw-samples", "100"]
+        out = run_command(command, log)
+        result = json.loads(out.strip().splitlines()[-1])
+        numbers[str(seed)] = {"test_loss": result["test_loss"], "iw_nll": result["iw_nll"]}
+    test_losses = [n["test_loss"] for n in numbers.values()]
+    iw = [n["iw_nll"] for n in numbers.values()]
+    table = markdown_table(["implementation", "test negative ELBO", "`iw_nll` (S = 100)"],
+                           [["PyTorch (benchmarks/torch_vae.py)", summary_text(test_losses),
+                             summary_text(iw)]])
+    return {"numbers": numbers, "tables": {"torch": table}, "figures": {}}
+
+
+def part_latent2(args, work, log):
+    """Z = 2: the latent plane and the decoded grid."""
+    metrics = train(args.data_dir, os.path.join(work, "z2"), log, "--latent", "2")
+    figures = {name: os.path.join(work, "z2", name) for name in
+               ("latent_space.png", "latent_manifold.png")}
+    return {"numbers": run_row(metrics), "tables": {}, "figures": figures}
+
+
+def part_explorer(args, work, log):
+    """A screenshot of explorer.html, the Z = 2 run's page, taken in headless Chromium."""
+    import explorer_browser             # benchmarks/: it needs playwright and a Chromium
+    z2 = os.path.join(os.path.dirname(work), "latent2", "z2")
+    train(args.data_dir, z2, log, "--latent", "2")
+    os.makedirs(work, exist_ok=True)
+    png = os.path.join(work, "explorer.png")
+    try:
+        explorer_browser.save_screenshot(os.path.join(z2, "explorer.html"), png)
+    except RuntimeError as err:
+        raise PartError(str(err))
+    size = os.path.getsize(os.path.join(z2, "explorer.html"))
+    return {"numbers": {"page_bytes": size}, "tables": {}, "figures": {"explorer.png": png}}
+
+
+def part_holes(args, work, log):
+    """The hole fraction under four density models for q(z), seed 0's recipe model."""
+    model_dir = os.path.join(os.path.dirname(work), "recipe", "seed-0")
+    train(args.data_dir, model_dir, log, "--seed", "0")
+    models = [("full", 1), ("full", 10), ("full", 50), ("diag", 10)]
+    rows = []
+    numbers = {}
+    for covariance, components in models:
+        out = os.path.join(work, f"{covariance}-{components}")
+        command = [sys.executable, "train.py", "--dataset", "fashion", "--data-dir", args.data_dir,
+                   "--analyze", os.path.join(model_dir, "model.npz"), "--out", out,
+                   "--gmm-covariance", covariance, "--gmm-components", str(components),
+                   *TRAIN_FLAGS]
+        if not complete(os.path.join(out, "metrics.json")):
+            run_command(command, log)
+        a = read_json(os.path.join(out, "metrics.json"))["aggregate_posterior"]
+        held_out = a["gmm"]["held_out_log_likelihood"]
+        numbers[f"{covariance}-{components}"] = {"held_out": held_out,
+                                                  "holes": a["prior_hole_fraction"],
+                                                  "kl_aggregate_prior": a["kl_aggregate_prior"]}
+        rows.append([f"{covariance}, M = {components}", f"{held_out:.2f}",
+                     f"{a['prior_hole_fraction']:.1%}", f"{a['kl_aggregate_prior']:.2f}"])
+    table = markdown_table(["density model for q(z)", "held-out log-likelihood per test code",
+                            "prior draws in holes", "KL(q(z) \\|\\| p(z))"], rows)
+    return {"numbers": numbers, "tables": {"holes": table}, "figures": {}}
+
+
+def part_priors(args, work, log):
+    """Learned priors against N(0, I), seeds 0, 1, 2: medians and ranges."""
+    recipe_rows = []
+    for seed in SEEDS:
+        out = os.path.join(os.path.dirname(work), "recipe", f"seed-{seed}")
+        recipe_rows.append(run_row(train(args.data_dir, out, log, "--seed", str(seed))))
+    rows = {"N(0, I)": recipe_rows}
+    for prior in ("mog", "vamp"):
+        rows[prior] = []
+        for seed in SEEDS:
+            out = os.path.join(work, f"{prior}-seed-{seed}")
+            metrics = train(args.data_dir, out, log, "--prior", prior, "--seed", str(seed))
+            rows[prior].append(run_row(metrics))
+    table = markdown_table(
+        ["prior", "test negative ELBO", "`iw_nll`", "KL(q(z) \\|\\| p(z))", "I(x; z)"],
+        [[name, summary_text([r["test_loss"] for r in runs]),
+          summary_text([r["iw_nll"] for r in runs]),
+          summary_text([r["kl_aggregate_prior"] for r in runs]),
+          summary_text([r["mutual_information"] for r in runs])] for name, runs in rows.items()])
+    vamp = os.path.join(work, "vamp-seed-0")
+    figures = {"samples_three_ways.png": os.path.join(vamp, "samples_three_ways.png"),
+               "prior_vs_aggregate.png": os.path.join(vamp, "prior_vs_aggregate.png")}
+    return {"numbers": rows, "tables": {"priors": table}, "figures": figures}
+
+
+def experiment(args, out, log, *flags):
+    """An experiment (--betas or --likelihoods) into out; its comparison rows."""
+    command = [sys.executable, "train.py", "--dataset", "fashion", "--data-dir", args.data_dir,
+               "--out", out, *flags, *TRAIN_FLAGS]
+    if not os.path.exists(os.path.join(out, "comparison.json")):
+        run_command(command, log)
+    return read_json(os.path.join(out, "comparison.json"))
+
+
+def part_kl_weight(args, work, log):
+    """The KL-weight experiment, Z = 20 (the table, prior and posterior samples) and Z = 2 (codes).
+    """
+    betas = ["0", "0.1", "0.3", "1", "3"]
+    rows = experiment(args, os.path.join(work, "z20"), log, "--betas", *betas)
+    experiment(args, os.path.join(work, "z2"), log, "--betas", *betas, "--latent", "2")
+    table = markdown_table(
+        ["beta", "recon", "KL", "test -ELBO", "active units", "KL(q(z) \\|\\| p(z))", "holes"],
+        [[r["beta"], f"{r['recon']:.2f}", f"{r['kl']:.2f}", f"{r['negative_elbo']:.2f}",
+          r["active_units"], f"{r['kl_aggregate_prior']:.2f}", f"{r['prior_hole_fraction']:.1%}"]
+         for r in rows])
+    figures = {"kl_weight_samples.png": os.path.join(work, "z20", "kl_weight_samples.png"),
+               "kl_weight_latent.png": os.path.join(work, "z2", "kl_weight_latent.png")}
+    return {"numbers": rows, "tables": {"kl_weight": table}, "figures": figures}
+
+
+def part_warmup(args, work, log):
+    """KL warm-up over 5 epochs against none (seed 0)."""
+    metrics = train(args.data_dir, os.path.join(work, "warmup5"), log, "--kl-warmup", "5")
+    recipe_out = os.path.join(os.path.dirname(work), "recipe", "seed-0")
+    recipe = run_row(train(args.data_dir, recipe_out, log, "--seed", "0"))
+    row = run_row(metrics)
+    table = markdown_table(["KL warm-up", "test negative ELBO", "active units"],
+                           [["none", f"{recipe['test_loss']:.2f}", recipe["active_units"]],
+                            ["5 epochs", f"{row['test_loss']:.2f}", row["active_units"]]])
+    return {"numbers": {"none": recipe, "warmup5": row}, "tables": {"warmup": table}, "figures": {}}
+
+
+def part_binarize(args, work, log):
+    """Binary pixels drawn afresh each time (dynamic binarization): a true likelihood."""
+    metrics = train(args.data_dir, os.path.join(work, "binary"), log, "--binarize",
+                    "--iw-samples", "1000")
+    row = run_row(metrics)
+    table = markdown_table(["binarized Fashion-MNIST", "test negative ELBO", "`iw_nll` (S = 1000)"],
+                           [["seed 0", f"{row['test_loss']:.2f}", f"{row['iw_nll']:.2f}"]])
+    return {"numbers": row, "tables": {"binarize": table}, "figures": {}}
+
+
+def part_likelihoods(args, work, log):
+    """The likelihood experiment: BCE, MSE, a learned sigma, the continuous Bernoulli."""
+    out = os.path.join(work, "all")
+    rows = experiment(args, out, log, "--likelihoods")
+    table = markdown_table(
+        ["likelihood", "active units", "I(x; z)", "KL(q(z) \\|\\| p(z))", "prior draws in holes",
+         "bits/dim", "sigma"],
+        [[r["run"], r["active_units"], f"{r['mutual_information']:.2f}",
+          f"{r['kl_aggregate_prior']:.2f}", f"{r['prior_hole_fraction']:.1%}",
+          "-" if r["bits_per_dim"] is None else f"{r['bits_per_dim']:.2f}",
+          "-" if r["decoder_sigma"] is None else f"{r['decoder_sigma']:.3g}"] for r in rows])
+    figures = {"likelihood_samples.png": os.path.join(out, "likelihood_samples.png")}
+    return {"numbers": rows, "tables": {"likelihoods": table}, "figures": figures}
+
+
+def walk_row(name, metrics):
+    walks = metrics["interpolation"]
+    cells = [name]
+    for between in ("codes", "prior"):
+        for kind in ("linear", "spherical"):
+            cells.append(f"{walks[between][kind]['hole_fraction']:.1%}")
+    prior = walks["prior"]
+    linear = prior["linear"]["midpoint_norm"]
+    spherical = prior["spherical"]["midpoint_norm"]
+    cells.append(f"{linear:.2f} / {spherical:.2f} (sqrt(Z) = {walks['sqrt_latent']:.2f})")
+    return cells
+
+
+def part_walks(args, work, log):
+    """Interpolations and traversals: the share of path points in holes, straight against spherical,
+    for the recipe, the VampPrior and the KL weights 0 and 3 (seed 0)."""
+    base = os.path.dirname(work)
+    recipe = train(args.data_dir, os.path.join(base, "recipe", "seed-0"), log, "--seed", "0")
+    vamp = train(args.data_dir, os.path.join(base, "priors", "vamp-seed-0"), log, "--prior", "vamp",
+                 "--seed", "0")
+    betas = ["0", "0.1", "0.3", "1", "3"]
+    experiment(args, os.path.join(base, "kl_weight", "z20"), log, "--betas", *betas)
+    found = {"N(0, I), beta 1": recipe, "VampPrior": vamp}
+    for beta in ("0", "3"):
+        path = os.path.join(base, "kl_weight", "z20", f"beta-{beta}", "metrics.json")
+        found[f"N(0, I), beta {beta}"] = read_json(path)
+    header = ["run", "codes: linear", "codes: spherical", "prior draws: linear",
+              "prior draws: spherical", "midpoint norm of prior pairs: linear / spherical"]
+    table = markdown_table(header, [walk_row(name, metrics) for name, metrics in found.items()])
+    numbers = {name: metrics["interpolation"] for name, metrics in found.items()}
+    seed_0 = os.path.join(base, "recipe", "seed-0")
+    figures = {name: os.path.join(seed_0, name) for name in ("interpolations.png",
+                                                             "traversals.png")}
+    return {"numbers": numbers, "tables": {"walks": table}, "figures": figures}
+
+
+def part_speed(args, work, log):
+    """The full default run's epochs (10) against plain PyTorch and PyTorch with subnormals flushed,
+    alternated round by round (benchmarks/alternate.py)."""
+    data = args.data_dir
+    commands = {
+        "numpy": f"{sys.executable} train.py --dataset fashion --data-dir {data} --benchmark "
+                 f"--epochs 10",
+        "torch": f"{args.torch_python} benchmarks/torch_vae.py {data} --epochs 10",
+        "torch-flush": f"{args.torch_python} benchmarks/torch_vae.py {data} --epochs 10 "
+                       f"--flush-denormal",
+    }
+    raw = os.path.join(work, "alternate.json")
+    command = [sys.executable, "benchmarks/alternate.py", "--rounds", str(args.rounds),
+               "--json", raw]
+    for name, text in commands.items():
+        command += ["--name", name, text]
+    os.makedirs(work, exist_ok=True)
+    out = run_command(command, log)
+    result = read_json(raw)
+    table_lines = [line for line in out.splitlines() if line.startswith("|")]
+    return {"numbers": result, "tables": {"speed": "\n".join(table_lines)}, "figures": {}}
+
+
+# Each part: its function, whether it needs torch, the figures it writes into docs/figures/<part>/
+# and the tables it writes into the README (a test holds the README to these lists).
+PARTS = {
+    "recipe": {"run": part_recipe, "torch": False, "tables": ["recipe"],
+               "figures": ["reconstructions.png", "samples_prior.png", "loss_curves.png",
+                           "gradient_paths.png", "samples_three_ways.png",
+                           "prior_vs_aggregate.png"]},
+    "torch": {"run": part_torch, "torch": True, "tables": ["torch"], "figures": []},
+    "latent2": {"run": part_latent2, "torch": False, "tables": [],
+                "figures": ["latent_space.png", "latent_manifold.png"]},
+    "explorer": {"run": part_explorer, "torch": False, "browser": True, "tables": [],
+                 "figures": ["explorer.png"]},
+    "holes": {"run": part_holes, "torch": False, "tables": ["holes"], "figures": []},
+    "priors": {"run": part_priors, "torch": False, "tables": ["priors"],
+               "figures": ["samples_three_ways.png", "prior_vs_aggregate.png"]},
+    "kl_weight": {"run": part_kl_weight, "torch": False, "tables": ["kl_weight"],
+                  "figures": ["kl_weight_samples.png", "kl_weight_latent.png"]},
+    "warmup": {"run": part_warmup, "torch": False, "tables": ["warmup"], "figures": []},
+    "binarize": {"run": part_binarize, "torch": False, "tables": ["binarize"], "figures": []},
+    "likelihoods": {"run": part_likelihoods, "torch": False, "tables": ["likelihoods"],
+                    "figures": ["likelihood_samples.png"]},
+    "walks": {"run": part_walks, "torch": False, "tables": ["walks"],
+              "figures": ["interpolations.png", "traversals.png"]},
+    "speed": {"run": part_speed, "torch": True, "tables": ["speed"], "figures": []},
+}
+
+
+def explorer_browser_missing():
+    """Why the explorer part cannot run here (no playwright or no Chromium), or None."""
+    import explorer_browser
+    return explorer_browser.browser_missing()
+
+
+# ---- the record and the README -------------------------------------------------------------------
+
+def code_commit():
+    """The last commit that changed the code (a README-only commit changes no number), and whether
+    the code has uncommitted changes."""
+    paths = ["--", "*.py", "requirements.txt"]
+    commit = subprocess.run(["git", "log", "-1", "--format=%h", *paths], cwd=ROOT,
+                            capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", *paths], cwd=ROOT,
+                           capture_output=True, text=True).stdout.strip()
+    if dirty:
+        commit += "-dirty"
+    return commit
+
+
+def machine():
+    """The CPU, cores, Python, NumPy and its BLAS."""
+    import numpy as np
+    blas = "unknown"
+    try:
+        config = np.show_config(mode="dicts")
+        blas_info = config["Build Dependencies"]["blas"]
+        blas = f"{blas_info.get('name')} {blas_info.get('version')}"
+    except (TypeError, KeyError):
+        pass
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "numpy": np.__version__, "blas": blas}
+
+
+def load_results(docs):
+    path = os.path.join(docs, "results.json")
+    if os.path.exists(path):
+        return read_json(path)
+    return {"parts": {}}
+
+
+def save_results(results, docs):
+    path = os.path.join(docs, "results.json")
+    os.makedirs(docs, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, path)
+
+
+def is_current(part, record, commit, docs):
+    if record is None or record.get("commit") != commit:
+        return False
+    figures = [os.path.join(docs, "figures", part, name) for name in record.get("figures", [])]
+    return all(os.path.exists(path) for path in figures)
+
+
+TABLE = re.compile(r"(<!-- table:(\w+) -->\n)(.*?)(<!-- /table -->)", re.S)
+
+
+COMMIT = re.compile(r"(<!-- commit -->\n)(.*?)(<!-- /commit -->)", re.S)
+
+
+def write_readme_tables(results, path):
+    """Write each recorded table between its markers in the README, and the commits they are of."""
+    tables = {}
+    for record in results["parts"].values():
+        tables.update(record.get("tables", {}))
+    commits = sorted({record["commit"] for record in results["parts"].values()})
+    with open(path) as f:
+        text = f.read()
+    commit_line = (f"The tables and figures on this page are of code commit {', '.join(commits)} "
+                   f"(docs/results.json).\n")
+
+    def fill_commit(match):
+        return match.group(1) + commit_line + match.group(3)
+
+    text = COMMIT.sub(fill_commit, text)
+
+    def fill(match):
+        name = match.group(2)
+        if name not in tables:
+            return match.group(0)
+        return match.group(1) + tables[name] + "\n" + match.group(4)
+
+    with open(path, "w") as f:
+        f.write(TABLE.sub(fill, text))
+
+
+def write_results_page(results, docs):
+    """docs/results.md: every part's tables and figures, with its commit and time."""
+    machine_info = results.get("machine", {})
+    lines = ["# Every number, regenerated",
+             "",
+             "Written by `python benchmarks/reproduce.py --data-dir DIR` from",
+             "docs/results.json; each part with the code commit it ran and its wall time. Machine: "
+             f"{machine_info.get('cpu', '?')}, {machine_info.get('cores', '?')} cores, "
+             f"NumPy {machine_info.get('numpy', '?')} ({machine_info.get('blas', '?')}).",
+             ""]
+    for name in PARTS:
+        record = results["parts"].get(name)
+        if record is None:
+            continue
+        summary = PARTS[name]["run"].__doc__.splitlines()[0]
+        lines.append(f"## {name}: {summary}")
+        lines.append("")
+        lines.append(f"Commit {record['commit']}, {record['seconds']:.0f} s: "
+                     f"`python benchmarks/reproduce.py --data-dir DIR --only {name}`.")
+        lines.append("")
+        for table in record["tables"].values():
+            lines.append(table)
+            lines.append("")
+        for figure in record["figures"]:
+            lines.append(f"![{figure}](figures/{name}/{figure})")
+            lines.append("")
+    with open(os.path.join(docs, "results.md"), "w") as f:
+        f.write("\n".join(lines))
+
+
+def run_part(name, args, results, commit, log):
+    function = PARTS[name]["run"]
+    work = os.path.join(args.work, commit, name)   # the runs of this code commit
+    t0 = time.perf_counter()
+    found = function(args, work, log)
+    seconds = time.perf_counter() - t0
+    declared = {"figures": set(PARTS[name]["figures"]), "tables": set(PARTS[name]["tables"])}
+    written = {"figures": set(found["figures"]), "tables": set(found["tables"])}
+    if written != declared:
+        raise PartError(f"wrote {written}, but PARTS declares {declared}")
+    copied = []
+    for dest, src in found["figures"].items():
+        target = os.path.join(args.docs, "figures", name, dest)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copyfile(src, target)
+        copied.append(dest)
+    results["parts"][name] = {"commit": commit, "seconds": round(seconds, 1),
+                              "numbers": found["numbers"], "tables": found["tables"],
+                              "figures": copied,
+                              "finished": datetime.datetime.now().isoformat(timespec="seconds")}
+    results["machine"] = machine()
+    save_results(results, args.docs)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", required=True, help="the four Fashion-MNIST archives")
+    p.add_argument("--only", choices=sorted(PARTS), action="append",
+                   help="run this part (repeatable)")
+    p.add_argument("--torch-python",
+                   help="a Python that imports torch, for the parts torch and speed")
+    p.add_argument("--rounds", type=int, default=5, help="rounds of the speed part (default: 5)")
+    p.add_argument("--force", action="store_true",
+                   help="run the parts even if their record is current")
+    p.add_argument("--docs", default=os.path.join(ROOT, "docs"),
+                   help="where results.json, results.md and figures/ go (default: docs/)")
+    p.add_argument("--work", default=os.path.join(ROOT, "runs", "reproduce"),
+                   help="where the runs go (default: runs/reproduce/)")
+    p.add_argument("--readme", default=os.path.join(ROOT, "README.md"),
+                   help="the README whose tables are written (default: README.md)")
+    p.add_argument("--train-flags", default="",
+                   help="more options for every train.py command (for a quick, small run)")
+    args = p.parse_args(argv)
+    TRAIN_FLAGS[:] = shlex.split(args.train_flags)
+    args.work = os.path.abspath(args.work)
+    args.docs = os.path.abspath(args.docs)
+    commit = code_commit()
+    results = load_results(args.docs)
+    names = args.only or list(PARTS)
+    log = print
+    for i, name in enumerate(names, 1):
+        needs_torch = PARTS[name]["torch"]
+        record = results["parts"].get(name)
+        if needs_torch and not args.torch_python:
+            log(f"[{i}/{len(names)}] {name}: skipped, it needs --torch-python")
+            continue
+        missing = PARTS[name].get("browser") and explorer_browser_missing()
+        if missing:
+            log(f"[{i}/{len(names)}] {name}: skipped, {missing}")
+            continue
+        if is_current(name, record, commit, args.docs) and not args.force:
+            log(f"[{i}/{len(names)}] {name}: current (commit {commit}), skipped")
+            continue
+        summary = PARTS[name]["run"].__doc__.splitlines()[0]
+        log(f"[{i}/{len(names)}] {name}: {summary}")
+        try:
+            run_part(name, args, results, commit, log)
+        except PartError as err:
+            print(f"error: part {name}: {err}", file=sys.stderr)
+            return 1
+        log(f"  done in {results['parts'][name]['seconds']:.0f} s")
+    write_readme_tables(results, args.readme)
+    write_results_page(results, args.docs)
+    log(f"wrote {os.path.join(args.docs, 'results.json')} and the README's tables (code commit "
+        f"{commit})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
