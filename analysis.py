@@ -229,14 +229,19 @@ def phase(name, seconds, log, message):
     seconds[name] = time.perf_counter() - t0
 
 
+def training_codes(model, x_train, rng):
+    """One z_n ~ q(z|x_n) per training image (their mu and log_var are let go on return)."""
+    mu, log_var = encode_all(model, x_train)
+    return draw_codes(mu, log_var, rng)
+
+
 def fit_aggregate_posterior(model, x_train, x_test, rng, gmm_components, gmm_covariance, seconds,
                             log):
     """The mixture fitted to training codes, and the holes it shows in the prior. Its hole threshold
     and held-out log-likelihood come from test codes, which it was not fitted on."""
     message = f"encoding {len(x_train)} training and {len(x_test)} test images"
     with phase("encode", seconds, log, message):
-        mu_train, log_var_train = encode_all(model, x_train)
-        z_train = draw_codes(mu_train, log_var_train, rng)      # one z_n ~ q(z|x_n) per image
+        z_train = training_codes(model, x_train, rng)
         mu, log_var = encode_all(model, x_test)
     n_fit = min(len(z_train), FITTED_CODES)
     fit_on = z_train[rng.choice(len(z_train), n_fit, replace=False)]

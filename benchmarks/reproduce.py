@@ -375,9 +375,11 @@ def explorer_browser_missing():
 # ---- the record and the README -------------------------------------------------------------------
 
 def code_commit():
-    """The last commit that changed the code (a README-only commit changes no number), and whether
-    the code has uncommitted changes."""
-    paths = ["--", "*.py", "requirements.txt"]
+    """The last commit that changed the code the numbers come from (the modules, the PyTorch
+    baseline, requirements.txt: not the tests, the docs or this script), and whether it has
+    uncommitted changes."""
+    paths = ["--", "*.py", "requirements.txt", ":!tests", ":!test_vae.py", ":!conftest.py",
+             ":!benchmarks/reproduce.py", ":!benchmarks/explorer_browser.py"]
     commit = subprocess.run(["git", "log", "-1", "--format=%h", *paths], cwd=ROOT,
                             capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", *paths], cwd=ROOT,
