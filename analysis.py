@@ -211,7 +211,8 @@ def bits_per_dim(model, x_test, iw_samples, rng, progress=None):
     one u per image. The Bernoulli on grey levels has no such number: it is not a density over [0,
     1], so it gives no probability to a pixel's bin."""
     u = rng.random(x_test.shape)
-    # (pixel + u) / 256: pixel k's bin is [k, k + 1) / 256
+    # (pixel + u) / 256: pixel k's bin is [k, k + 1) / 256, 256 bins of equal width over [0, 1]
+    # (training scales pixels by 255, so that 0 and 255 map to 0 and 1; the bound needs the bins)
     x = (x_test + u) / 256
     nll = iw_nll(model, x, iw_samples, rng, progress=progress).mean()
     d = x_test.shape[1]

@@ -8,7 +8,8 @@ negative log-density, and so the gradient that flows back into the decoder, dL/d
     ContinuousBernoulli  p(x|z) = prod_j C(l_j) lambda_j^x_j (1 - lambda_j)^(1 - x_j),
                          lambda = sigmoid(l)
 
-Both are densities over grey levels x in [0, 1], which the Bernoulli is not. Each class has the
+Both are densities of grey levels, which the Bernoulli is not: the Gaussian over the real line (its
+draws can fall outside [0, 1]), the continuous Bernoulli over [0, 1]. Each class has the
 Bernoulli's interface: forward/backward (the loss pair), log_density, mean, sample, and its own
 params and grads.
 """

@@ -105,7 +105,7 @@ def number_text(value):
 
 def default_out(cfg, recipe):
     """A run's default folder: runs/<dataset>-h<hidden>-z<latent>-s<seed>, then every option in cfg
-    that differs from the recipe's (train.DEFAULTS, 10 epochs): runs that differ never share a
+    that differs from the recipe's (options.DEFAULTS, 10 epochs): runs that differ never share a
     folder."""
     parts = [f"{cfg['dataset']}-h{cfg['hidden']}-z{cfg['latent']}-s{cfg['seed']}"]
     if cfg["prior"] != "standard":

@@ -209,13 +209,15 @@ class VAE:
         # the KL weight beta enters every KL path through dkl
         dkl = beta * drecon
         # Reconstruction: -log p(x|z) -> logits -> decoder -> z -> (mu, log_var).
-        dlogits = self.likelihood.backward(drecon, self.recon_cache)    # (sigmoid(logits) - x) / B
+        # the Bernoulli's: (sigmoid(logits) - x) / B (likelihoods.py has the others')
+        dlogits = self.likelihood.backward(drecon, self.recon_cache)
         dz = self.decoder.backward(dlogits)
         # dz; dz * eps * sigma / 2
         dmu_rec, dlog_var_rec = reparameterize_backward(dz, self.z_cache)
         # KL(q(z|x) || p(z)) -> (mu, log_var).
-        dmu_kl, dlog_var_kl = self.kl_backward(dkl)     # beta mu / B; beta (sigma^2 - 1) / (2B)
-        # The two paths meet at the encoder's outputs:
+        # N(0, I)'s: beta mu / B and beta (sigma^2 - 1) / (2B) (priors.py has the others')
+        dmu_kl, dlog_var_kl = self.kl_backward(dkl)
+        # The two paths meet at the encoder's outputs (for N(0, I) and the Bernoulli):
         dmu = dmu_rec + dmu_kl                  # dL/dmu = dz + beta mu / B
         # dL/dlog_var = dz eps sigma / 2 + beta (sigma^2 - 1) / (2B)
         dlog_var = dlog_var_rec + dlog_var_kl

@@ -1,20 +1,27 @@
-"""Regenerate every number and figure the README shows, from one command and one commit.
+"""Regenerate every number and figure the README shows, from one command and one version of the
+code.
 
     python benchmarks/reproduce.py --data-dir /usr/share/datasets/fashion-mnist
     python benchmarks/reproduce.py --data-dir DIR --only recipe       # one part
     python benchmarks/reproduce.py --data-dir DIR --torch-python /work/torchenv/bin/python
 
-Each part trains and measures with train.py (runs/reproduce/<part>/..., ignored by git), copies the
-figures the README embeds into docs/figures/<part>/, and records its numbers, its Markdown table,
-the commit and its wall time in docs/results.json. A part whose record is of the current code commit
-and whose figures exist is skipped: run the command again after an interruption and it goes on where
-it stopped. Then the README's tables, between <!-- table:NAME --> and <!-- /table --> markers, are
-written from the records. The parts that need PyTorch (torch, speed) run with --torch-python, an
-interpreter that imports torch (never a dependency of the project), and are skipped without it.
-About 45 minutes on 2 cores for all parts (docs/results.json has each part's time).
+Each part trains and measures with train.py (runs/reproduce/<code>/<part>/, ignored by git),
+copies the figures the README embeds into docs/figures/<part>/, and records its numbers, its
+Markdown tables, the code commit, the code's fingerprint and its wall time in docs/results.json. The
+fingerprint hashes what the code computes (its syntax trees without comments and docstrings): a part
+whose record has the current fingerprint, and whose figures exist, is skipped, so that the command
+run again after an interruption goes on where it stopped, and a change of comments alone reruns
+nothing. Then the README's tables, between <!-- table:NAME --> and <!-- /table --> markers, and the
+line that names the commit they are of, are written from the records, and docs/results.md with every
+part's tables and figures. The parts that need PyTorch (torch, speed) run with --torch-python, an
+interpreter that imports torch (never a dependency of the project), and the part that needs a
+browser (explorer) with playwright and Chromium; each is skipped, with a line, without them. About
+50 minutes on 2 cores for all parts (docs/results.json has each part's time).
 """
 import argparse
+import ast
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -317,8 +324,9 @@ def part_walks(args, work, log):
 
 
 def part_speed(args, work, log):
-    """The full default run's epochs (10) against plain PyTorch and PyTorch with subnormals flushed,
-    alternated round by round (benchmarks/alternate.py)."""
+    """The full default run's epochs (10) against plain PyTorch and against PyTorch with subnormals
+    flushed to zero, alternated round by round (benchmarks/alternate.py). The rounds' raw numbers
+    are kept in the part's folder: run again, the part rebuilds its table from them."""
     data = args.data_dir
     commands = {
         "numpy": f"{sys.executable} train.py --dataset fashion --data-dir {data} --benchmark "
@@ -328,15 +336,26 @@ def part_speed(args, work, log):
                        f"--flush-denormal",
     }
     raw = os.path.join(work, "alternate.json")
-    command = [sys.executable, "benchmarks/alternate.py", "--rounds", str(args.rounds),
-               "--json", raw]
-    for name, text in commands.items():
-        command += ["--name", name, text]
-    os.makedirs(work, exist_ok=True)
-    out = run_command(command, log)
+    reused = os.path.exists(raw)
+    if not reused:
+        command = [sys.executable, "benchmarks/alternate.py", "--rounds", str(args.rounds),
+                   "--json", raw]
+        for name, text in commands.items():
+            command += ["--name", name, text]
+        os.makedirs(work, exist_ok=True)
+        run_command(command, log)
     result = read_json(raw)
-    table_lines = [line for line in out.splitlines() if line.startswith("|")]
-    return {"numbers": result, "tables": {"speed": "\n".join(table_lines)}, "figures": {}}
+    rows = []
+    for entry in result["commands"]:
+        ratio = result["ratios"].get(f"numpy / {entry['name']}")
+        ratio_text = "-"
+        if ratio:
+            ratio_text = f"{ratio['median']:.2f} [{ratio['min']:.2f}, {ratio['max']:.2f}]"
+        seconds = f"{entry['median']:.2f} [{entry['min']:.2f}, {entry['max']:.2f}]"
+        rows.append([entry["name"], seconds, ratio_text])
+    table = markdown_table(["command (10 epochs)", "median epoch, s [range]",
+                            "this code's epoch / its epoch, per round"], rows)
+    return {"numbers": result, "tables": {"speed": table}, "figures": {}, "reused": reused}
 
 
 # Each part: its function, whether it needs torch, the figures it writes into docs/figures/<part>/
@@ -366,6 +385,11 @@ PARTS = {
 }
 
 
+def part_summary(name):
+    """A part's docstring as one line."""
+    return " ".join(PARTS[name]["run"].__doc__.split())
+
+
 def explorer_browser_missing():
     """Why the explorer part cannot run here (no playwright or no Chromium), or None."""
     import explorer_browser
@@ -378,8 +402,7 @@ def code_commit():
     """The last commit that changed the code the numbers come from (the modules, the PyTorch
     baseline, requirements.txt: not the tests, the docs or this script), and whether it has
     uncommitted changes."""
-    paths = ["--", "*.py", "requirements.txt", ":!tests", ":!test_vae.py", ":!conftest.py",
-             ":!benchmarks/reproduce.py", ":!benchmarks/explorer_browser.py"]
+    paths = ["--", *CODE_PATHS]
     commit = subprocess.run(["git", "log", "-1", "--format=%h", *paths], cwd=ROOT,
                             capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", *paths], cwd=ROOT,
@@ -387,6 +410,37 @@ def code_commit():
     if dirty:
         commit += "-dirty"
     return commit
+
+
+CODE_PATHS = ["*.py", "requirements.txt", ":!tests", ":!test_vae.py", ":!conftest.py",
+              ":!benchmarks/reproduce.py", ":!benchmarks/explorer_browser.py"]
+
+
+def without_docstrings(tree):
+    """The syntax tree with every module, class and function docstring removed."""
+    for node in ast.walk(tree):
+        documented = isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef))
+        if documented and node.body and isinstance(node.body[0], ast.Expr):
+            value = node.body[0].value
+            if isinstance(value, ast.Constant) and isinstance(value.value, str):
+                node.body = node.body[1:] or [ast.Pass()]
+    return tree
+
+
+def code_fingerprint(root=ROOT):
+    """A hash of what the code computes: each code file's syntax tree without its comments and
+    docstrings (requirements.txt as it is). A change of comments or docstrings leaves it as it is;
+    a change of code does not. Parts whose record has this fingerprint are current."""
+    listed = subprocess.run(["git", "ls-files", "--", *CODE_PATHS], cwd=root, capture_output=True,
+                            text=True).stdout.split()
+    digest = hashlib.sha256()
+    for name in sorted(listed):
+        with open(os.path.join(root, name)) as f:
+            text = f.read()
+        if name.endswith(".py"):
+            text = ast.dump(without_docstrings(ast.parse(text)))
+        digest.update(name.encode() + b"\0" + text.encode() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def machine():
@@ -428,8 +482,10 @@ def save_results(results, docs):
     os.replace(tmp, path)
 
 
-def is_current(part, record, commit, docs):
-    if record is None or record.get("commit") != commit:
+def is_current(part, record, fingerprint, docs):
+    """A part is current when its record was made by code that computes what this code does (the
+    same fingerprint) and its figures are there."""
+    if record is None or record.get("code") != fingerprint:
         return False
     figures = [os.path.join(docs, "figures", part, name) for name in record.get("figures", [])]
     return all(os.path.exists(path) for path in figures)
@@ -481,8 +537,7 @@ def write_results_page(results, docs):
         record = results["parts"].get(name)
         if record is None:
             continue
-        summary = PARTS[name]["run"].__doc__.splitlines()[0]
-        lines.append(f"## {name}: {summary}")
+        lines.append(f"## {name}: {part_summary(name)}")
         lines.append("")
         lines.append(f"Commit {record['commit']}, {record['seconds']:.0f} s: "
                      f"`python benchmarks/reproduce.py --data-dir DIR --only {name}`.")
@@ -497,12 +552,16 @@ def write_results_page(results, docs):
         f.write("\n".join(lines))
 
 
-def run_part(name, args, results, commit, log):
+def run_part(name, args, results, version, log):
+    """Run one part and record it with version: the code commit and the code's fingerprint."""
     function = PARTS[name]["run"]
-    work = os.path.join(args.work, commit, name)   # the runs of this code commit
+    work = os.path.join(args.work, version["code"], name)      # the runs of this code
     t0 = time.perf_counter()
     found = function(args, work, log)
     seconds = time.perf_counter() - t0
+    previous = results["parts"].get(name)
+    if found.get("reused") and previous:
+        seconds = previous["seconds"]       # the time it took when its outputs were made
     declared = {"figures": set(PARTS[name]["figures"]), "tables": set(PARTS[name]["tables"])}
     written = {"figures": set(found["figures"]), "tables": set(found["tables"])}
     if written != declared:
@@ -513,7 +572,8 @@ def run_part(name, args, results, commit, log):
         os.makedirs(os.path.dirname(target), exist_ok=True)
         shutil.copyfile(src, target)
         copied.append(dest)
-    results["parts"][name] = {"commit": commit, "seconds": round(seconds, 1),
+    results["parts"][name] = {"commit": version["commit"], "code": version["code"],
+                              "seconds": round(seconds, 1),
                               "numbers": found["numbers"], "tables": found["tables"],
                               "figures": copied,
                               "finished": datetime.datetime.now().isoformat(timespec="seconds")}
@@ -545,6 +605,7 @@ def main(argv=None):
     args.work = os.path.abspath(args.work)
     args.docs = os.path.abspath(args.docs)
     commit = code_commit()
+    fingerprint = code_fingerprint()
     results = load_results(args.docs)
     names = args.only or list(PARTS)
     log = print
@@ -558,13 +619,12 @@ def main(argv=None):
         if missing:
             log(f"[{i}/{len(names)}] {name}: skipped, {missing}")
             continue
-        if is_current(name, record, commit, args.docs) and not args.force:
-            log(f"[{i}/{len(names)}] {name}: current (commit {commit}), skipped")
+        if is_current(name, record, fingerprint, args.docs) and not args.force:
+            log(f"[{i}/{len(names)}] {name}: current (code {fingerprint}), skipped")
             continue
-        summary = PARTS[name]["run"].__doc__.splitlines()[0]
-        log(f"[{i}/{len(names)}] {name}: {summary}")
+        log(f"[{i}/{len(names)}] {name}: {part_summary(name)}")
         try:
-            run_part(name, args, results, commit, log)
+            run_part(name, args, results, {"commit": commit, "code": fingerprint}, log)
         except PartError as err:
             print(f"error: part {name}: {err}", file=sys.stderr)
             return 1
