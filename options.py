@@ -154,6 +154,8 @@ def check_numbers(p, args):
 
 def check_combinations(p, args):
     """Options that need another, or that cannot go together."""
+    if args.benchmark and args.epochs == 0:
+        p.error("--benchmark --epochs 0 trains nothing to time: pass --epochs 1 or more")
     if args.decoder_sigma is not None and args.likelihood != "gaussian":
         p.error("--decoder-sigma needs --likelihood gaussian")
     if args.prior_components is not None and args.prior not in ("mog", "vamp"):

@@ -253,10 +253,37 @@ def model_to_analyze(path):
             raise UsageError(f"--analyze {folder_of(path)}: that folder holds no model.npz; pass "
                              f"the model.npz of a finished run")
     if os.path.basename(path) == "checkpoint.npz":
+        beside = os.path.join(folder_of(path), "model.npz")
+        if os.path.isfile(beside):
+            raise UsageError(f"--analyze {path}: that is a training checkpoint, not a model; the "
+                             f"run's model is {beside}")
         raise UsageError(f"--analyze {path}: that is a training checkpoint, not a model; "
                          f"python train.py --resume {path} finishes its run (training and "
-                         f"measurements), or pass a model.npz")
+                         f"measurements)")
     return path
+
+
+def checkpoint_to_resume(path):
+    """--resume takes a checkpoint.npz, or the folder of a run."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "checkpoint.npz")
+        if not os.path.isfile(path):
+            raise UsageError(f"--resume {folder_of(path)}: that folder holds no checkpoint.npz")
+    if os.path.basename(path) == "model.npz":
+        beside = os.path.join(folder_of(path), "checkpoint.npz")
+        if os.path.isfile(beside):
+            raise UsageError(f"--resume {path}: that is a model, not a training checkpoint; the "
+                             f"run's checkpoint is {beside}")
+    return path
+
+
+def check_target(args, path, state, own_target):
+    """--epochs below the target a run was started with would end it early in a folder named
+    for the longer run: refused."""
+    if args.epochs is not None and state["epoch"] < own_target and args.epochs < own_target:
+        raise UsageError(f"{path}: the run was started for {own_target} epochs; --epochs "
+                         f"{args.epochs} would end it early, in a folder named for "
+                         f"{own_target}: resume it without --epochs, or start a new run")
 
 
 def output_folder(args, cfg, path, state, extends):
@@ -341,9 +368,12 @@ def prepare(args):
                 cfg[k] = getattr(args, k)
     # the epoch target it was started with, unless --epochs is given
     elif args.resume:
+        path = checkpoint_to_resume(path)
+        args.resume = path
         model, opt, state, saved = runs.load_checkpoint(path)
         cfg = resume_config(args, path, state, saved)
         own_target = saved.get("epochs", 10)
+        check_target(args, path, state, own_target)
         finished = state["epoch"] >= own_target and runs.is_complete(folder_of(path))
         extends = finished and cfg["epochs"] > state["epoch"]
     else:
@@ -399,13 +429,16 @@ def load_data(args, cfg, model):
 def benchmark(model, opt, state, cfg, x_train, x_test, args):
     """--benchmark: train a few epochs (writing nothing), then time a step's phases and the
     analysis."""
-    train(model, opt, x_train, x_test, state, cfg, checkpoint=None)
+    if not train(model, opt, x_train, x_test, state, cfg, checkpoint=None):
+        print("\ninterrupted: no timings (--benchmark writes nothing)")
+        return 130
     perm = state["rng"].permutation(len(x_train))
 
     def make_batch(step):
         return batch(x_train, perm, step, cfg, state["rng"], model.latent)
 
     speed.speed(model, opt, make_batch, x_train, x_test, cfg, state, args)
+    return 0
 
 
 def continue_command(args, checkpoint):
@@ -462,8 +495,7 @@ def run(args):
     if model is None:
         model, opt, state = new_run(cfg, x_train)
     if args.benchmark:
-        benchmark(model, opt, state, cfg, x_train, x_test, args)
-        return 0, None
+        return benchmark(model, opt, state, cfg, x_train, x_test, args), None
     with runs.claim(out, fresh, args.overwrite):
         if args.analyze:
             metrics = runs.read_metrics(os.path.join(out, "metrics.json"))
@@ -478,6 +510,8 @@ def run(args):
             if not train(model, opt, x_train, x_test, state, cfg, checkpoint, args.resume):
                 print(console.interrupted_line(state, continue_command(args, checkpoint)))
                 return 130, None
+        if not os.path.exists(checkpoint):     # --epochs 0 trains nothing, and writes none
+            runs.save_checkpoint(checkpoint, model, opt, state, cfg)
         try:
             return 0, finish(model, state, cfg, x_train, x_test, y_test, out, args)
         except KeyboardInterrupt:

@@ -180,7 +180,8 @@ def test_analyze_takes_a_runs_folder_and_refuses_a_checkpoint(tmp_path, data_dir
                                                               capsys):
     checkpoint = str(finished_run / "checkpoint.npz")
     err = one_line_error(capsys, "--data-dir", data_dir, "--analyze", checkpoint)
-    assert "training checkpoint, not a model" in err and f"--resume {checkpoint}" in err
+    assert "training checkpoint, not a model" in err
+    assert f"the run's model is {finished_run / 'model.npz'}" in err
     out = tmp_path / "again"
     assert run_cli("--data-dir", data_dir, "--analyze", str(finished_run), "--iw-samples", "2",
                    "--out", str(out)) == 0
@@ -265,3 +266,67 @@ def test_the_uncompressed_fallback_does_not_hide_a_truncated_gz(tmp_path):
     shutil.copy(tmp_path / name, tmp_path / "spare")
     with pytest.raises(mnist.DataError, match="not a valid gzip archive|fewer bytes"):
         mnist.load("mnist", str(tmp_path))
+
+
+# ---- what a careless first try found --------------------------------------------------------
+
+@pytest.mark.usefixtures("no_figures")
+def test_an_epochs_0_run_interrupted_in_its_measurements_is_finished_by_the_printed_command(
+        tmp_path, data_dir, monkeypatch, capsys):
+    real_measure = report.measure_and_draw
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "measure_and_draw", ctrl_c)
+    out = tmp_path / "zero"
+    assert run_cli("--data-dir", data_dir, *SMALL, "--epochs", "0", "--out", str(out)) == 130
+    checkpoint = out / "checkpoint.npz"
+    assert f"--resume {checkpoint}" in capsys.readouterr().err
+    assert checkpoint.exists()
+    monkeypatch.setattr(report, "measure_and_draw", real_measure)
+    assert run_cli("--data-dir", data_dir, "--resume", str(checkpoint)) == 0
+    assert "aggregate_posterior" in json.loads((out / "metrics.json").read_text())
+
+
+def interrupt_at_step_3():
+    def progress(state, n_steps, seen):
+        if state["step"] == 3:
+            signal.raise_signal(signal.SIGINT)
+    return progress
+
+
+@pytest.mark.usefixtures("no_figures")
+def test_resume_refuses_to_end_a_run_before_the_epochs_it_was_started_for(
+        tmp_path, data_dir, monkeypatch, capsys):
+    monkeypatch.setattr(console, "TrainingProgress", interrupt_at_step_3)
+    out = tmp_path / "cut"
+    assert run_cli("--data-dir", data_dir, *SMALL, "--epochs", "2", "--out", str(out)) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    checkpoint = str(out / "checkpoint.npz")
+    err = one_line_error(capsys, "--data-dir", data_dir, "--resume", checkpoint, "--epochs", "1")
+    assert "started for 2 epochs; --epochs 1 would end it early" in err
+
+
+def test_resume_takes_a_runs_folder_and_points_from_its_model_to_its_checkpoint(
+        data_dir, finished_run, capsys):
+    assert run_cli("--data-dir", data_dir, "--resume", str(finished_run)) == 0
+    assert "the run is finished" in capsys.readouterr().out
+    model = str(finished_run / "model.npz")
+    err = one_line_error(capsys, "--data-dir", data_dir, "--resume", model)
+    assert f"the run's checkpoint is {finished_run / 'checkpoint.npz'}" in err
+    err = one_line_error(capsys, "--data-dir", data_dir, "--analyze",
+                         str(finished_run / "checkpoint.npz"))
+    assert f"the run's model is {model}" in err
+
+
+def test_ctrl_c_stops_a_benchmark_and_a_benchmark_of_no_epochs_is_refused(
+        data_dir, monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(console, "TrainingProgress", interrupt_at_step_3)
+    assert run_cli("--data-dir", data_dir, *SMALL, "--benchmark", "--epochs", "2") == 130
+    assert "median epoch" not in capsys.readouterr().out
+    err = one_line_error(capsys, "--benchmark", "--epochs", "0", code=2)
+    assert "trains nothing to time" in err
+    assert os.listdir(tmp_path) == []
