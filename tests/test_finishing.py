@@ -93,13 +93,14 @@ def test_a_failed_first_download_leaves_no_empty_folder(tmp_path):
 
 # ---- every run can be finished ------------------------------------------------------------------
 
+def ctrl_c(*args, **kwargs):
+    """Stands in for the measurements after training: a Ctrl-C as they start."""
+    raise KeyboardInterrupt
+
+
 def test_ctrl_c_in_the_measurements_is_finished_by_resume_to_the_same_numbers(
-            tmp_path, data_dir, finished_run, monkeypatch, capsys):
+        tmp_path, data_dir, finished_run, monkeypatch, capsys):
     real_measure = report.measure_and_draw
-
-    def ctrl_c(*args, **kwargs):
-        raise KeyboardInterrupt
-
     monkeypatch.setattr(report, "measure_and_draw", ctrl_c)
     out = tmp_path / "cut"
     assert run_cli("--data-dir", data_dir, *SMALL, "--epochs", "2", "--out", str(out)) == 130
@@ -274,10 +275,6 @@ def test_the_uncompressed_fallback_does_not_hide_a_truncated_gz(tmp_path):
 def test_an_epochs_0_run_interrupted_in_its_measurements_is_finished_by_the_printed_command(
         tmp_path, data_dir, monkeypatch, capsys):
     real_measure = report.measure_and_draw
-
-    def ctrl_c(*args, **kwargs):
-        raise KeyboardInterrupt
-
     monkeypatch.setattr(report, "measure_and_draw", ctrl_c)
     out = tmp_path / "zero"
     assert run_cli("--data-dir", data_dir, *SMALL, "--epochs", "0", "--out", str(out)) == 130
