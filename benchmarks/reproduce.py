@@ -16,7 +16,7 @@ line that names the commit they are of, are written from the records, and docs/r
 part's tables and figures. The parts that need PyTorch (torch, speed) run with --torch-python, an
 interpreter that imports torch (never a dependency of the project), and the part that needs a
 browser (explorer) with playwright and Chromium; each is skipped, with a line, without them. About
-50 minutes on 2 cores for all parts (docs/results.json has each part's time).
+21 minutes on 2 cores for all parts (docs/results.json has each part's time).
 """
 import argparse
 import ast
