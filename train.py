@@ -136,6 +136,7 @@ def train_epoch(model, opt, x_train, state, cfg, stop, progress):
     mid-way). Returns False if a stop was requested (Ctrl-C) before the epoch finished."""
     rng = state["rng"]
     n_steps = math.ceil(len(x_train) / cfg["batch_size"])
+    # {name: gradient array}, by reference: backward() fills these same arrays at every step
     grads = model.grads()
     if state["perm"] is None:
         start_epoch(state, rng, len(x_train), model.latent)
