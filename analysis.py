@@ -31,17 +31,36 @@ FITTED_CODES = 20000    # the mixture that stands in for q(z) is fitted to this 
 
 def negative_elbo(model, images, seed, batch_size=250):
     """Test negative ELBO (loss, recon, kl) in nats per example, one z per image, with the same eps
-    every time it is called (so epochs and runs compare)."""
+    every time it is called (so epochs and runs compare). The terms of model.forward, from the
+    likelihood's log_density: for the optimal-sigma Gaussian, the sigma it uses outside training."""
     # a stream of its own: evaluating never moves training's
     rng = np.random.default_rng([seed, 1])
     sums = np.zeros(3)
     for i in range(0, len(images), batch_size):
         x = mnist.to_float(images[i:i + batch_size], model.dtype)
         eps = rng.standard_normal((len(x), model.latent)).astype(model.dtype)
-        loss, recon, kl = model.forward(x, eps)
-        sums += np.array([loss, recon, kl]) * len(x)
+        mu, log_var = model.encode(x)
+        z, _ = reparameterize_forward(mu, log_var, eps)                 # z = mu + sigma * eps
+        recon = -model.likelihood.log_density(x, model.decode(z))      # -log p(x|z)
+        kl = model.kl_forward(mu, log_var, z, eps)                      # KL(q(z|x) || p(z))
+        recon = float(recon.mean())
+        kl = float(kl.mean())
+        sums += np.array([recon + kl, recon, kl]) * len(x)
     loss, recon, kl = sums / len(images)
     return loss, recon, kl
+
+
+def decoder_sigma(model, images, n_images=1000):
+    """A Gaussian decoder's sigma: {"sigma": the one sigma it uses outside training}, or for a sigma
+    per pixel {"smallest", "median", "largest"} over every pixel of the first n_images images,
+    decoded at their posterior means."""
+    likelihood = model.likelihood
+    if likelihood.decoder_sigma != "per-pixel":
+        return {"sigma": float(np.exp(likelihood.log_sigma())[0])}
+    mu, _ = encode_all(model, images[:n_images])
+    sigma = likelihood.sigma(model.decode(mu.astype(model.dtype)))
+    return {"smallest": float(sigma.min()), "median": float(np.median(sigma)),
+            "largest": float(sigma.max())}
 
 
 # ---- the aggregated posterior --------------------------------------------------------------------
@@ -175,11 +194,7 @@ def iw_nll(model, images, n_samples, rng, eps=None, batch_size=25, progress=None
     latent = model.latent
     out = np.empty(len(images))
     for i in range(0, len(images), batch_size):
-        x = images[i:i + batch_size]
-        if x.dtype == np.uint8:
-            x = mnist.to_float(x, model.dtype)
-        else:
-            x = x.astype(model.dtype)
+        x = mnist.to_float(images[i:i + batch_size], model.dtype)
         mu, log_var = (a.astype(np.float64) for a in model.encode(x))
         e = rng.standard_normal((s, len(x), latent)) if eps is None else eps[:, i:i + batch_size]
         z, _ = reparameterize_forward(mu, log_var, e)                  # (S, B, Z)
@@ -188,7 +203,9 @@ def iw_nll(model, images, n_samples, rng, eps=None, batch_size=25, progress=None
         samples_per_product = 10 * samples_per_slice
         for a in range(0, s, samples_per_product):
             codes = z[a:a + samples_per_product].reshape(-1, latent).astype(model.dtype)
-            logits = model.decode(codes).reshape(-1, len(x), model.n_in)   # (samples, B, D)
+            outputs = model.decode(codes)
+            # (samples, B, D) logits (2D outputs for a sigma per pixel)
+            logits = outputs.reshape(-1, len(x), outputs.shape[-1])
             for j in range(0, len(logits), samples_per_slice):
                 logits_slice = logits[j:j + samples_per_slice]
                 rows = slice(a + j, a + j + len(logits_slice))
@@ -203,19 +220,24 @@ def iw_nll(model, images, n_samples, rng, eps=None, batch_size=25, progress=None
 
 
 def bits_per_dim(model, x_test, iw_samples, rng, progress=None):
-    """For a density over grey levels (the Gaussian, the continuous Bernoulli): a bound in bits per
+    """For a density over grey levels (the Gaussians, the continuous Bernoulli): a bound in bits per
     dimension on the 8-bit test images by uniform dequantization (Theis et al. 2016). With x =
     (pixel + u) / 256, u ~ U(0, 1)^D,
         -log P(pixels) <= -E_u log p(x) + D log 256,
     since P(pixels) = 256^-D E_u p(x) >= 256^-D exp(E_u log p(x)); -log p(x) is bounded by iw_nll at
     one u per image. The Bernoulli on grey levels has no such number: it is not a density over [0,
-    1], so it gives no probability to a pixel's bin."""
-    u = rng.random(x_test.shape)
-    # (pixel + u) / 256: pixel k's bin is [k, k + 1) / 256, 256 bins of equal width over [0, 1]
-    # (training scales pixels by 255, so that 0 and 255 map to 0 and 1; the bound needs the bins)
-    x = (x_test + u) / 256
+    1], so it gives no probability to a pixel's bin. (A run trained with --dequantize has its test
+    set dequantized already: analyze takes its iw_nll, bits_from_nats.)"""
+    # pixel k's bin is [k, k + 1) / 256, 256 bins of equal width over [0, 1] (training scales
+    # pixels by 255, so that 0 and 255 map to 0 and 1; the bound needs the bins)
+    x = mnist.dequantize(x_test, rng)
     nll = iw_nll(model, x, iw_samples, rng, progress=progress).mean()
-    d = x_test.shape[1]
+    return bits_from_nats(nll, x_test.shape[1])
+
+
+def bits_from_nats(nll, d):
+    """-log p(x) <= nll nats on dequantized images x in [0, 1]^D, as the bound on the 8-bit pixels
+    in bits per dimension: (nll + D log 256) / (D log 2)."""
     return float((nll + d * math.log(256)) / (d * math.log(2)))
 
 
@@ -271,10 +293,10 @@ def fit_aggregate_posterior(model, x_train, x_test, rng, gmm_components, gmm_cov
 
 
 def analyze(model, x_train, x_test, seed, iw_samples, gmm_components, gmm_covariance, log=print,
-            progress=lambda what: None):
+            progress=lambda what: None, dequantized=False):
     """Every measurement above for a trained model: (metrics to record, arrays the figures draw).
     log(line) says what each measurement is before it starts; progress(what) may give a function of
-    the fraction done."""
+    the fraction done. dequantized: the images are dequantized already (--dequantize)."""
     rng = np.random.default_rng([seed, 3])
     seconds = {}
     holes, found = fit_aggregate_posterior(model, x_train, x_test, rng, gmm_components,
@@ -307,8 +329,12 @@ def analyze(model, x_train, x_test, seed, iw_samples, gmm_components, gmm_covari
     metrics = {"iw_nll": iw, "iw_samples": iw_samples}
     likelihood = model.likelihood
     if likelihood.name == "gaussian":
-        metrics["decoder_sigma"] = float(np.exp(likelihood.log_sigma()).ravel()[0])
-    if likelihood.name != "bernoulli":
+        metrics["decoder_sigma"] = decoder_sigma(model, x_test, len(x_test))
+    if likelihood.name != "bernoulli" and dequantized:
+        metrics["bits_per_dim"] = bits_from_nats(iw, x_test.shape[1])
+        log(f"  {metrics['bits_per_dim']:.3f} bits per dimension on the 8-bit images (the test "
+            f"images are dequantized: the same bound)")
+    elif likelihood.name != "bernoulli":
         message = "the same bound on dequantized test images, in bits per dimension"
         with phase("bits_per_dim", seconds, log, message):
             metrics["bits_per_dim"] = bits_per_dim(model, x_test, iw_samples, rng,

@@ -72,6 +72,8 @@ def run_header(cfg, model, state, n_train, n_test, out):
     data = cfg["dataset"]
     if cfg["binarize"]:
         data += " (binarized)"
+    if cfg["dequantize"]:
+        data += " (dequantized)"
     sizes = f"{model.n_in}-{cfg['hidden']}-{cfg['latent']}-{cfg['hidden']}-{model.n_in}"
     return (f"{data}: {n_train} train, {n_test} test images; VAE {sizes}, "
             f"{prior_label(model)} prior, {likelihood_label(model)} likelihood, "
@@ -94,6 +96,18 @@ def epoch_line(state, loss, recon, kl, n_train):
     seconds = state["epoch_seconds"][-1]
     train = state["train_loss"][-1]
     beta = state["kl_weight"][-1]
-    return (f"epoch {state['epoch']:3d}  train {train:8.2f}  test {loss:8.2f} "
+    line = (f"epoch {state['epoch']:3d}  train {train:8.2f}  test {loss:8.2f} "
             f"(recon {recon:7.2f} + kl {kl:6.2f})  beta {beta:.3g}  "
             f"{n_train / seconds:7.0f} ex/s  {seconds:5.2f} s")
+    sigmas = state["decoder_sigma_curve"]
+    if len(sigmas) == state["epoch"]:       # a Gaussian decoder's, at this epoch's end
+        line += "  " + sigma_text(sigmas[-1])
+    return line
+
+
+def sigma_text(sigma):
+    """A Gaussian decoder's sigma (analysis.decoder_sigma) in a few words."""
+    if "sigma" in sigma:
+        return f"sigma {sigma['sigma']:.4g}"
+    return (f"sigma per pixel {sigma['smallest']:.2g} to {sigma['largest']:.2g} "
+            f"(median {sigma['median']:.2g})")

@@ -84,10 +84,12 @@ def prior_contours(model, z_prior, limit, n=CONTOUR_GRID):
 
 def decoder_weights(model):
     """The decoder's Linear, ReLU, Linear as the page holds them: W1 (2, H), b1 (H,), W2 (H, D),
-    b2 (D,), in float32."""
+    b2 (D,), in float32. Of a decoder with a sigma per pixel, the outputs of the means only (the
+    first D)."""
     first, _, second = model.decoder.layers
+    d = model.n_in
     return {"W1": first.params["W"], "b1": first.params["b"],
-            "W2": second.params["W"], "b2": second.params["b"]}
+            "W2": second.params["W"][:, :d], "b2": second.params["b"][:d]}
 
 
 def base64_lines(array, dtype):

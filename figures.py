@@ -12,7 +12,7 @@ import mnist
 from atomic import atomic_path
 from codes import interpolate, traverse
 from gmm import gmm_sample
-from models import likelihood_label, prior_label
+from models import decoder_sigma_of, likelihood_label, prior_label
 from vae import log_normal, sigmoid
 
 
@@ -34,14 +34,19 @@ def save(out, figs):
                         pil_kwargs={"compress_level": 1})
 
 
-def image_grid(ax, images, rows, title=None):
-    """Tile (n, 784) images in [0, 1] into `rows` rows on one axis."""
+def tile(images, rows, gap=1.0):
+    """(n, 784) images tiled into `rows` rows of 28 x 28, one pixel of `gap` between them."""
     cols = math.ceil(len(images) / rows)
-    grid = np.ones((rows * 29 + 1, cols * 29 + 1))
+    grid = np.full((rows * 29 + 1, cols * 29 + 1), gap)
     for i, img in enumerate(images):
         r, c = divmod(i, cols)
         grid[1 + 29 * r:29 * (r + 1), 1 + 29 * c:29 * (c + 1)] = img.reshape(28, 28)
-    ax.imshow(grid, cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+    return grid
+
+
+def image_grid(ax, images, rows, title=None):
+    """Tile (n, 784) images in [0, 1] into `rows` rows on one axis."""
+    ax.imshow(tile(images, rows), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
     ax.set_axis_off()
     if title:
         ax.set_title(title, fontsize=10)
@@ -60,6 +65,8 @@ def run_figures(model, x_test, state, seed):
                title=f"decoded prior samples, z ~ {prior_label(model)}")
     figs = {"reconstructions.png": recon, "samples_prior.png": samples,
             "loss_curves.png": loss_curves(state)}
+    if decoder_sigma_of(model) == "per-pixel":
+        figs["decoder_sigma.png"] = pixel_sigma(model, x_test, np.random.default_rng([seed, 7]))
     if state["train_loss"]:                         # none with --epochs 0
         figs["gradient_paths.png"] = gradient_paths(state["gradient_paths"],
                                                     state["gradient_paths_per_unit"])
@@ -79,6 +86,58 @@ def loss_curves(state):
     ax.set_ylabel("negative ELBO (nats / example)")
     ax.legend()
     ax.grid(alpha=0.3)
+    return fig
+
+
+def pixel_sigma(model, x_test, rng, n=8):
+    """Where a decoder with a sigma per pixel is uncertain: for n test images, each decoded at
+    z = mu(x), the mean m, sigma of every pixel (log scale), and a sample
+    x ~ N(m, diag(sigma^2))."""
+    from matplotlib.colors import LogNorm
+    x = mnist.to_float(x_test[:n], model.dtype)
+    mu, _ = model.encode(x)
+    outputs = model.decode(mu)
+    sigma = model.likelihood.sigma(outputs)
+    fig = new_figure(figsize=(9, 5.6))
+    axes = fig.subplots(4, 1)
+    image_grid(axes[0], x, rows=1, title="test images x")
+    image_grid(axes[1], model.likelihood.mean(outputs), rows=1, title="means m at z = mu(x)")
+    # sigma: log colours from its smallest to its largest value, the gaps white
+    low = max(float(sigma.min()), 1e-30)
+    grid = tile(sigma, rows=1, gap=np.nan)
+    picture = axes[2].imshow(grid, cmap="magma", norm=LogNorm(low, float(sigma.max())),
+                             interpolation="nearest")
+    axes[2].set_axis_off()
+    axes[2].set_title("sigma of each pixel (dark: sure, bright: unsure)", fontsize=10)
+    fig.colorbar(picture, ax=axes[2], orientation="vertical", fraction=0.05, pad=0.01)
+    sample = model.likelihood.sample(outputs, rng)
+    image_grid(axes[3], np.clip(sample, 0, 1), rows=1, title="a sample x ~ N(m, diag(sigma^2))")
+    fig.suptitle(f"{likelihood_label(model)}: where the decoder is uncertain", fontsize=10)
+    return fig
+
+
+def sigma_curves(panels):
+    """{panel title: {run name: its decoder_sigma_curve}}: a Gaussian decoder's sigma at the end of
+    each epoch (log scale), a panel each; for a sigma per pixel its median, and its smallest value
+    dotted."""
+    fig = new_figure(figsize=(4.6 * len(panels), 3.4))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (title, curves) in zip(axes, panels.items()):
+        for name, curve in curves.items():
+            epochs = np.arange(1, len(curve) + 1)
+            if curve and "sigma" in curve[0]:
+                ax.plot(epochs, [s["sigma"] for s in curve], "o-", ms=3, label=name)
+                continue
+            line, = ax.plot(epochs, [s["median"] for s in curve], "o-", ms=3,
+                            label=f"{name}: median")
+            ax.plot(epochs, [s["smallest"] for s in curve], ":", color=line.get_color(),
+                    label=f"{name}: smallest")
+        ax.set_yscale("log")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("decoder sigma")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
     return fig
 
 

@@ -1,17 +1,21 @@
 """Other likelihoods p(x|z), each replacing vae.py's Bernoulli.
 
-The decoder and its logits l stay the same; what changes is the distribution they parameterise, its
-negative log-density, and so the gradient that flows back into the decoder, dL/dl:
+The decoder and its logits l stay the same (but for PixelGaussian, which adds a log sigma per
+pixel); what changes is the distribution they parameterise, its negative log-density, and so the
+gradient that flows back into the decoder, dL/dl:
 
     Gaussian             p(x|z) = N(x; sigmoid(l), sigma^2 I), one sigma for every pixel,
-                         fixed or learned
+                         fixed, learned, or set to its optimum for each batch
+    PixelGaussian        p(x|z) = N(x; sigmoid(l), diag(sigma^2)), a sigma for every pixel from
+                         the decoder, which then gives 2D outputs: the logits l and log sigma
     ContinuousBernoulli  p(x|z) = prod_j C(l_j) lambda_j^x_j (1 - lambda_j)^(1 - x_j),
                          lambda = sigmoid(l)
 
-Both are densities of grey levels, which the Bernoulli is not: the Gaussian over the real line (its
-draws can fall outside [0, 1]), the continuous Bernoulli over [0, 1]. Each class has the
-Bernoulli's interface: forward/backward (the loss pair), log_density, mean, sample, and its own
-params and grads.
+All three are densities of grey levels, which the Bernoulli is not: the Gaussians over the real
+line (their draws can fall outside [0, 1]), the continuous Bernoulli over [0, 1]. Each class has the
+Bernoulli's interface: forward/backward (the loss pair), log_density, mean, sample, its own
+params and grads, state (arrays saved with the model that no gradient trains) and
+outputs_per_pixel (how many decoder outputs each pixel takes).
 """
 import math
 
@@ -20,7 +24,7 @@ import numpy as np
 from vae import LOG_2PI, bernoulli_nll_backward, bernoulli_nll_forward, sigmoid
 
 
-# ---- the Gaussian --------------------------------------------------------------------------------
+# ---- the Gaussian with one sigma -----------------------------------------------------------------
 
 def gaussian_nll_forward(logits, x, log_sigma):
     """-log N(x; m, sigma^2 I) per example, with mean m = sigmoid(l) (in [0, 1], like the pixels,
@@ -46,41 +50,88 @@ def gaussian_nll_backward(dnll, cache):
     return dlogits, dlog_sigma
 
 
+def optimal_log_sigma(logits, x):
+    """log sigma* for a batch: the sigma that minimises the batch's mean of -log N(x; m, sigma^2 I)
+    for the current means m = sigmoid(l) (Rybkin et al. 2021). Setting the derivative of that mean
+    in log sigma, D - sum_b sum_j (x_bj - m_bj)^2 / (B sigma^2), to 0:
+        sigma*^2 = (1 / (B D)) sum_b sum_j (x_bj - m_bj)^2,   the mean squared error.
+    Returned as log sigma* = log(MSE) / 2, an array of one value in the logits' dtype."""
+    m = sigmoid(logits)
+    mse = np.mean((x - m) ** 2)
+    return np.full(1, 0.5 * np.log(mse), logits.dtype)
+
+
 class Gaussian:
-    """Replaces the Bernoulli: p(x|z) = N(x; sigmoid(l), sigma^2 I). sigma: a number (fixed), or
-    'learned' (or None): one log sigma shared by every pixel, the parameter 'likelihood.log_sigma',
-    the calibrated decoder of Rybkin et al. 2021."""
+    """Replaces the Bernoulli: p(x|z) = N(x; sigmoid(l), sigma^2 I), one sigma for every pixel.
+    decoder_sigma is
+        a number    sigma fixed: the "MSE" VAE
+        'learned'   log sigma a parameter ('likelihood.log_sigma'), trained by Adam with the rest
+                    (the calibrated decoder of Rybkin et al. 2021); None means the same
+        'optimal'   sigma set to its optimum sigma* for each training batch, with no gradient
+                    (Rybkin et al.'s optimal sigma-VAE); outside training (test loss, iw_nll,
+                    samples) the sigma* of the last epoch's training error (end_epoch)."""
 
     name = "gaussian"
+    outputs_per_pixel = 1       # the decoder gives one logit per pixel
 
     def __init__(self, sigma, dtype):
-        learned = sigma in (None, "learned")
         self.params = {}
         self.grads = {}
-        if learned:
+        # arrays saved with the model that no gradient trains (the optimal sigma's)
+        self.state = {}
+        if sigma in (None, "learned"):
             self.decoder_sigma = "learned"
             self.params["log_sigma"] = np.zeros(1, dtype)
             self.grads["log_sigma"] = np.zeros(1, dtype)
-            self.fixed_log_sigma = None
+        elif sigma == "optimal":
+            self.decoder_sigma = "optimal"
+            # the sigma used outside training, and the epoch's squared error it is set from
+            self.state["log_sigma"] = np.zeros(1, dtype)
+            self.state["epoch_squared_error"] = np.zeros(1)
+            self.state["epoch_pixels"] = np.zeros(1)
         else:
             self.decoder_sigma = float(sigma)
-            self.fixed_log_sigma = np.full(1, math.log(self.decoder_sigma), dtype)
-        sigma_text = "learned" if learned else f"{self.decoder_sigma:g}"
+            self.state["log_sigma"] = np.full(1, math.log(self.decoder_sigma), dtype)
+        sigma_text = self.decoder_sigma
+        if isinstance(sigma_text, float):
+            sigma_text = f"{sigma_text:g}"
         self.spec = f"gaussian:{sigma_text}"        # how --likelihoods names it
 
     def log_sigma(self):
-        if self.params:
+        """log sigma outside training: the learned parameter, the fixed value, or the optimal
+        sigma's last end_epoch()."""
+        if self.decoder_sigma == "learned":
             return self.params["log_sigma"]
-        return self.fixed_log_sigma
+        return self.state["log_sigma"]
 
     def forward(self, logits, x):
-        return gaussian_nll_forward(logits, x, self.log_sigma())
+        """The training loss pair's forward: -log p(x|z) per example."""
+        if self.decoder_sigma != "optimal":
+            return gaussian_nll_forward(logits, x, self.log_sigma())
+        log_sigma = optimal_log_sigma(logits, x)
+        # the epoch's squared error, from which end_epoch() sets the sigma used outside training
+        self.state["epoch_squared_error"] += x.size * math.exp(2 * float(log_sigma[0]))
+        self.state["epoch_pixels"] += x.size
+        return gaussian_nll_forward(logits, x, log_sigma)
 
     def backward(self, dnll, cache):
+        # dlog_sigma is dropped for the optimal sigma, and that loses nothing (the envelope
+        # theorem): the loss is L(theta, sigma*(theta)), so
+        #     dL/dtheta = dL/dtheta at sigma* held fixed + dL/dsigma * dsigma*/dtheta,
+        # and dL/dsigma = 0 at sigma*, the minimiser of the batch mean. The gradient with sigma*
+        # held fixed is the whole gradient (for the batch mean: dnll equal for every example).
         dlogits, dlog_sigma = gaussian_nll_backward(dnll, cache)
-        if self.grads:
+        if self.decoder_sigma == "learned":
             self.grads["log_sigma"][...] = dlog_sigma
         return dlogits
+
+    def end_epoch(self):
+        """The optimal sigma outside training: sigma*^2 = the mean squared error over the epoch's
+        training batches (every training image once, its z drawn from q(z|x) as in training)."""
+        mse = self.state["epoch_squared_error"] / self.state["epoch_pixels"]
+        self.state["log_sigma"][...] = 0.5 * np.log(mse)
+        self.state["epoch_squared_error"][...] = 0
+        self.state["epoch_pixels"][...] = 0
 
     def log_density(self, x, logits):
         nll, _ = gaussian_nll_forward(logits, x, self.log_sigma())
@@ -89,11 +140,87 @@ class Gaussian:
     def mean(self, logits):
         return sigmoid(logits)
 
+    def sigma(self, logits):
+        """sigma of every pixel (B, D): here the one sigma, broadcast."""
+        return np.broadcast_to(np.exp(self.log_sigma()), logits.shape)
+
     def sample(self, logits, rng):
         """x = m + sigma * noise: grey levels, some outside [0, 1]."""
         sigma = np.exp(self.log_sigma())
         x = sigmoid(logits) + sigma * rng.standard_normal(logits.shape)
         return x.astype(logits.dtype)
+
+
+# ---- the Gaussian with a sigma per pixel ---------------------------------------------------------
+
+def pixel_gaussian_nll_forward(outputs, x):
+    """-log N(x; m, diag(sigma^2)) per example, the paper's Gaussian MLP as the decoder (K&W
+    Appendix C.2): the decoder's 2D outputs are the means' logits l (the first D) and the log sigmas
+    s (the last D), pixel by pixel, m = sigmoid(l), sigma = exp(s):
+        sum_j [(x_j - m_j)^2 / (2 sigma_j^2) + log sigma_j] + D/2 log 2 pi.
+    Unbounded below: where m_j = x_j exactly, sigma_j -> 0 sends it to -infinity (Mattei & Frellsen
+    2018), which pixels that are 0 in most images invite. outputs (..., 2D) broadcasts against x."""
+    d = x.shape[-1]
+    logits = outputs[..., :d]
+    log_sigma = outputs[..., d:]
+    m = sigmoid(logits)
+    diff = m - x
+    inv_var = np.exp(-2 * log_sigma)            # 1 / sigma_j^2
+    per_pixel = 0.5 * diff * diff * inv_var + log_sigma
+    nll = per_pixel.sum(-1) + d * 0.5 * LOG_2PI
+    return nll, (m, diff, inv_var)
+
+
+def pixel_gaussian_nll_backward(dnll, cache):
+    m, diff, inv_var = cache
+    scaled = diff * inv_var                     # (m_j - x_j) / sigma_j^2
+    # d/dl_j = (m_j - x_j) / sigma_j^2 * m_j (1 - m_j)
+    dlogits = scaled * m * (1 - m) * dnll[:, None]
+    # d/ds_j [(x_j - m_j)^2 exp(-2 s_j) / 2 + s_j] = 1 - (x_j - m_j)^2 / sigma_j^2
+    dlog_sigma = (1 - diff * scaled) * dnll[:, None]
+    return np.concatenate([dlogits, dlog_sigma], axis=-1)
+
+
+class PixelGaussian:
+    """Replaces the Bernoulli: p(x|z) = N(x; sigmoid(l), diag(sigma^2)), a sigma for every pixel of
+    every image. The decoder gives 2D outputs per image (outputs_per_pixel = 2): D logits of the
+    means, then D log sigmas. Train it on dequantized pixels (--dequantize): on raw pixels its
+    density is unbounded (pixel_gaussian_nll_forward)."""
+
+    name = "gaussian"
+    decoder_sigma = "per-pixel"
+    spec = "gaussian:per-pixel"
+    outputs_per_pixel = 2
+
+    def __init__(self):
+        self.params = {}
+        self.grads = {}
+        self.state = {}
+
+    def forward(self, outputs, x):
+        return pixel_gaussian_nll_forward(outputs, x)
+
+    def backward(self, dnll, cache):
+        return pixel_gaussian_nll_backward(dnll, cache)
+
+    def log_density(self, x, outputs):
+        nll, _ = pixel_gaussian_nll_forward(outputs, x)
+        return -nll
+
+    def mean(self, outputs):
+        d = outputs.shape[-1] // 2
+        return sigmoid(outputs[..., :d])
+
+    def sigma(self, outputs):
+        """sigma_j = exp(s_j) of every pixel (..., D)."""
+        d = outputs.shape[-1] // 2
+        return np.exp(outputs[..., d:])
+
+    def sample(self, outputs, rng):
+        """x_j = m_j + sigma_j * noise_j."""
+        m = self.mean(outputs)
+        x = m + self.sigma(outputs) * rng.standard_normal(m.shape)
+        return x.astype(outputs.dtype)
 
 
 # ---- the continuous Bernoulli --------------------------------------------------------------------
@@ -161,10 +288,12 @@ class ContinuousBernoulli:
 
     name = "cb"
     spec = "cb"
+    outputs_per_pixel = 1
 
     def __init__(self):
         self.params = {}
         self.grads = {}
+        self.state = {}
 
     def forward(self, logits, x):
         return cb_nll_forward(logits, x)

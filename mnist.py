@@ -162,7 +162,10 @@ def parse_idx(path, magic):
 
 def to_float(images, dtype=np.float32):
     """uint8 pixels 0..255 -> intensities x / 255 in [0, 1]: one pass, one rounding. Every pixel the
-    model sees is scaled here."""
+    model sees is scaled here. Images that are intensities already (dequantized: floats) are only
+    cast to dtype."""
+    if images.dtype != np.uint8:
+        return images.astype(dtype)
     return np.divide(images, 255, dtype=dtype)
 
 
@@ -177,6 +180,21 @@ def binarize(images, rng):
     u = rng.random(images.shape, dtype=np.float32)
     on = u * 255 < images                           # P(on) = pixel / 255
     return on.astype(np.uint8) * np.uint8(255)
+
+
+# --dequantize: the test set is dequantized once, the same for every run
+TEST_DEQUANTIZATION_SEED = 2016
+
+
+def dequantize(images, rng, dtype=np.float32):
+    """x = (pixel + u) / 256, u ~ U(0, 1) for each pixel (uint8 in, float intensities out): pixel k
+    becomes a point drawn uniformly from its bin [k / 256, (k + 1) / 256), one of 256 bins of equal
+    width over [0, 1]. A density over x then gives each pixel value a probability (its integral
+    over the bin), and cannot grow without bound at a value that repeats (Theis et al. 2016).
+    Drawn afresh every time an image is used, like binarize. (u in float64: pixel + u in float32
+    would round up to the next bin about once in 10^5.)"""
+    u = rng.random(images.shape)
+    return np.divide(images + u, 256, dtype=dtype)
 
 
 def write_idx(path, array):

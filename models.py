@@ -4,10 +4,11 @@
     build("mog", 10)                      priors.MixturePriorVAE with K = 10
     build("vamp", likelihood="cb")        priors.VampPriorVAE with the continuous Bernoulli
     build(likelihood="gaussian", decoder_sigma=0.1)
+    build(likelihood="gaussian", decoder_sigma="per-pixel")     # the decoder gives 2D outputs
 """
 import numpy as np
 
-from likelihoods import ContinuousBernoulli, Gaussian
+from likelihoods import ContinuousBernoulli, Gaussian, PixelGaussian
 from priors import MixturePriorVAE, VampPriorVAE
 from vae import VAE, Bernoulli
 
@@ -17,12 +18,14 @@ LIKELIHOODS = ("bernoulli", "gaussian", "cb")
 
 
 def make_likelihood(name="bernoulli", decoder_sigma=None, dtype=np.float32):
-    """The p(x|z) object: 'bernoulli', 'cb', or 'gaussian' with decoder_sigma a number or 'learned'.
-    """
+    """The p(x|z) object: 'bernoulli', 'cb', or 'gaussian' with decoder_sigma a number, 'learned',
+    'optimal' or 'per-pixel'."""
     if name == "bernoulli":
         return Bernoulli()
     if name == "cb":
         return ContinuousBernoulli()
+    if name == "gaussian" and decoder_sigma == "per-pixel":
+        return PixelGaussian()
     if name == "gaussian":
         return Gaussian(decoder_sigma, dtype)
     raise ValueError(f"unknown likelihood {name!r}; choose one of {LIKELIHOODS}")
@@ -54,8 +57,8 @@ def describe(model):
 
 
 def decoder_sigma_of(model):
-    """A Gaussian decoder's sigma setting (a number or 'learned'); None for the other likelihoods.
-    """
+    """A Gaussian decoder's sigma setting (a number, 'learned', 'optimal' or 'per-pixel'); None for
+    the other likelihoods."""
     if model.likelihood.name == "gaussian":
         return model.likelihood.decoder_sigma
     return None
@@ -75,6 +78,6 @@ def likelihood_label(model):
     if model.likelihood.name == "cb":
         return "continuous Bernoulli"
     sigma = model.likelihood.decoder_sigma
-    if sigma == "learned":
-        return "Gaussian (learned sigma)"
+    if isinstance(sigma, str):
+        return f"Gaussian ({sigma} sigma)"
     return f"Gaussian (sigma {sigma:g})"

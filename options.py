@@ -12,7 +12,7 @@ import models
 DEFAULTS = {"dataset": "mnist", "hidden": 400, "latent": 20, "prior": "standard",
             "prior_components": None, "likelihood": "bernoulli", "decoder_sigma": None,
             "batch_size": 128, "lr": 1e-3, "seed": 0, "beta": 1.0, "kl_warmup": 0,
-            "binarize": False}
+            "binarize": False, "dequantize": False, "train_images": None}
 # The measurements after training. A run records them, so that finishing it later (--resume)
 # measures as it would have; --analyze and --resume take them from the run unless given.
 MEASURE_DEFAULTS = {"iw_samples": 100, "gmm_components": 10, "gmm_covariance": "full",
@@ -20,7 +20,10 @@ MEASURE_DEFAULTS = {"iw_samples": 100, "gmm_components": 10, "gmm_covariance": "
 # The options that make the model what it is: a checkpoint cannot change them.
 ARCHITECTURE = ("hidden", "latent", "prior", "prior_components", "likelihood", "decoder_sigma")
 # --likelihoods' default runs.
-LIKELIHOOD_RUNS = ["bernoulli", "gaussian:1", "gaussian:0.1", "gaussian:learned", "cb"]
+LIKELIHOOD_RUNS = ["bernoulli", "gaussian:1", "gaussian:0.1", "gaussian:learned",
+                   "gaussian:optimal", "gaussian:per-pixel+dequantize", "cb"]
+# --decoder-sigma's settings besides a number
+SIGMA_SETTINGS = ("learned", "optimal", "per-pixel")
 
 NUMBERS = [  # the numeric flags: the least value allowed, and the default (None: DEFAULTS')
     {"flag": "--epochs", "type": int, "least": 0, "default": None,
@@ -39,6 +42,8 @@ NUMBERS = [  # the numeric flags: the least value allowed, and the default (None
     {"flag": "--kl-warmup", "type": int, "least": 0, "default": None,
      "help": "epochs over which the KL weight rises linearly from 0 to beta (default: 0)"},
     {"flag": "--seed", "type": int, "least": 0, "default": None, "help": "default: 0"},
+    {"flag": "--train-images", "type": int, "least": 1, "default": None,
+     "help": "train on the first N training images only (default: all)"},
     {"flag": "--iw-samples", "type": int, "least": 1, "default": None,
      "help": "S importance samples per test image for iw_nll (default: 100; Burda et al.: 5000)"},
     {"flag": "--gmm-components", "type": int, "least": 1, "default": None,
@@ -66,28 +71,34 @@ class UsageError(Exception):
 
 
 def decoder_sigma(text):
-    """--decoder-sigma: 'learned', or a number > 0."""
-    if text == "learned":
+    """--decoder-sigma: 'learned', 'optimal', 'per-pixel', or a number > 0."""
+    if text in SIGMA_SETTINGS:
         return text
     try:
         value = float(text)
     except ValueError:
         value = math.nan
     if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a number > 0 or 'learned', got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be a number > 0, learned, optimal or per-pixel, "
+                                         f"got {text!r}")
     return value
 
 
 def likelihood_run(spec):
-    """--likelihoods: bernoulli, cb, or gaussian:SIGMA (SIGMA a number > 0, or 'learned').
-    -> (name, sigma)"""
-    name, _, sigma = spec.partition(":")
-    if name in ("bernoulli", "cb") and not sigma:
-        return name, None
-    if name == "gaussian" and sigma:
-        return name, decoder_sigma(sigma)
-    raise argparse.ArgumentTypeError(f"{spec!r} is not bernoulli, gaussian:SIGMA (SIGMA > 0 or "
-                                     f"learned) or cb")
+    """--likelihoods: bernoulli, cb, or gaussian:SIGMA (SIGMA a number > 0, learned, optimal or
+    per-pixel), each with +dequantize to train that run on dequantized pixels.
+    -> (name, sigma, dequantize)"""
+    run, plus, extra = spec.partition("+")
+    name, _, sigma = run.partition(":")
+    dequantize = extra == "dequantize"
+    known = dequantize or not plus
+    if known and name in ("bernoulli", "cb") and not sigma:
+        return name, None, dequantize
+    if known and name == "gaussian" and sigma:
+        return name, decoder_sigma(sigma), dequantize
+    raise argparse.ArgumentTypeError(f"{spec!r} is not bernoulli, gaussian:SIGMA (SIGMA > 0, "
+                                     f"learned, optimal or per-pixel) or cb, with or without "
+                                     f"+dequantize")
 
 
 def given(value):
@@ -111,10 +122,14 @@ def build_parser(description):
                    help="p(z): N(0, I) (standard), a mixture, VampPrior")
     p.add_argument("--likelihood", choices=models.LIKELIHOODS, help="p(x|z); default: bernoulli")
     p.add_argument("--decoder-sigma", type=decoder_sigma,
-                   help="the Gaussian's sigma: > 0, or learned (default)")
+                   help="the Gaussian's sigma: a number > 0 (fixed), learned (default), optimal "
+                        "(set for each batch), or per-pixel (from the decoder)")
     p.add_argument("--binarize", action="store_true", default=None,
                    help="train on pixels drawn as Bernoulli(intensity) each time an image is "
                         "used; the test set is binarized once")
+    p.add_argument("--dequantize", action="store_true", default=None,
+                   help="train on (pixel + u) / 256, u ~ U(0, 1) drawn afresh each time an image "
+                        "is used; the test set is dequantized once")
     for option in NUMBERS:
         p.add_argument(option["flag"], type=option["type"], default=option["default"],
                        help=option["help"])
@@ -158,6 +173,9 @@ def check_combinations(p, args):
         p.error("--benchmark --epochs 0 trains nothing to time: pass --epochs 1 or more")
     if args.decoder_sigma is not None and args.likelihood != "gaussian":
         p.error("--decoder-sigma needs --likelihood gaussian")
+    if args.binarize and args.dequantize:
+        p.error("--binarize and --dequantize do not go together: pixels are either drawn as 0 or "
+                "1, or spread over their bins")
     if args.prior_components is not None and args.prior not in ("mog", "vamp"):
         p.error("--prior-components needs --prior mog or vamp")
     values = [str(value) for value in args.betas or args.likelihoods or []]

@@ -17,13 +17,17 @@ import runs
 
 def measure_and_draw(model, metrics, cfg, x_train, x_test, y_test, out, args):
     """The after-training measurements and their figures, merged into metrics.json."""
-    # the aggregated posterior of the images the model was trained on: binary ones
+    # the aggregated posterior of the images the model was trained on: binary ones, or dequantized
     if cfg["binarize"]:
         x_train = mnist.binarize(x_train, np.random.default_rng(mnist.TEST_BINARIZATION_SEED + 1))
+    dequantized = cfg.get("dequantize", False)
+    if dequantized:
+        x_train = mnist.dequantize(x_train,
+                                   np.random.default_rng(mnist.TEST_DEQUANTIZATION_SEED + 1))
     measured, found = analysis.analyze(model, x_train, x_test, cfg["seed"], args.iw_samples,
                                        args.gmm_components, args.gmm_covariance,
                                        log=lambda line: print(line, flush=True),
-                                       progress=console.progress_line)
+                                       progress=console.progress_line, dequantized=dequantized)
     print("drawing the latent space", flush=True)
     class_names = mnist.CLASS_NAMES[cfg["dataset"]]
     figs = figures.analysis_figures(model, x_test, y_test, found, args.posterior_image, cfg["seed"],
@@ -41,7 +45,7 @@ def measure_and_draw(model, metrics, cfg, x_train, x_test, y_test, out, args):
 
 # ---- a comparison of runs ------------------------------------------------------------------------
 
-COMPARISON_COLUMNS = [  # title, key in a row, format
+COMPARISON_COLUMNS = [  # title, key in a row, format (or "sigma_cell": that function's text)
     ("run", "run", "{}"),
     ("recon", "recon", "{:.2f}"),
     ("KL", "kl", "{:.2f}"),
@@ -54,7 +58,7 @@ COMPARISON_COLUMNS = [  # title, key in a row, format
     ("I(x;z)", "mutual_information", "{:.2f}"),
     ("holes", "prior_hole_fraction", "{:.1%}"),
     ("paths in holes: linear / spherical", "path_holes", "{0[0]:.1%} / {0[1]:.1%}"),
-    ("sigma", "decoder_sigma", "{:.4g}"),
+    ("sigma", "decoder_sigma", "sigma_cell"),
     ("pull on mu: recon / KL", "pulls_on_mu", "{0[0]:.3g} / {0[1]:.3g}"),
 ]
 
@@ -91,6 +95,14 @@ def comparison_row(name, metrics):
             "path_holes": path_holes}
 
 
+def sigma_cell(sigma):
+    """A Gaussian decoder's sigma (analysis.decoder_sigma) in a table cell: the one sigma, or a
+    sigma per pixel's range and median."""
+    if "sigma" in sigma:
+        return f"{sigma['sigma']:.4g}"
+    return f"{sigma['smallest']:.2g} to {sigma['largest']:.2g} (median {sigma['median']:.2g})"
+
+
 def comparison_table(rows):
     """The rows as a Markdown table ('-' where a run has no such number)."""
     titles = [title for title, _, _ in COMPARISON_COLUMNS]
@@ -100,6 +112,8 @@ def comparison_table(rows):
         for _, key, form in COMPARISON_COLUMNS:
             if row.get(key) is None:
                 cells.append("-")
+            elif form == "sigma_cell":
+                cells.append(sigma_cell(row[key]))
             else:
                 cells.append(form.format(row[key]))
         lines.append("| " + " | ".join(cells) + " |")
@@ -121,7 +135,15 @@ def compare(results, out, image_index, prefix):
             latent_codes[name] = mu
     seed = last["metrics"]["config"]["seed"]
     figs = figures.comparison_figures(models, latent_codes, last["x_test"], last["y_test"],
-                                      image_index,
-                                      seed, prefix)
+                                      image_index, seed, prefix)
+    # the Gaussian decoders' sigma, epoch by epoch: how fast a learned sigma follows the optimal one
+    sigma_curves = {}
+    for name, result in results.items():
+        curve = result["metrics"].get("decoder_sigma_curve")
+        if curve:
+            sigma_curves[name] = curve
+    if sigma_curves:
+        panel = "a Gaussian decoder's sigma at the end of each epoch"
+        figs[f"{prefix}_sigma.png"] = figures.sigma_curves({panel: sigma_curves})
     figures.save(out, figs)
     print(f"wrote comparison.json and the figures that compare the runs to {out}")

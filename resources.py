@@ -14,10 +14,11 @@ TEST_IMAGES = 10000
 PARAMETERS = "parameters, gradients and Adam's moments"
 
 
-def parameter_count(n_in, hidden, latent):
-    """The encoder's and the decoder's weights and biases."""
+def parameter_count(n_in, hidden, latent, n_out):
+    """The encoder's and the decoder's weights and biases (the decoder's n_out outputs: n_in, or
+    2 n_in for a sigma per pixel)."""
     encoder = n_in * hidden + hidden + hidden * 2 * latent + 2 * latent
-    decoder = latent * hidden + hidden + hidden * n_in + n_in
+    decoder = latent * hidden + hidden + hidden * n_out + n_out
     return encoder + decoder
 
 
@@ -35,8 +36,12 @@ def estimate(cfg, n_in, components, iw_samples, gmm_components, n_fit=20000):
     hidden = cfg["hidden"]
     latent = cfg["latent"]
     batch = cfg["batch_size"]
-    widest = max(n_in, hidden, 2 * latent)
-    params = parameter_count(n_in, hidden, latent) + prior_parameter_count(cfg, n_in, components)
+    n_out = n_in
+    if cfg["decoder_sigma"] == "per-pixel":
+        n_out = 2 * n_in
+    widest = max(n_out, hidden, 2 * latent)
+    params = (parameter_count(n_in, hidden, latent, n_out)
+              + prior_parameter_count(cfg, n_in, components))
     parts = {}
     # the parameters, their gradients, Adam's two moments, and Adam's temporaries
     parts[PARAMETERS] = 6 * params * FLOAT32
@@ -49,7 +54,7 @@ def estimate(cfg, n_in, components, iw_samples, gmm_components, n_fit=20000):
         parts["log p(z) after training"] = 3 * PRIOR_DRAWS * components * latent * FLOAT64
     # iw_nll: the codes of 25 images (S, 25, Z) in float64, and 2,500 decoded at a time
     parts["iw_nll"] = (3 * iw_samples * 25 * latent * FLOAT64
-                       + 6 * 2500 * max(hidden, n_in) * FLOAT32)
+                       + 6 * 2500 * max(hidden, n_out) * FLOAT32)
     # the mixture fitted to the codes: M full covariances and their eigenvectors, the outer
     # products of the codes (at most 2^23 numbers kept), and a chunk of 4,096 codes against every
     # component, (4096, M, Z)

@@ -117,6 +117,10 @@ def default_out(cfg, recipe):
         parts.append(likelihood)
     if cfg["binarize"]:
         parts.append("binary")
+    if cfg["dequantize"]:
+        parts.append("dequantized")
+    if cfg["train_images"]:
+        parts.append(f"n{cfg['train_images']}")
     recipe = {**recipe, "epochs": 10}
     short_names = {"beta": "beta", "kl_warmup": "warmup", "lr": "lr", "batch_size": "b",
                    "epochs": "e"}
@@ -137,7 +141,8 @@ def is_complete(out):
 # ---- the model and the checkpoint ----------------------------------------------------------------
 
 def save_model(model, path, **extra):
-    """One .npz: the architecture, every parameter, and any extra arrays (a checkpoint's state)."""
+    """One .npz: the architecture, every parameter, the likelihood's state (arrays no gradient
+    trains: the optimal sigma's), and any extra arrays (a checkpoint's state)."""
     arch = models.describe(model)
     header = {
         "arch": np.array([model.n_in, model.hidden, model.latent]),
@@ -146,16 +151,18 @@ def save_model(model, path, **extra):
         "likelihood": np.array(arch["likelihood"]),
         "decoder_sigma": np.array(str(arch["decoder_sigma"])),
     }
+    state = {"state.likelihood." + k: v for k, v in model.likelihood.state.items()}
     extras = {"extra." + k: v for k, v in extra.items()}
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **header, **model.params(), **extras)
+        np.savez(f, **header, **model.params(), **state, **extras)
 
 
 def parse_decoder_sigma(text):
-    """The decoder_sigma a model file records: 'None', 'learned', or a number."""
+    """The decoder_sigma a model file records: 'None', 'learned', 'optimal', 'per-pixel', or a
+    number."""
     if text == "None":
         return None
-    if text == "learned":
+    if text in ("learned", "optimal", "per-pixel"):
         return text
     return float(text)
 
@@ -182,6 +189,9 @@ def load_model(path):
             if arrays[name].shape != p.shape:
                 raise ValueError(f"{name} has shape {arrays[name].shape}, expected {p.shape}")
             p[...] = arrays[name]
+        # a file from before a fixed sigma was saved has none: it is the one decoder_sigma gives
+        for name, a in model.likelihood.state.items():
+            a[...] = arrays.get("state.likelihood." + name, a)
     except (OSError, ValueError, EOFError, KeyError, TypeError, zipfile.BadZipFile) as err:
         raise ModelFileError(f"{path}: not a readable model file of this project "
                              f"({type(err).__name__}: {err}); delete it or train again")

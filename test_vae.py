@@ -157,6 +157,35 @@ def test_gaussian_nll_backward_matches_finite_differences():
     assert_grads_close(errors, 1e-7)
 
 
+def test_optimal_sigma_needs_no_gradient_path_of_its_own():
+    # The envelope theorem: with sigma* recomputed from the logits at every difference, the batch
+    # mean's gradient equals the backward's, which holds sigma* fixed, only because sigma* is the
+    # minimiser (a sigma* without its square root, log sigma = log MSE, fails by ~1e-1).
+    rng = np.random.default_rng(24)
+    logits = rng.standard_normal((6, 9)) * 2
+    x = rng.uniform(0, 1, (6, 9))
+    dnll = np.full(6, 1 / 6)                            # the batch mean
+    log_sigma = likelihoods.optimal_log_sigma(logits, x)
+    _, cache = likelihoods.gaussian_nll_forward(logits, x, log_sigma)
+    dlogits, _ = likelihoods.gaussian_nll_backward(dnll, cache)
+    def loss():
+        sigma_star = likelihoods.optimal_log_sigma(logits, x)
+        nll, _ = likelihoods.gaussian_nll_forward(logits, x, sigma_star)
+        return float(nll.mean())
+    assert_grads_close(grad_check(loss, {"logits": logits}, {"logits": dlogits}), 1e-7)
+
+
+def test_per_pixel_gaussian_nll_backward_matches_finite_differences():
+    # the decoder's 2D outputs: 9 logits of the means, then 9 log sigmas
+    rng = np.random.default_rng(25)
+    outputs = np.concatenate([rng.standard_normal((6, 9)) * 2, rng.uniform(-2, 1, (6, 9))], 1)
+    inputs = {"outputs": outputs, "x": rng.uniform(0, 1, (6, 9))}
+    def backward(dnll, cache):
+        return {"outputs": likelihoods.pixel_gaussian_nll_backward(dnll, cache)}
+    errors = check_piece(likelihoods.pixel_gaussian_nll_forward, backward, inputs)
+    assert_grads_close(errors, 1e-7)
+
+
 def test_continuous_bernoulli_nll_backward_matches_finite_differences():
     rng = np.random.default_rng(23)
     logits = rng.standard_normal((6, 9)) * 3
@@ -173,7 +202,9 @@ NETWORK_PARAMS = {"enc.0.W", "enc.0.b", "enc.2.W", "enc.2.b",
                   "dec.0.W", "dec.0.b", "dec.2.W", "dec.2.b"}
 MOG_PARAMS = {"prior.means", "prior.log_vars", "prior.log_weights"}
 LIKELIHOOD_CASES = [("bernoulli", None, set()), ("gaussian", 0.3, set()),
-                    ("gaussian", "learned", {"likelihood.log_sigma"}), ("cb", None, set())]
+                    ("gaussian", "learned", {"likelihood.log_sigma"}),
+                    ("gaussian", "optimal", set()), ("gaussian", "per-pixel", set()),
+                    ("cb", None, set())]
 
 
 @pytest.mark.parametrize("beta", [1.0, 0.3, 2.5])
@@ -211,7 +242,13 @@ def test_objective_backward_matches_finite_differences_for_every_parameter(
         _, recon, kl = model.forward(x, eps)
         return (recon - recon0) + beta * (kl - kl0)
 
-    errors = grad_check(objective, model.params(), analytic)
+    # (4) the per-pixel Gaussian sums larger terms (exp(-2 s) of 12 more outputs): at h = 1e-5
+    #     its rounding, ~2.5e-10, is 2e-6 of its smallest gradient here; at h = 1e-4 that is ten
+    #     times less, and the truncation (~h^2) keeps every check below 5e-7 on both NumPys.
+    h = 1e-5
+    if sigma == "per-pixel":
+        h = 1e-4
+    errors = grad_check(objective, model.params(), analytic, h=h)
     assert set(errors) == NETWORK_PARAMS | prior_params | likelihood_params
     assert_grads_close(errors, 1e-6)
 

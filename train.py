@@ -32,9 +32,9 @@ from options import (ARCHITECTURE, DEFAULTS, LIKELIHOOD_RUNS, MEASURE_DEFAULTS, 
 
 # What an epoch records, one value per epoch each: the means over the epoch's examples of the loss
 # and its parts, of the objective recon + beta * KL and of beta; the test loss at the epoch's end;
-# its seconds.
+# a Gaussian decoder's sigma at the epoch's end (none for the other likelihoods); its seconds.
 EPOCH_SUMS = ("train_loss", "train_recon", "train_kl", "train_objective", "kl_weight")
-EPOCH_RECORDS = EPOCH_SUMS + ("test_loss_curve", "epoch_seconds")
+EPOCH_RECORDS = EPOCH_SUMS + ("test_loss_curve", "decoder_sigma_curve", "epoch_seconds")
 # The four gradients that meet at the encoder's outputs (vae.VAE.backward's self.paths).
 PATHS = ("recon_mu", "kl_mu", "recon_log_var", "kl_log_var")
 
@@ -78,12 +78,16 @@ def kl_weight(cfg, global_step, n_steps):
 
 def batch(x_train, perm, step, cfg, rng, latent):
     """The step-th batch of the epoch's order as float32 in [0, 1] (with --binarize, pixels drawn
-    afresh as Bernoulli(intensity)), and its eps ~ N(0, I)."""
+    afresh as Bernoulli(intensity); with --dequantize, spread afresh over their bins), and its eps ~
+    N(0, I)."""
     rows = perm[step * cfg["batch_size"]:(step + 1) * cfg["batch_size"]]
     images = x_train[rows]
     if cfg["binarize"]:
         images = mnist.binarize(images, rng)
-    x = mnist.to_float(images)
+    if cfg["dequantize"]:
+        x = mnist.dequantize(images, rng)
+    else:
+        x = mnist.to_float(images)
     eps = rng.standard_normal((len(x), latent), dtype=np.float32)
     return x, eps
 
@@ -113,8 +117,11 @@ def add_to_sums(state, model, loss, recon, kl, beta, batch_size):
         state["path_sums"][name]["sum_sq"] += (g * g).sum(0)
 
 
-def end_epoch(state, n_images, seconds):
-    """Record the epoch's means over its examples: the losses, and each gradient path's RMS."""
+def end_epoch(state, model, n_images, seconds):
+    """Record the epoch's means over its examples: the losses, and each gradient path's RMS. The
+    optimal-sigma Gaussian sets the sigma it uses outside training from the epoch's error."""
+    if models.decoder_sigma_of(model) == "optimal":
+        model.likelihood.end_epoch()
     for name, total in state["sums"].items():
         state[name].append(float(total / n_images))
     for name, sums in state["path_sums"].items():
@@ -157,7 +164,7 @@ def train_epoch(model, opt, x_train, state, cfg, stop, progress):
         if stop["requested"]:
             state["elapsed"] += time.perf_counter() - t0
             return False
-    end_epoch(state, len(x_train), state["elapsed"] + time.perf_counter() - t0)
+    end_epoch(state, model, len(x_train), state["elapsed"] + time.perf_counter() - t0)
     return True
 
 
@@ -178,6 +185,8 @@ def train(model, opt, x_train, x_test, state, cfg, checkpoint, resumed_from=None
             if train_epoch(model, opt, x_train, state, cfg, stop, progress):
                 loss, recon, kl = analysis.negative_elbo(model, x_test, cfg["seed"])
                 state["test_loss_curve"].append(loss)
+                if model.likelihood.name == "gaussian":
+                    state["decoder_sigma_curve"].append(analysis.decoder_sigma(model, x_test))
                 print(console.epoch_line(state, loss, recon, kl, len(x_train)), flush=True)
             if checkpoint:                      # after each epoch, and where Ctrl-C stopped one
                 runs.save_checkpoint(checkpoint, model, opt, state, cfg)
@@ -397,18 +406,22 @@ def prepare(args):
 
 def check_against_data(args, cfg, model, x_train, x_test):
     """The options that the data set bounds, checked before training."""
-    codes = min(len(x_train), analysis.FITTED_CODES)
+    n_train = cfg["train_images"] or len(x_train)
+    trained_on = f"the training set has {len(x_train)} images"
+    if cfg["train_images"]:
+        trained_on = f"--train-images keeps {n_train} of them"
+    codes = min(n_train, analysis.FITTED_CODES)
     vamp_components = 0
     if cfg["prior"] == "vamp":
         vamp_components = cfg["prior_components"] or models.DEFAULT_COMPONENTS["vamp"]
     limits = [
         ("--posterior-image", args.posterior_image, len(x_test) - 1,
          f"the test set has {len(x_test)} images"),
-        ("--batch-size", cfg["batch_size"], len(x_train),
-         f"the training set has {len(x_train)} images"),
+        ("--train-images", n_train, len(x_train), f"the training set has {len(x_train)} images"),
+        ("--batch-size", cfg["batch_size"], n_train, trained_on),
         ("--gmm-components", args.gmm_components, codes, f"the mixture is fitted to {codes} codes"),
-        ("--prior-components", vamp_components, len(x_train),
-         f"a VampPrior starts from that many of the {len(x_train)} training images"),
+        ("--prior-components", vamp_components, n_train,
+         f"a VampPrior starts from that many of the {n_train} training images"),
     ]
     for flag, value, limit, why in limits:
         if value > limit:
@@ -422,8 +435,13 @@ def load_data(args, cfg, model):
     """The data set, and the checks that need it (still before training)."""
     x_train, _, x_test, y_test = mnist.load(cfg["dataset"], args.data_dir, args.mirror)
     check_against_data(args, cfg, model, x_train, x_test)
-    if cfg["binarize"]:                 # the test set once; the training set anew in every batch
+    if cfg["train_images"]:
+        x_train = x_train[:cfg["train_images"]]
+    # the test set once; the training set anew in every batch
+    if cfg["binarize"]:
         x_test = mnist.binarize(x_test, np.random.default_rng(mnist.TEST_BINARIZATION_SEED))
+    if cfg["dequantize"]:
+        x_test = mnist.dequantize(x_test, np.random.default_rng(mnist.TEST_DEQUANTIZATION_SEED))
     return x_train, x_test, y_test
 
 
@@ -531,14 +549,18 @@ def experiment_runs(args, out):
             variants[f"beta = {beta:g}"] = {"beta": beta, "out": folder}
     else:
         specs = args.likelihoods or [likelihood_run(spec) for spec in LIKELIHOOD_RUNS]
-        for name, sigma in specs:
+        for name, sigma, dequantize in specs:
             label = name
             folder = name
             if sigma:
                 sigma_text = f"{sigma:g}" if isinstance(sigma, float) else sigma
                 label += f", sigma {sigma_text}"
                 folder += f"-sigma-{sigma_text}"
+            if dequantize:
+                label += ", dequantized"
+                folder += "-dequantized"
             variants[label] = {"likelihood": name, "decoder_sigma": sigma,
+                               "dequantize": dequantize or args.dequantize,
                                "out": os.path.join(out, folder)}
     return {name: argparse.Namespace(**{**vars(args), **v}) for name, v in variants.items()}
 

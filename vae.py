@@ -116,10 +116,12 @@ class Bernoulli:
 
     name = "bernoulli"
     spec = "bernoulli"      # how --likelihoods names it
+    outputs_per_pixel = 1   # the decoder gives one logit per pixel
 
     def __init__(self):
         self.params = {}    # the likelihood's own parameters: the Bernoulli has none
         self.grads = {}
+        self.state = {}     # nor arrays that no gradient trains
 
     def forward(self, logits, x):
         return bernoulli_nll_forward(logits, x)
@@ -155,8 +157,10 @@ class VAE:
         # log_var, not sigma: any real output is valid, and sigma = exp(log_var / 2) is positive
         # whatever it is.
         self.encoder = MLP([n_in, hidden, 2 * latent], rng, dtype)
-        self.decoder = MLP([latent, hidden, n_in], rng, dtype)
         self.likelihood = Bernoulli() if likelihood is None else likelihood
+        # D logits (likelihoods.py's PixelGaussian takes 2D outputs: a log sigma per pixel too)
+        n_out = n_in * self.likelihood.outputs_per_pixel
+        self.decoder = MLP([latent, hidden, n_out], rng, dtype)
 
     def params(self):
         """{name: array} of every parameter, by reference (updating one updates the model)."""

@@ -57,7 +57,8 @@ def test_the_comparison_table_shows_every_column_of_every_row():
     row = {"run": "beta = 0.3", "recon": 230.0, "kl": 9.5, "negative_elbo": 239.5, "iw_nll": 237.25,
            "bits_per_dim": None, "active_units": 12, "variance_range": [0.25, 1.5],
            "kl_aggregate_prior": 2.0, "mutual_information": 7.5, "prior_hole_fraction": 0.125,
-           "decoder_sigma": 0.0812, "pulls_on_mu": [5.7, 0.77], "path_holes": [0.25, 0.0625]}
+           "decoder_sigma": {"sigma": 0.0812}, "pulls_on_mu": [5.7, 0.77],
+           "path_holes": [0.25, 0.0625]}
     lines = report.comparison_table([row]).splitlines()
     assert lines[0].startswith("| run | recon | KL | test -ELBO | iw_nll | bits/dim |")
     assert len(lines) == 3
@@ -91,7 +92,7 @@ def test_the_likelihood_experiment_trains_one_run_per_likelihood_and_compares_th
     sigma = float(np.exp(gaussian.params()["likelihood.log_sigma"][0]))
     by_run = {row["run"]: row for row in rows}
     learned = by_run["gaussian, sigma learned"]
-    assert learned["decoder_sigma"] == pytest.approx(sigma)
+    assert learned["decoder_sigma"]["sigma"] == pytest.approx(sigma)
     assert sigma < 1                                    # learned: down from its start at 1
     assert by_run["cb"]["decoder_sigma"] is None
     assert all(len(r["pulls_on_mu"]) == 2 for r in rows)

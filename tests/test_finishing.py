@@ -201,12 +201,15 @@ def test_out_inside_the_data_folder_and_benchmark_with_out_are_refused(data_dir,
 # ---- sizes are checked before work starts ------------------------------------------------------
 
 def test_the_memory_estimate_counts_every_parameter_of_the_model():
-    for prior, components in (("standard", 0), ("mog", 7), ("vamp", 5)):
-        cfg = {"hidden": 30, "latent": 6, "batch_size": 16, "prior": prior}
-        model = models.build(prior, components or None, hidden=30, latent=6, n_in=784)
+    cases = [("standard", 0, "bernoulli", None), ("mog", 7, "bernoulli", None),
+             ("vamp", 5, "bernoulli", None), ("standard", 0, "gaussian", "per-pixel")]
+    for prior, components, likelihood, sigma in cases:
+        cfg = {"hidden": 30, "latent": 6, "batch_size": 16, "prior": prior, "decoder_sigma": sigma}
+        model = models.build(prior, components or None, likelihood, sigma, hidden=30, latent=6,
+                             n_in=784)
         counted = sum(p.size for p in model.params().values())
         parts = resources.estimate(cfg, 784, components, iw_samples=10, gmm_components=3)
-        assert parts[resources.PARAMETERS] == 6 * counted * 4, prior
+        assert parts[resources.PARAMETERS] == 6 * counted * 4, (prior, sigma)
 
 
 @pytest.mark.usefixtures("no_work")
