@@ -120,8 +120,9 @@ def sigma_curves(panels):
     """{panel title: {run name: its decoder_sigma_curve}}: a Gaussian decoder's sigma at the end of
     each epoch (log scale), a panel each; for a sigma per pixel its median, and its smallest value
     dotted."""
+    from matplotlib.ticker import FormatStrFormatter
     fig = new_figure(figsize=(4.6 * len(panels), 3.4))
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
     for ax, (title, curves) in zip(axes, panels.items()):
         for name, curve in curves.items():
             epochs = np.arange(1, len(curve) + 1)
@@ -133,11 +134,42 @@ def sigma_curves(panels):
             ax.plot(epochs, [s["smallest"] for s in curve], ":", color=line.get_color(),
                     label=f"{name}: smallest")
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
         ax.set_xlabel("epoch")
-        ax.set_ylabel("decoder sigma")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
+    axes[0].set_ylabel("decoder sigma")
+    return fig
+
+
+def runaway(curves):
+    """{run name: {"train_loss", "test_loss", "smallest_sigma": one value per epoch, "stopped": why
+    the run stopped early, or None}}: the loss and a per-pixel sigma's smallest value, epoch by
+    epoch, of runs that may end in a NaN (marked x, after their last epoch)."""
+    fig = new_figure(figsize=(10, 3.6))
+    loss_ax, sigma_ax = fig.subplots(1, 2)
+    for name, curve in curves.items():
+        epochs = np.arange(1, len(curve["train_loss"]) + 1)
+        line, = loss_ax.plot(epochs, curve["train_loss"], "o-", ms=3, label=f"{name}: train")
+        colour = line.get_color()
+        loss_ax.plot(epochs, curve["test_loss"], "s:", ms=3, color=colour, label=f"{name}: test")
+        sigma_ax.plot(epochs, curve["smallest_sigma"], "o-", ms=3, color=colour, label=name)
+        if curve["stopped"]:
+            nan_epoch = len(epochs) + 1
+            sigma_ax.plot([nan_epoch], [curve["smallest_sigma"][-1]], "x", ms=10, mew=2,
+                          color=colour, label=f"{name}: {curve['stopped']}")
+    loss_ax.set_yscale("symlog", linthresh=100)
+    loss_ax.set_ylabel("negative ELBO (nats / example)")
+    loss_ax.set_title("the loss", fontsize=10)
+    sigma_ax.set_yscale("log")
+    sigma_ax.set_ylabel("smallest sigma of any pixel")
+    sigma_ax.set_title("the smallest sigma of 1,000 test images' pixels", fontsize=10)
+    for ax in (loss_ax, sigma_ax):
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     return fig
 
 

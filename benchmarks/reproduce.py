@@ -34,6 +34,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)     # the project's modules (runs, figures), imported where parts use them
 SEEDS = (0, 1, 2)
 
 
@@ -272,8 +273,19 @@ def part_binarize(args, work, log):
     return {"numbers": row, "tables": {"binarize": table}, "figures": {}}
 
 
+def sigma_text(sigma):
+    """A Gaussian decoder's sigma (metrics' decoder_sigma) in a table cell; '-' for none."""
+    if sigma is None:
+        return "-"
+    if "sigma" in sigma:
+        return f"{sigma['sigma']:.3g}"
+    return (f"per pixel, median {sigma['median']:.2g} ({sigma['smallest']:.1g} to "
+            f"{sigma['largest']:.2g})")
+
+
 def part_likelihoods(args, work, log):
-    """The likelihood experiment: BCE, MSE, a learned sigma, the continuous Bernoulli."""
+    """The likelihood experiment: BCE, MSE, a learned and the optimal sigma, a sigma per pixel on
+    dequantized pixels, the continuous Bernoulli."""
     out = os.path.join(work, "all")
     rows = experiment(args, out, log, "--likelihoods")
     table = markdown_table(
@@ -282,9 +294,105 @@ def part_likelihoods(args, work, log):
         [[r["run"], r["active_units"], f"{r['mutual_information']:.2f}",
           f"{r['kl_aggregate_prior']:.2f}", f"{r['prior_hole_fraction']:.1%}",
           "-" if r["bits_per_dim"] is None else f"{r['bits_per_dim']:.2f}",
-          "-" if r["decoder_sigma"] is None else f"{r['decoder_sigma']:.3g}"] for r in rows])
+          sigma_text(r["decoder_sigma"])] for r in rows])
     figures = {"likelihood_samples.png": os.path.join(out, "likelihood_samples.png")}
     return {"numbers": rows, "tables": {"likelihoods": table}, "figures": figures}
+
+
+def train_until_it_fails(data_dir, out, log, *flags):
+    """A run expected to stop at a non-finite loss: (its error line, the training state of its last
+    good checkpoint, or None). A run that finishes instead raises PartError."""
+    command = [sys.executable, "train.py", "--dataset", "fashion", "--data-dir", data_dir, "--out",
+               out, "--overwrite", *flags, *TRAIN_FLAGS]
+    log("  $ " + " ".join(command) + "   (expected to fail)")
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    error = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ""
+    if done.returncode != 1 or "the loss became" not in error:
+        raise PartError(f"{' '.join(command)} was to stop at a non-finite loss; it exited with "
+                        f"{done.returncode}: {error}")
+    checkpoint = os.path.join(out, "checkpoint.npz")
+    if not os.path.exists(checkpoint):
+        return error, None
+    import runs
+    _, _, state, _ = runs.load_checkpoint(checkpoint)
+    return error, state
+
+
+def where_it_failed(error):
+    """'epoch E, step S' from train.py's non-finite-loss error line."""
+    found = re.search(r"epoch (\d+), step (\d+)", error)
+    return f"NaN at epoch {found.group(1)}, step {found.group(2)}"
+
+
+def runaway_curve(record, stopped):
+    """The curves figures.runaway draws, from a run's metrics or a checkpoint's state."""
+    return {"train_loss": record["train_loss"],
+            "test_loss": record.get("test_loss_curve", []),
+            "smallest_sigma": [s["smallest"] for s in record["decoder_sigma_curve"]],
+            "stopped": stopped}
+
+
+def part_gaussian(args, work, log):
+    """The Gaussian decoder: a sigma per pixel on raw pixels runs away (the full training set and
+    2,000 images), and on dequantized pixels does not; the learned sigma's lag behind the optimal
+    one on 60,000 and on 5,000 images."""
+    import figures
+    per_pixel = ["--likelihood", "gaussian", "--decoder-sigma", "per-pixel"]
+    full_error, _ = train_until_it_fails(args.data_dir, os.path.join(work, "raw-full"), log,
+                                         *per_pixel)
+    small = ["--train-images", "2000", "--epochs", "30"]
+    raw_error, raw_state = train_until_it_fails(args.data_dir, os.path.join(work, "raw-2000"), log,
+                                                *per_pixel, *small)
+    dequantized = train(args.data_dir, os.path.join(work, "dequantized-2000"), log, *per_pixel,
+                        *small, "--dequantize")
+    curves = {"raw pixels": runaway_curve(raw_state, where_it_failed(raw_error)),
+              "dequantized": runaway_curve(dequantized, None)}
+    base = os.path.dirname(work)
+    full_runs = os.path.join(base, "likelihoods", "all")
+    experiment(args, full_runs, log, "--likelihoods")
+    full = {}
+    for name in ("learned", "optimal", "per-pixel-dequantized"):
+        full[name] = read_json(os.path.join(full_runs, f"gaussian-sigma-{name}", "metrics.json"))
+    subset = os.path.join(work, "lag-5000")
+    experiment(args, subset, log, "--likelihoods", "gaussian:learned", "gaussian:optimal",
+               "--train-images", "5000")
+    lag = {"60,000 training images": {}, "5,000 training images": {}}
+    for name in ("learned", "optimal"):
+        lag["60,000 training images"][name] = full[name]["decoder_sigma_curve"]
+        small_run = read_json(os.path.join(subset, f"gaussian-sigma-{name}", "metrics.json"))
+        lag["5,000 training images"][name] = small_run["decoder_sigma_curve"]
+    drawn = os.path.join(work, "figures")
+    os.makedirs(drawn, exist_ok=True)
+    figures.save(drawn, {"runaway.png": figures.runaway(curves),
+                         "sigma_lag.png": figures.sigma_curves(lag)})
+    deq_full = full["per-pixel-dequantized"]
+    failure_rows = [
+        ["raw pixels, 60,000 images", where_it_failed(full_error), "-", "-", "-"],
+        ["raw pixels, 2,000 images", where_it_failed(raw_error),
+         f"{raw_state['train_loss'][-1]:.0f}", f"{curves['raw pixels']['smallest_sigma'][-1]:.1g}",
+         "-"],
+        ["dequantized, 2,000 images", "30 epochs", f"{dequantized['train_loss'][-1]:.0f}",
+         f"{dequantized['decoder_sigma']['smallest']:.1g}", f"{dequantized['bits_per_dim']:.2f}"],
+        ["dequantized, 60,000 images", "10 epochs", f"{deq_full['train_loss'][-1]:.0f}",
+         f"{deq_full['decoder_sigma']['smallest']:.1g}", f"{deq_full['bits_per_dim']:.2f}"],
+    ]
+    failure = markdown_table(["a sigma per pixel, trained on", "ran", "last train loss",
+                              "smallest sigma", "bits/dim"], failure_rows)
+    lag_rows = []
+    for size, curves_of_size in lag.items():
+        for name, curve in curves_of_size.items():
+            sigmas = [s["sigma"] for s in curve]
+            picked = [f"{sigmas[epoch - 1]:.3f}" for epoch in (1, 2, 5, 10)]
+            lag_rows.append([f"{name}, {size}", *picked])
+    lag_table = markdown_table(["sigma", "epoch 1", "epoch 2", "epoch 5", "epoch 10"], lag_rows)
+    numbers = {"failure": failure_rows, "lag": lag, "raw_full_error": full_error,
+               "raw_2000_error": raw_error}
+    per_pixel_run = os.path.join(full_runs, "gaussian-sigma-per-pixel-dequantized")
+    figures_made = {"runaway.png": os.path.join(drawn, "runaway.png"),
+                    "sigma_lag.png": os.path.join(drawn, "sigma_lag.png"),
+                    "decoder_sigma.png": os.path.join(per_pixel_run, "decoder_sigma.png")}
+    return {"numbers": numbers, "tables": {"gaussian_failure": failure, "sigma_lag": lag_table},
+            "figures": figures_made}
 
 
 def walk_row(name, metrics):
@@ -382,6 +490,9 @@ PARTS = {
     "binarize": {"run": part_binarize, "torch": False, "tables": ["binarize"], "figures": []},
     "likelihoods": {"run": part_likelihoods, "torch": False, "tables": ["likelihoods"],
                     "figures": ["likelihood_samples.png"]},
+    "gaussian": {"run": part_gaussian, "torch": False,
+                 "tables": ["gaussian_failure", "sigma_lag"],
+                 "figures": ["runaway.png", "sigma_lag.png", "decoder_sigma.png"]},
     "walks": {"run": part_walks, "torch": False, "tables": ["walks"],
               "figures": ["interpolations.png", "traversals.png"]},
     "speed": {"run": part_speed, "torch": True, "tables": ["speed"], "figures": []},

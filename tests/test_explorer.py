@@ -141,10 +141,10 @@ def test_a_2d_run_and_its_analysis_write_the_explorer_and_other_runs_do_not(tmp_
 
 # ---- in a real browser ---------------------------------------------------------------------------
 
-def small_model(likelihood):
+def small_model(likelihood, sigma):
     """A small Z = 2 decoder whose logits run from about -15 to 15 over the plane, some near 0:
     both of the continuous Bernoulli's branches (|l| < 0.2, the Taylor series, and beyond)."""
-    model = models.build(likelihood=likelihood, decoder_sigma=0.1, hidden=32, latent=2, seed=4)
+    model = models.build(likelihood=likelihood, decoder_sigma=sigma, hidden=32, latent=2, seed=4)
     model.decoder.layers[2].params["W"] *= np.float32(8)
     return model
 
@@ -152,16 +152,19 @@ def small_model(likelihood):
 @pytest.fixture(scope="module")
 def small_pages(tmp_path_factory):
     """{likelihood: (model, the path of its page, the plane's limit, x_test)} for every likelihood
-    the project has."""
+    the project has, and the Gaussian with a sigma per pixel (whose decoder's outputs hold log
+    sigmas after the means' logits: the page keeps the means')."""
+    cases = {likelihood: (likelihood, 0.1) for likelihood in models.LIKELIHOODS}
+    cases["gaussian-per-pixel"] = ("gaussian", "per-pixel")
     pages = {}
-    for likelihood in models.LIKELIHOODS:
-        model = small_model(likelihood)
+    for name, (likelihood, sigma) in cases.items():
+        model = small_model(likelihood, sigma)
         found, threshold, x_test, y_test = found_for(model, 300, seed=1)
-        out = tmp_path_factory.mktemp(likelihood)
+        out = tmp_path_factory.mktemp(name)
         path = explorer.write_explorer(str(out), model, found, threshold, x_test, y_test,
                                        CLASS_NAMES)
         limit = explorer.plane_limit(found["mu_test"], found["z_prior"])
-        pages[likelihood] = (model, path, limit, x_test)
+        pages[name] = (model, path, limit, x_test)
     return pages
 
 
