@@ -109,10 +109,12 @@ class Gaussian:
         if self.decoder_sigma != "optimal":
             return gaussian_nll_forward(logits, x, self.log_sigma())
         log_sigma = optimal_log_sigma(logits, x)
+        nll, cache = gaussian_nll_forward(logits, x, log_sigma)
         # the epoch's squared error, from which end_epoch() sets the sigma used outside training
-        self.state["epoch_squared_error"] += x.size * math.exp(2 * float(log_sigma[0]))
+        _, _, _, sse = cache
+        self.state["epoch_squared_error"] += sse.sum()      # sum_b sum_j (x_bj - m_bj)^2
         self.state["epoch_pixels"] += x.size
-        return gaussian_nll_forward(logits, x, log_sigma)
+        return nll, cache
 
     def backward(self, dnll, cache):
         # dlog_sigma is dropped for the optimal sigma, and that loses nothing (the envelope

@@ -97,7 +97,10 @@ def comparison_row(name, metrics):
 
 def sigma_cell(sigma):
     """A Gaussian decoder's sigma (analysis.decoder_sigma) in a table cell: the one sigma, or a
-    sigma per pixel's range and median."""
+    sigma per pixel's range and median. (A run from before the per-pixel sigma recorded a number.)
+    """
+    if isinstance(sigma, float):
+        return f"{sigma:.4g}"
     if "sigma" in sigma:
         return f"{sigma['sigma']:.4g}"
     return f"{sigma['smallest']:.2g} to {sigma['largest']:.2g} (median {sigma['median']:.2g})"

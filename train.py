@@ -168,6 +168,15 @@ def train_epoch(model, opt, x_train, state, cfg, stop, progress):
     return True
 
 
+def remedy(model, cfg):
+    """What to try after a non-finite loss."""
+    if models.decoder_sigma_of(model) == "per-pixel" and not cfg["dequantize"]:
+        return ("A sigma per pixel has no bounded likelihood on pixels that are not dequantized: "
+                "where the mean hits a pixel exactly, sigma -> 0 sends -log p(x|z) to -infinity. "
+                "Add --dequantize")
+    return "Try a smaller --lr"
+
+
 def train(model, opt, x_train, x_test, state, cfg, checkpoint, resumed_from=None):
     """Epochs until cfg['epochs'], the test loss and a checkpoint after each (none if checkpoint is
     None). Ctrl-C finishes the step in flight, saves a checkpoint and returns False; a second Ctrl-C
@@ -199,7 +208,7 @@ def train(model, opt, x_train, x_test, state, cfg, checkpoint, resumed_from=None
             kept = f"the last good checkpoint is {resumed_from}, which it started from"
         else:
             kept = "no checkpoint was written"
-        raise NonFiniteLoss(f"{err}; stopped, {kept}. Try a smaller --lr")
+        raise NonFiniteLoss(f"{err}; stopped, {kept}. {remedy(model, cfg)}")
     finally:
         signal.signal(signal.SIGINT, previous_handler)
     return True
@@ -381,6 +390,8 @@ def prepare(args):
         path = checkpoint_to_resume(path)
         args.resume = path
         model, opt, state, saved = runs.load_checkpoint(path)
+        for name in EPOCH_RECORDS:      # a checkpoint from before a record was added has none
+            state.setdefault(name, [])
         cfg = resume_config(args, path, state, saved)
         own_target = saved.get("epochs", 10)
         check_target(args, path, state, own_target)

@@ -181,3 +181,13 @@ def test_a_dequantized_run_reports_the_bound_in_bits_from_its_own_test_likelihoo
     rows = json.loads((gaussian_runs / "comparison.json").read_text())
     assert [r["run"] for r in rows] == ["gaussian, sigma optimal",
                                         "gaussian, sigma per-pixel, dequantized"]
+
+
+def test_a_per_pixel_run_that_runs_away_is_told_to_dequantize():
+    per_pixel, _, _ = small_vae_batch(likelihood="gaussian", decoder_sigma="per-pixel")
+    learned, _, _ = small_vae_batch(likelihood="gaussian", decoder_sigma="learned")
+    raw = {**train.DEFAULTS, "dequantize": False}
+    dequantized = {**train.DEFAULTS, "dequantize": True}
+    assert "Add --dequantize" in train.remedy(per_pixel, raw)
+    assert "--lr" in train.remedy(per_pixel, dequantized)
+    assert "--lr" in train.remedy(learned, raw)
