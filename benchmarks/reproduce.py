@@ -332,11 +332,9 @@ def runaway_curve(record, stopped):
             "stopped": stopped}
 
 
-def part_gaussian(args, work, log):
-    """The Gaussian decoder: a sigma per pixel on raw pixels runs away (the full training set and
-    2,000 images), and on dequantized pixels does not; the learned sigma's lag behind the optimal
-    one on 60,000 and on 5,000 images."""
-    import figures
+def runaway_runs(args, work, log):
+    """A sigma per pixel on raw pixels (60,000 and 2,000 images: both end in a NaN) and on
+    dequantized ones (2,000 images): their error lines, and the curves figures.runaway draws."""
     per_pixel = ["--likelihood", "gaussian", "--decoder-sigma", "per-pixel"]
     full_error, _ = train_until_it_fails(args.data_dir, os.path.join(work, "raw-full"), log,
                                          *per_pixel)
@@ -347,8 +345,14 @@ def part_gaussian(args, work, log):
                         *small, "--dequantize")
     curves = {"raw pixels": runaway_curve(raw_state, where_it_failed(raw_error)),
               "dequantized": runaway_curve(dequantized, None)}
-    base = os.path.dirname(work)
-    full_runs = os.path.join(base, "likelihoods", "all")
+    return {"full_error": full_error, "raw_error": raw_error, "raw_state": raw_state,
+            "dequantized": dequantized, "curves": curves}
+
+
+def lag_runs(args, work, log):
+    """The learned and the optimal sigma on 60,000 images (the likelihood part's runs) and on 5,000:
+    ({size: {name: decoder_sigma_curve}}, {name: metrics of the 60,000-image runs})."""
+    full_runs = os.path.join(os.path.dirname(work), "likelihoods", "all")
     experiment(args, full_runs, log, "--likelihoods")
     full = {}
     for name in ("learned", "optimal", "per-pixel-dequantized"):
@@ -361,38 +365,60 @@ def part_gaussian(args, work, log):
         lag["60,000 training images"][name] = full[name]["decoder_sigma_curve"]
         small_run = read_json(os.path.join(subset, f"gaussian-sigma-{name}", "metrics.json"))
         lag["5,000 training images"][name] = small_run["decoder_sigma_curve"]
-    drawn = os.path.join(work, "figures")
-    os.makedirs(drawn, exist_ok=True)
-    figures.save(drawn, {"runaway.png": figures.runaway(curves),
-                         "sigma_lag.png": figures.sigma_curves(lag)})
-    deq_full = full["per-pixel-dequantized"]
-    failure_rows = [
-        ["raw pixels, 60,000 images", where_it_failed(full_error), "-", "-", "-"],
-        ["raw pixels, 2,000 images", where_it_failed(raw_error),
-         f"{raw_state['train_loss'][-1]:.0f}", f"{curves['raw pixels']['smallest_sigma'][-1]:.1g}",
-         "-"],
+    return lag, full
+
+
+def failure_table(runaway, per_pixel_full):
+    """How far each per-pixel run got, its last training loss, smallest sigma and bits/dim."""
+    raw_sigma = runaway["curves"]["raw pixels"]["smallest_sigma"][-1]
+    dequantized = runaway["dequantized"]
+    rows = [
+        ["raw pixels, 60,000 images", where_it_failed(runaway["full_error"]), "-", "-", "-"],
+        ["raw pixels, 2,000 images", where_it_failed(runaway["raw_error"]),
+         f"{runaway['raw_state']['train_loss'][-1]:.0f}", f"{raw_sigma:.1g}", "-"],
         ["dequantized, 2,000 images", "30 epochs", f"{dequantized['train_loss'][-1]:.0f}",
          f"{dequantized['decoder_sigma']['smallest']:.1g}", f"{dequantized['bits_per_dim']:.2f}"],
-        ["dequantized, 60,000 images", "10 epochs", f"{deq_full['train_loss'][-1]:.0f}",
-         f"{deq_full['decoder_sigma']['smallest']:.1g}", f"{deq_full['bits_per_dim']:.2f}"],
+        ["dequantized, 60,000 images", "10 epochs", f"{per_pixel_full['train_loss'][-1]:.0f}",
+         f"{per_pixel_full['decoder_sigma']['smallest']:.1g}",
+         f"{per_pixel_full['bits_per_dim']:.2f}"],
     ]
-    failure = markdown_table(["a sigma per pixel, trained on", "ran", "last train loss",
-                              "smallest sigma", "bits/dim"], failure_rows)
-    lag_rows = []
-    for size, curves_of_size in lag.items():
-        for name, curve in curves_of_size.items():
+    header = ["a sigma per pixel, trained on", "ran", "last train loss", "smallest sigma",
+              "bits/dim"]
+    return markdown_table(header, rows), rows
+
+
+def lag_table(lag):
+    """Sigma at the end of epochs 1, 2, 5 and 10, learned and optimal, for each training set."""
+    rows = []
+    for size, curves in lag.items():
+        for name, curve in curves.items():
             sigmas = [s["sigma"] for s in curve]
             picked = [f"{sigmas[epoch - 1]:.3f}" for epoch in (1, 2, 5, 10)]
-            lag_rows.append([f"{name}, {size}", *picked])
-    lag_table = markdown_table(["sigma", "epoch 1", "epoch 2", "epoch 5", "epoch 10"], lag_rows)
-    numbers = {"failure": failure_rows, "lag": lag, "raw_full_error": full_error,
-               "raw_2000_error": raw_error}
-    per_pixel_run = os.path.join(full_runs, "gaussian-sigma-per-pixel-dequantized")
+            rows.append([f"{name}, {size}", *picked])
+    return markdown_table(["sigma", "epoch 1", "epoch 2", "epoch 5", "epoch 10"], rows)
+
+
+def part_gaussian(args, work, log):
+    """The Gaussian decoder: a sigma per pixel on raw pixels runs away (the full training set and
+    2,000 images), and on dequantized pixels does not; the learned sigma's lag behind the optimal
+    one on 60,000 and on 5,000 images."""
+    import figures
+    runaway = runaway_runs(args, work, log)
+    lag, full = lag_runs(args, work, log)
+    drawn = os.path.join(work, "figures")
+    os.makedirs(drawn, exist_ok=True)
+    figures.save(drawn, {"runaway.png": figures.runaway(runaway["curves"]),
+                         "sigma_lag.png": figures.sigma_curves(lag)})
+    failure, failure_rows = failure_table(runaway, full["per-pixel-dequantized"])
+    numbers = {"failure": failure_rows, "lag": lag, "raw_full_error": runaway["full_error"],
+               "raw_2000_error": runaway["raw_error"]}
+    per_pixel_run = os.path.join(os.path.dirname(work), "likelihoods", "all",
+                                 "gaussian-sigma-per-pixel-dequantized")
     figures_made = {"runaway.png": os.path.join(drawn, "runaway.png"),
                     "sigma_lag.png": os.path.join(drawn, "sigma_lag.png"),
                     "decoder_sigma.png": os.path.join(per_pixel_run, "decoder_sigma.png")}
-    return {"numbers": numbers, "tables": {"gaussian_failure": failure, "sigma_lag": lag_table},
-            "figures": figures_made}
+    tables = {"gaussian_failure": failure, "sigma_lag": lag_table(lag)}
+    return {"numbers": numbers, "tables": tables, "figures": figures_made}
 
 
 def walk_row(name, metrics):
