@@ -204,7 +204,7 @@ def iw_nll(model, images, n_samples, rng, eps=None, batch_size=25, progress=None
         for a in range(0, s, samples_per_product):
             codes = z[a:a + samples_per_product].reshape(-1, latent).astype(model.dtype)
             outputs = model.decode(codes)
-            # (samples, B, D) logits (2D outputs for a sigma per pixel)
+            # (samples, B, D) logits (2 x D outputs for a sigma per pixel)
             logits = outputs.reshape(-1, len(x), outputs.shape[-1])
             for j in range(0, len(logits), samples_per_slice):
                 logits_slice = logits[j:j + samples_per_slice]

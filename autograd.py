@@ -95,7 +95,8 @@ class Adam:
     with alpha_t = lr sqrt(1 - beta2^t) / (1 - beta1^t) and eps_hat = eps sqrt(1 - beta2^t): the
     paper's own reordering (end of its section 2) of theta_t = theta_(t-1) - lr m_hat / (sqrt(v_hat)
     + eps), m_hat = m_t / (1 - beta1^t), v_hat = v_t / (1 - beta2^t), the bias-corrected moments.
-    The two are equal: divide the numerator and the denominator of the second by sqrt(1 - beta2^t).
+    The two are equal: multiply the numerator and the denominator of the second by
+    sqrt(1 - beta2^t).
     """
 
     def __init__(self, params, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8):

@@ -5,7 +5,8 @@ a browser, with no server, no network and no library: plain JavaScript and two c
 the decoder's weights, so that the browser decodes z itself, as VAE.decode does here:
 
     h = relu(z W1 + b1)        the decoder's hidden layer, H units
-    l = h W2 + b2              the logits of p(x|z), one per pixel (D = 784)
+    l = h W2 + b2              the logits of p(x|z), one per pixel (D = 784; of a decoder with a
+                               sigma per pixel, its first D outputs, the means' logits)
     E[x|z] = mean(l)           sigmoid(l) for the Bernoulli and the Gaussian, and
                                sigmoid(l) - d log C / dl for the continuous Bernoulli (cb_mean)
 

@@ -7,7 +7,7 @@ gradient that flows back into the decoder, dL/dl:
     Gaussian             p(x|z) = N(x; sigmoid(l), sigma^2 I), one sigma for every pixel,
                          fixed, learned, or set to its optimum for each batch
     PixelGaussian        p(x|z) = N(x; sigmoid(l), diag(sigma^2)), a sigma for every pixel from
-                         the decoder, which then gives 2D outputs: the logits l and log sigma
+                         the decoder, which then gives 2 x D outputs: the logits l and log sigma
     ContinuousBernoulli  p(x|z) = prod_j C(l_j) lambda_j^x_j (1 - lambda_j)^(1 - x_j),
                          lambda = sigmoid(l)
 
@@ -157,11 +157,13 @@ class Gaussian:
 
 def pixel_gaussian_nll_forward(outputs, x):
     """-log N(x; m, diag(sigma^2)) per example, the paper's Gaussian MLP as the decoder (K&W
-    Appendix C.2): the decoder's 2D outputs are the means' logits l (the first D) and the log sigmas
-    s (the last D), pixel by pixel, m = sigmoid(l), sigma = exp(s):
+    Appendix C.2, with the mean through a sigmoid and log sigma in place of log sigma^2): the
+    decoder's 2 x D outputs are the means' logits l (the first D) and the log sigmas s (the last
+    D), pixel by pixel, m = sigmoid(l), sigma = exp(s):
         sum_j [(x_j - m_j)^2 / (2 sigma_j^2) + log sigma_j] + D/2 log 2 pi.
-    Unbounded below: where m_j = x_j exactly, sigma_j -> 0 sends it to -infinity (Mattei & Frellsen
-    2018), which pixels that are 0 in most images invite. outputs (..., 2D) broadcasts against x."""
+    Unbounded below: as m_j closes on x_j with sigma_j shrinking alongside, it falls to -infinity
+    (Mattei & Frellsen 2018), which pixels that are 0 in most images invite (float32's sigmoid
+    reaches 0 itself from l = -20 on). outputs (..., 2 x D) broadcasts against x."""
     d = x.shape[-1]
     logits = outputs[..., :d]
     log_sigma = outputs[..., d:]
@@ -185,7 +187,7 @@ def pixel_gaussian_nll_backward(dnll, cache):
 
 class PixelGaussian:
     """Replaces the Bernoulli: p(x|z) = N(x; sigmoid(l), diag(sigma^2)), a sigma for every pixel of
-    every image. The decoder gives 2D outputs per image (outputs_per_pixel = 2): D logits of the
+    every image. The decoder gives 2 x D outputs per image (outputs_per_pixel = 2): D logits of the
     means, then D log sigmas. Train it on dequantized pixels (--dequantize): on raw pixels its
     density is unbounded (pixel_gaussian_nll_forward)."""
 

@@ -4,7 +4,7 @@
     build("mog", 10)                      priors.MixturePriorVAE with K = 10
     build("vamp", likelihood="cb")        priors.VampPriorVAE with the continuous Bernoulli
     build(likelihood="gaussian", decoder_sigma=0.1)
-    build(likelihood="gaussian", decoder_sigma="per-pixel")     # the decoder gives 2D outputs
+    build(likelihood="gaussian", decoder_sigma="per-pixel")     # the decoder gives 2 x D outputs
 """
 import numpy as np
 

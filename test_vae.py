@@ -176,7 +176,7 @@ def test_optimal_sigma_needs_no_gradient_path_of_its_own():
 
 
 def test_per_pixel_gaussian_nll_backward_matches_finite_differences():
-    # the decoder's 2D outputs: 9 logits of the means, then 9 log sigmas
+    # the decoder's 2 x D outputs: 9 logits of the means, then 9 log sigmas
     rng = np.random.default_rng(25)
     outputs = np.concatenate([rng.standard_normal((6, 9)) * 2, rng.uniform(-2, 1, (6, 9))], 1)
     inputs = {"outputs": outputs, "x": rng.uniform(0, 1, (6, 9))}

@@ -158,7 +158,7 @@ class VAE:
         # whatever it is.
         self.encoder = MLP([n_in, hidden, 2 * latent], rng, dtype)
         self.likelihood = Bernoulli() if likelihood is None else likelihood
-        # D logits (likelihoods.py's PixelGaussian takes 2D outputs: a log sigma per pixel too)
+        # D logits (likelihoods.py's PixelGaussian takes 2 x D outputs: a log sigma per pixel too)
         n_out = n_in * self.likelihood.outputs_per_pixel
         self.decoder = MLP([latent, hidden, n_out], rng, dtype)
 
