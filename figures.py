@@ -75,6 +75,7 @@ def run_figures(model, x_test, state, seed):
 
 def loss_curves(state):
     """The training loss (mean over each epoch) and the test loss (end of each epoch)."""
+    from matplotlib.ticker import MaxNLocator
     fig = new_figure(figsize=(5, 3.2))
     ax = fig.subplots()
     epochs = np.arange(1, len(state["train_loss"]) + 1)
@@ -82,6 +83,7 @@ def loss_curves(state):
     ax.plot(epochs, state["test_loss_curve"], "s-", label="test (end of epoch)")
     if state["train_objective"] != state["train_loss"]:
         ax.plot(epochs, state["train_objective"], "^:", label="train objective, recon + beta * KL")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))     # whole epochs
     ax.set_xlabel("epoch")
     ax.set_ylabel("negative ELBO (nats / example)")
     ax.legend()
@@ -120,7 +122,7 @@ def sigma_curves(panels):
     """{panel title: {run name: its decoder_sigma_curve}}: a Gaussian decoder's sigma at the end of
     each epoch (log scale), a panel each; for a sigma per pixel its median, and its smallest value
     dotted."""
-    from matplotlib.ticker import FormatStrFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator
     fig = new_figure(figsize=(4.6 * len(panels), 3.4))
     axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
     for ax, (title, curves) in zip(axes, panels.items()):
@@ -134,12 +136,16 @@ def sigma_curves(panels):
             ax.plot(epochs, [s["smallest"] for s in curve], ":", color=line.get_color(),
                     label=f"{name}: smallest")
         ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-        ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+        # labelled at 1, 2, 5 x 10^k, in plain numbers; epochs in whole numbers
+        ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.minorticks_off()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    # one legend, right of the last panel: the panels draw the same runs in the same colours
+    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     axes[0].set_ylabel("decoder sigma")
     return fig
 

@@ -169,12 +169,16 @@ def train_epoch(model, opt, x_train, state, cfg, stop, progress):
 
 
 def remedy(model, cfg):
-    """What to try after a non-finite loss."""
+    """What to try after a non-finite loss: a new run (a run continues with its own options)."""
+    new_run = "in a new run (another --out, or --overwrite)"
+    if models.decoder_sigma_of(model) == "per-pixel" and cfg["binarize"]:
+        return (f"A sigma per pixel has no bounded likelihood on binary pixels: train it {new_run} "
+                f"without --binarize and with --dequantize")
     if models.decoder_sigma_of(model) == "per-pixel" and not cfg["dequantize"]:
-        return ("A sigma per pixel has no bounded likelihood on pixels that are not dequantized: "
-                "where the mean hits a pixel exactly, sigma -> 0 sends -log p(x|z) to -infinity. "
-                "Add --dequantize")
-    return "Try a smaller --lr"
+        return (f"A sigma per pixel has no bounded likelihood on pixels that are not dequantized: "
+                f"as the mean closes on a pixel, sigma -> 0 sends -log p(x|z) to -infinity. Train "
+                f"it {new_run} with --dequantize (in --likelihoods: gaussian:per-pixel+dequantize)")
+    return f"Try a smaller --lr {new_run}"
 
 
 def train(model, opt, x_train, x_test, state, cfg, checkpoint, resumed_from=None):
@@ -192,7 +196,11 @@ def train(model, opt, x_train, x_test, state, cfg, checkpoint, resumed_from=None
     try:
         while state["epoch"] < cfg["epochs"]:
             if train_epoch(model, opt, x_train, state, cfg, stop, progress):
-                loss, recon, kl = analysis.negative_elbo(model, x_test, cfg["seed"])
+                with np.errstate(over="ignore", invalid="ignore"):
+                    loss, recon, kl = analysis.negative_elbo(model, x_test, cfg["seed"])
+                if not np.isfinite(loss):
+                    raise NonFiniteLoss(f"the test loss became {loss} after epoch "
+                                        f"{state['epoch']}")
                 state["test_loss_curve"].append(loss)
                 if model.likelihood.name == "gaussian":
                     state["decoder_sigma_curve"].append(analysis.decoder_sigma(model, x_test))
@@ -381,6 +389,11 @@ def prepare(args):
         args.analyze = path
         model, _ = runs.load_model(path)
         beside = runs.read_metrics(os.path.join(folder_of(path), "metrics.json")).get("config", {})
+        checkpoint = os.path.join(folder_of(path), "checkpoint.npz")
+        if not beside and os.path.isfile(checkpoint):
+            raise UsageError(f"--analyze {path}: the run's measurements never finished (no "
+                             f"metrics.json beside it); python train.py --resume {checkpoint} "
+                             f"finishes them with the run's own options")
         cfg = {**DEFAULTS, **beside}
         for k in ("dataset", "seed", "binarize"):
             if getattr(args, k) is not None:
@@ -406,7 +419,10 @@ def prepare(args):
     settle_measurements(args, cfg)
     check_resources(args, cfg, model)
     out, fresh = output_folder(args, cfg, path, state, extends)
-    if extends:
+    if extends and same_folder(out, folder_of(path)):
+        print(f"{path}: its run finished at epoch {state['epoch']}; training it on to epoch "
+              f"{cfg['epochs']} in its own folder, replacing it (--overwrite)")
+    elif extends:
         print(f"{path}: its run finished at epoch {state['epoch']}; training it on to epoch "
               f"{cfg['epochs']} in {out} ({folder_of(path)} stays as it is)")
     if not args.benchmark:
@@ -561,6 +577,7 @@ def experiment_runs(args, out):
     else:
         specs = args.likelihoods or [likelihood_run(spec) for spec in LIKELIHOOD_RUNS]
         for name, sigma, dequantize in specs:
+            dequantize = dequantize or bool(args.dequantize)
             label = name
             folder = name
             if sigma:
@@ -571,8 +588,7 @@ def experiment_runs(args, out):
                 label += ", dequantized"
                 folder += "-dequantized"
             variants[label] = {"likelihood": name, "decoder_sigma": sigma,
-                               "dequantize": dequantize or args.dequantize,
-                               "out": os.path.join(out, folder)}
+                               "dequantize": dequantize, "out": os.path.join(out, folder)}
     return {name: argparse.Namespace(**{**vars(args), **v}) for name, v in variants.items()}
 
 

@@ -190,6 +190,20 @@ def test_analyze_takes_a_runs_folder_and_refuses_a_checkpoint(tmp_path, data_dir
 
 
 @pytest.mark.usefixtures("no_work")
+def test_analyze_of_a_run_whose_measurements_never_finished_points_to_resume(tmp_path, data_dir,
+                                                                            finished_run, capsys):
+    # its model and checkpoint, no metrics.json: the run's options are in the checkpoint, and
+    # --analyze with the defaults would measure another run than the one trained
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    for name in ("model.npz", "checkpoint.npz"):
+        shutil.copy(finished_run / name, cut / name)
+    err = one_line_error(capsys, "--data-dir", data_dir, "--analyze", str(cut))
+    assert "measurements never finished" in err
+    assert f"--resume {cut / 'checkpoint.npz'}" in err
+
+
+@pytest.mark.usefixtures("no_work")
 def test_out_inside_the_data_folder_and_benchmark_with_out_are_refused(data_dir, capsys):
     inside = os.path.join(data_dir, "run")
     err = one_line_error(capsys, "--data-dir", data_dir, "--out", inside)

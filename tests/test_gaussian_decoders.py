@@ -11,6 +11,7 @@ import pytest
 import analysis
 import likelihoods
 import mnist
+import options
 import runs
 import train
 import vae
@@ -183,11 +184,25 @@ def test_a_dequantized_run_reports_the_bound_in_bits_from_its_own_test_likelihoo
                                         "gaussian, sigma per-pixel, dequantized"]
 
 
-def test_a_per_pixel_run_that_runs_away_is_told_to_dequantize():
+def test_a_per_pixel_run_that_runs_away_is_told_to_start_again_dequantized():
+    # a run continues with its own options, so the remedy is always a new run
     per_pixel, _, _ = small_vae_batch(likelihood="gaussian", decoder_sigma="per-pixel")
     learned, _, _ = small_vae_batch(likelihood="gaussian", decoder_sigma="learned")
     raw = {**train.DEFAULTS, "dequantize": False}
     dequantized = {**train.DEFAULTS, "dequantize": True}
-    assert "Add --dequantize" in train.remedy(per_pixel, raw)
+    binary = {**train.DEFAULTS, "binarize": True}
+    assert "with --dequantize" in train.remedy(per_pixel, raw)
+    assert "gaussian:per-pixel+dequantize" in train.remedy(per_pixel, raw)
+    assert "without --binarize" in train.remedy(per_pixel, binary)
     assert "--lr" in train.remedy(per_pixel, dequantized)
     assert "--lr" in train.remedy(learned, raw)
+    for cfg in (raw, dequantized, binary):
+        assert "new run" in train.remedy(per_pixel, cfg)
+
+
+def test_likelihoods_with_dequantize_name_every_run_dequantized(tmp_path):
+    args = options.parse_args(["--likelihoods", "cb", "gaussian:optimal", "--dequantize"])
+    every = train.experiment_runs(args, str(tmp_path))
+    assert list(every) == ["cb, dequantized", "gaussian, sigma optimal, dequantized"]
+    assert all(sub.dequantize for sub in every.values())
+    assert all(sub.out.endswith("-dequantized") for sub in every.values())

@@ -118,6 +118,24 @@ def test_a_loss_that_turns_nan_stops_and_keeps_the_last_good_checkpoint(
     assert sorted(os.listdir(out)) == ["checkpoint.npz"]
 
 
+def test_a_test_loss_that_turns_nan_stops_the_run_before_its_checkpoint(
+        tmp_path, data_dir, finished_run, capsys, monkeypatch):
+    # a density that breaks on the test set (a sigma per pixel on binary pixels did) is not a
+    # good checkpoint: the run stops before writing that epoch's
+    out = tmp_path / "run"
+    out.mkdir()
+    good = (finished_run / "checkpoint.npz").read_bytes()
+    (out / "checkpoint.npz").write_bytes(good)
+    def test_loss_nan(model, images, seed):
+        return float("nan"), float("nan"), 0.0
+    monkeypatch.setattr(analysis, "negative_elbo", test_loss_nan)
+    checkpoint = str(out / "checkpoint.npz")
+    assert run_cli("--data-dir", data_dir, "--epochs", "3", "--resume", checkpoint) == 1
+    err = capsys.readouterr().err
+    assert "the test loss became nan after epoch 3" in err and "last good checkpoint" in err
+    assert (out / "checkpoint.npz").read_bytes() == good
+
+
 def test_a_diverging_run_stops_at_the_first_non_finite_loss(tmp_path, data_dir, capsys):
     out = str(tmp_path / "r")
     code = run_cli("--data-dir", data_dir, *SMALL, "--lr", "1e6", "--epochs", "1", "--out", out)
