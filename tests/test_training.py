@@ -94,12 +94,18 @@ def test_resume_of_an_interrupted_run_trains_on_to_its_own_target(tmp_path, data
 
 # ---- a loss that is not finite -------------------------------------------------------------------
 
-def test_a_loss_that_turns_nan_stops_and_keeps_the_last_good_checkpoint(
-        tmp_path, data_dir, finished_run, capsys, monkeypatch):
+def a_copy_of_the_finished_runs_checkpoint(tmp_path, finished_run):
+    """(a new folder holding a copy of the finished run's checkpoint, that checkpoint's bytes)."""
     out = tmp_path / "run"
     out.mkdir()
     good = (finished_run / "checkpoint.npz").read_bytes()
     (out / "checkpoint.npz").write_bytes(good)
+    return out, good
+
+
+def test_a_loss_that_turns_nan_stops_and_keeps_the_last_good_checkpoint(
+        tmp_path, data_dir, finished_run, capsys, monkeypatch):
+    out, good = a_copy_of_the_finished_runs_checkpoint(tmp_path, finished_run)
     real_forward = vae.VAE.forward
     calls = []
     def forward_that_fails_at_call_5(self, x, eps):
@@ -122,10 +128,7 @@ def test_a_test_loss_that_turns_nan_stops_the_run_before_its_checkpoint(
         tmp_path, data_dir, finished_run, capsys, monkeypatch):
     # a density that breaks on the test set (a sigma per pixel on binary pixels did) is not a
     # good checkpoint: the run stops before writing that epoch's
-    out = tmp_path / "run"
-    out.mkdir()
-    good = (finished_run / "checkpoint.npz").read_bytes()
-    (out / "checkpoint.npz").write_bytes(good)
+    out, good = a_copy_of_the_finished_runs_checkpoint(tmp_path, finished_run)
     def test_loss_nan(model, images, seed):
         return float("nan"), float("nan"), 0.0
     monkeypatch.setattr(analysis, "negative_elbo", test_loss_nan)
