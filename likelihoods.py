@@ -69,7 +69,9 @@ class Gaussian:
                     (the calibrated decoder of Rybkin et al. 2021); None means the same
         'optimal'   sigma set to its optimum sigma* for each training batch, with no gradient
                     (Rybkin et al.'s optimal sigma-VAE); outside training (test loss, iw_nll,
-                    samples) the sigma* of the last epoch's training error (end_epoch)."""
+                    samples) the sigma* of the last epoch's training error (end_epoch). So its
+                    forward, called by training alone, also adds the batch's squared error to
+                    the epoch's sums; evaluation goes through log_density, which does not."""
 
     name = "gaussian"
     outputs_per_pixel = 1       # the decoder gives one logit per pixel
@@ -77,7 +79,8 @@ class Gaussian:
     def __init__(self, sigma, dtype):
         self.params = {}
         self.grads = {}
-        # arrays saved with the model that no gradient trains (the optimal sigma's)
+        # arrays saved with the model that no gradient trains (a fixed sigma, or the optimal
+        # sigma's and its epoch's sums)
         self.state = {}
         if sigma in (None, "learned"):
             self.decoder_sigma = "learned"
