@@ -7,6 +7,7 @@ data.
     images: magic 2051 = 0x00000803 (uint8, 3 dims), then N, 28, 28, then N*28*28 bytes
     labels: magic 2049 = 0x00000801 (uint8, 1 dim),  then N,         then N bytes, each 0-9
 """
+import contextlib
 import gzip
 import hashlib
 import os
@@ -16,8 +17,6 @@ import urllib.request
 import zlib
 
 import numpy as np
-
-from atomic import atomic_path
 
 FILES = {
     "train_images": "train-images-idx3-ubyte.gz",
@@ -73,6 +72,21 @@ CONTENTS = {
         "t10k-labels-idx1-ubyte.gz": "15d484375f8d13e6eb1aabb0c3f46965",
     },
 }
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Files written whole or not at all: yield a temporary path beside `path`, and rename it onto
+    `path` only if the block finishes. A crash, an error or Ctrl-C mid-write leaves the previous
+    file (or none), never half of one. Every file the project writes goes through here: the
+    downloaded archives, and a run's model, checkpoint, metrics and figures."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 class DataError(Exception):

@@ -1,663 +1,250 @@
-"""Train the VAE on MNIST (or Fashion-MNIST) and write the model, metrics and figures.
+"""Train the VAE on MNIST, the recipe of pytorch/examples' vae/main.py with every step by hand.
 
-    python train.py                           # the recipe: 784-400-20-400-784, 10 epochs
-    python train.py --resume runs/mnist-h400-z20-s0/checkpoint.npz
-    python train.py --analyze runs/mnist-h400-z20-s0/model.npz     # measure and draw again
-    python train.py --betas 0 0.1 0.3 1 3     # the KL-weight experiment: a run per beta
-    python train.py --likelihoods             # the likelihood experiment: a run per p(x|z)
-    python train.py --benchmark               # time training against the matmul floor
+    python train.py                     # 784-400-20-400-784, ReLU, Bernoulli, Adam 1e-3, batch 128
+    python train.py --latent 2 --epochs 5
+    python train.py --dataset fashion --data-dir /usr/share/datasets/fashion-mnist
+
+Each epoch is one pass over the training set in a new random order: for each batch of images, the
+noise eps ~ N(0, I), the forward pass (the negative ELBO), the backward pass (its gradient) and an
+Adam step. The test loss follows each epoch. At the end the model is saved, with three pictures of
+what it learned:
+    reconstructions.png   test images and their reconstructions, decoded at z = mu(x)
+    samples_prior.png     z ~ p(z) = N(0, I), decoded: new images, the whole data distribution
+    samples_posterior.png z ~ q(z|x) of one test image, decoded: variations of that image
+This file imports vae.py, autograd.py and mnist.py, and nothing else of the project. The lab
+(python -m lab) trains with this file's step and adds resumable runs, measurements, more figures,
+the latent-space explorer and the experiments.
 """
 import argparse
 import math
 import os
 import shlex
-import signal
 import sys
 import time
 
 import numpy as np
+from matplotlib.figure import Figure
 
-import analysis
-import console
-import figures
 import mnist
-import models
-import report
-import resources
-import runs
-import speed
 from autograd import Adam
-from options import (ARCHITECTURE, DEFAULTS, LIKELIHOOD_RUNS, MEASURE_DEFAULTS, UsageError,
-                     likelihood_run, parse_args)
+from vae import VAE
 
-# What an epoch records, one value per epoch each: the means over the epoch's examples of the loss
-# and its parts, of the objective recon + beta * KL and of beta; the test loss at the epoch's end;
-# a Gaussian decoder's sigma at the epoch's end (none for the other likelihoods); its seconds.
-EPOCH_SUMS = ("train_loss", "train_recon", "train_kl", "train_objective", "kl_weight")
-EPOCH_RECORDS = EPOCH_SUMS + ("test_loss_curve", "decoder_sigma_curve", "epoch_seconds")
-# The four gradients that meet at the encoder's outputs (vae.VAE.backward's self.paths).
-PATHS = ("recon_mu", "kl_mu", "recon_log_var", "kl_log_var")
+# What a run writes into its folder; it writes into no folder that holds anything else.
+OUTPUTS = ("model.npz", "reconstructions.png", "samples_prior.png", "samples_posterior.png")
 
 
 class NonFiniteLoss(Exception):
-    """The loss became NaN or infinite."""
+    """The loss became NaN or infinite: training diverged."""
 
 
 # ---- the training loop ---------------------------------------------------------------------------
 
-def new_run(cfg, x_train):
-    """The model, its optimizer, and the state that, with the parameters, makes a run resumable."""
-    model = models.build(cfg["prior"], cfg["prior_components"], cfg["likelihood"],
-                         cfg["decoder_sigma"], n_in=x_train.shape[1], hidden=cfg["hidden"],
-                         latent=cfg["latent"], seed=cfg["seed"])
-    cfg["prior_components"] = models.components_of(model) or None
-    if cfg["prior"] == "vamp":
-        # The pseudo-inputs start as K random training images plus N(0, 0.01^2) noise, as in the
-        # paper.
-        rng = np.random.default_rng([cfg["seed"], 6])
-        w = model.prior["w"]
-        images = x_train[rng.choice(len(x_train), len(w), replace=False)]
-        w[...] = mnist.to_float(images) + 0.01 * rng.standard_normal(w.shape)
-    state = {"epoch": 0, "step": 0, "perm": None, "rng": np.random.default_rng(cfg["seed"]),
-             "elapsed": 0.0, "sums": None, "path_sums": None}
-    for name in EPOCH_RECORDS:
-        state[name] = []
-    state["gradient_paths"] = {name: [] for name in PATHS}
-    state["gradient_paths_per_unit"] = {name: [] for name in PATHS}
-    return model, Adam(model.params(), lr=cfg["lr"]), state
+def kl_weight(beta, warmup, global_step, n_steps):
+    """The KL weight at a step. beta, or during a warm-up of `warmup` epochs beta * t / (warmup *
+    steps per epoch) at global step t (counted from 0): 0 at the first step, beta from the first step
+    after the warm-up on (Bowman et al. 2016; Sonderby et al. 2016)."""
+    if not warmup:
+        return beta
+    return beta * min(1.0, global_step / (warmup * n_steps))
 
 
-def kl_weight(cfg, global_step, n_steps):
-    """beta; during a warm-up of W epochs, beta * t / (W * steps per epoch) at global step t
-    (counted from 0): 0 at the first step, beta from the first step of epoch W + 1 on (Bowman et al.
-    2016; Sonderby et al. 2016)."""
-    if not cfg["kl_warmup"]:
-        return cfg["beta"]
-    return cfg["beta"] * min(1.0, global_step / (cfg["kl_warmup"] * n_steps))
-
-
-def batch(x_train, perm, step, cfg, rng, latent):
-    """The step-th batch of the epoch's order as float32 in [0, 1] (with --binarize, pixels drawn
-    afresh as Bernoulli(intensity); with --dequantize, spread afresh over their bins), and its eps ~
-    N(0, I)."""
-    rows = perm[step * cfg["batch_size"]:(step + 1) * cfg["batch_size"]]
-    images = x_train[rows]
-    if cfg["binarize"]:
-        images = mnist.binarize(images, rng)
-    if cfg["dequantize"]:
-        x = mnist.dequantize(images, rng)
-    else:
-        x = mnist.to_float(images)
+def batch(x_train, rows, rng, latent):
+    """The images at `rows` as the model sees them, intensities x / 255 in [0, 1] (B, D), and their
+    noise eps ~ N(0, I) (B, Z), one row per image: all the randomness of a step."""
+    x = mnist.to_float(x_train[rows])
     eps = rng.standard_normal((len(x), latent), dtype=np.float32)
     return x, eps
 
 
-def start_epoch(state, rng, n_images, latent):
-    """A new epoch: a new order of the images, and new sums."""
-    state["perm"] = rng.permutation(n_images)
-    state["step"] = 0
-    state["sums"] = {name: 0.0 for name in EPOCH_SUMS}
-    state["path_sums"] = {}
-    for name in PATHS:
-        state["path_sums"][name] = {"sum": np.zeros(latent), "sum_sq": np.zeros(latent)}
+def train_step(model, opt, x, eps, beta):
+    """One step on the batch x: forward, backward, Adam. Returns the batch's (loss, recon, kl), the
+    negative ELBO and its two terms, measured before the step."""
+    # z = mu + sigma * eps; loss = -log p(x|z) + KL(q(z|x) || p(z)), each the batch mean
+    loss, recon, kl = model.forward(x, eps)
+    if not np.isfinite(loss):
+        raise NonFiniteLoss(f"the loss became {loss}")
+    # the gradient of recon + beta * KL, by hand, into model.grads()
+    model.backward(beta)
+    # theta <- theta - lr * m_hat / (sqrt(v_hat) + eps), on every parameter
+    opt.step(model.grads())
+    return loss, recon, kl
 
 
-def add_to_sums(state, model, loss, recon, kl, beta, batch_size):
-    """Add a step's numbers to the epoch's sums (each batch mean times the batch's size), and its
-    per-example gradient paths (B times the batch mean's) and their squares."""
-    sums = state["sums"]
-    sums["train_loss"] += loss * batch_size
-    sums["train_recon"] += recon * batch_size
-    sums["train_kl"] += kl * batch_size
-    sums["train_objective"] += (recon + beta * kl) * batch_size
-    sums["kl_weight"] += beta * batch_size
-    for name in PATHS:
-        g = model.paths[name] * batch_size
-        state["path_sums"][name]["sum"] += g.sum(0)
-        state["path_sums"][name]["sum_sq"] += (g * g).sum(0)
+def train_epoch(model, opt, x_train, args, rng, epoch):
+    """One pass over the training set in a random order: one step per batch. Returns the epoch's
+    mean loss per image."""
+    order = rng.permutation(len(x_train))
+    n_steps = math.ceil(len(x_train) / args.batch_size)
+    total = 0.0
+    for step in range(n_steps):
+        rows = order[step * args.batch_size:(step + 1) * args.batch_size]
+        x, eps = batch(x_train, rows, rng, model.latent)
+        beta = kl_weight(args.beta, args.kl_warmup, epoch * n_steps + step, n_steps)
+        loss, recon, kl = train_step(model, opt, x, eps, beta)
+        total += loss * len(x)
+    return total / len(x_train)
 
 
-def end_epoch(state, model, n_images, seconds):
-    """Record the epoch's means over its examples: the losses, and each gradient path's RMS. The
-    optimal-sigma Gaussian sets the sigma it uses outside training from the epoch's error."""
-    if models.decoder_sigma_of(model) == "optimal":
-        model.likelihood.end_epoch()
-    for name, total in state["sums"].items():
-        state[name].append(float(total / n_images))
-    for name, sums in state["path_sums"].items():
-        mean = sums["sum"] / n_images
-        mean_square = sums["sum_sq"] / n_images
-        rms = np.sqrt(mean_square)
-        state["gradient_paths"][name].append(float(np.sqrt(mean_square.mean())))   # over every unit
-        state["gradient_paths_per_unit"][name].append({"mean": mean.tolist(), "rms": rms.tolist()})
-    state["epoch_seconds"].append(seconds)
-    state["epoch"] += 1
-    state["perm"] = None
-    state["elapsed"] = 0.0
+def test_loss(model, x_test, seed, batch_size=250):
+    """The negative ELBO of the test set in nats per image, one z per image, with the same eps every
+    time (a stream of its own, so that epochs compare and training's stream never moves)."""
+    rng = np.random.default_rng([seed, 1])
+    total = 0.0
+    for i in range(0, len(x_test), batch_size):
+        x = mnist.to_float(x_test[i:i + batch_size])
+        eps = rng.standard_normal((len(x), model.latent)).astype(np.float32)
+        loss, recon, kl = model.forward(x, eps)
+        total += loss * len(x)
+    return total / len(x_test)
 
 
-# a diverging run overflows: the finite-loss check says so
-@np.errstate(over="ignore", invalid="ignore")
-def train_epoch(model, opt, x_train, state, cfg, stop, progress):
-    """One pass over the shuffled training set, from state['step'] on (a resumed epoch continues
-    mid-way). Returns False if a stop was requested (Ctrl-C) before the epoch finished."""
-    rng = state["rng"]
-    n_steps = math.ceil(len(x_train) / cfg["batch_size"])
-    # {name: gradient array}, by reference: backward() fills these same arrays at every step
-    grads = model.grads()
-    if state["perm"] is None:
-        start_epoch(state, rng, len(x_train), model.latent)
-    t0 = time.perf_counter()
-    for step in range(state["step"], n_steps):
-        x, eps = batch(x_train, state["perm"], step, cfg, rng, model.latent)
-        loss, recon, kl = model.forward(x, eps)             # the negative ELBO and its two terms
-        if not np.isfinite(loss):
-            global_step = state["epoch"] * n_steps + step + 1
-            raise NonFiniteLoss(f"the loss became {loss} at epoch {state['epoch'] + 1}, "
-                                f"step {step + 1} (global step {global_step})")
-        beta = kl_weight(cfg, state["epoch"] * n_steps + step, n_steps)
-        model.backward(beta)                                # the gradient of recon + beta * KL
-        opt.step(grads)                                     # an Adam step on every parameter
-        state["step"] = step + 1
-        add_to_sums(state, model, loss, recon, kl, beta, len(x))
-        progress(state, n_steps, seen=min(state["step"] * cfg["batch_size"], len(x_train)))
-        if stop["requested"]:
-            state["elapsed"] += time.perf_counter() - t0
-            return False
-    end_epoch(state, model, len(x_train), state["elapsed"] + time.perf_counter() - t0)
-    return True
+# ---- what the run leaves: the model and three pictures -------------------------------------------
+
+def save_model(model, path):
+    """model.npz: the sizes [D, hidden, Z] and every parameter by name (enc.0.W, ..., dec.2.b).
+    Written whole or not at all; the lab reads it (python -m lab --analyze)."""
+    sizes = np.array([model.n_in, model.hidden, model.latent])
+    with mnist.atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, arch=sizes, **model.params())
 
 
-def remedy(model, cfg):
-    """What to try after a non-finite loss: a new run (a run continues with its own options)."""
-    new_run = "in a new run (another --out, or --overwrite)"
-    if models.decoder_sigma_of(model) == "per-pixel" and cfg["binarize"]:
-        return (f"A sigma per pixel has no bounded likelihood on binary pixels: train it {new_run} "
-                f"without --binarize and with --dequantize")
-    if models.decoder_sigma_of(model) == "per-pixel" and not cfg["dequantize"]:
-        return (f"A sigma per pixel has no bounded likelihood on pixels that are not dequantized: "
-                f"as the mean closes on a pixel, sigma -> 0 sends -log p(x|z) to -infinity. Train "
-                f"it {new_run} with --dequantize (in --likelihoods: gaussian:per-pixel+dequantize)")
-    return f"Try a smaller --lr {new_run}"
+def save_grid(path, images, rows, title):
+    """images (N, 784) in [0, 1] as `rows` rows of 28 x 28 tiles, ink dark on white, with a title;
+    written whole or not at all."""
+    columns = len(images) // rows
+    tiles = images[:rows * columns].reshape(rows, columns, 28, 28)
+    grid = tiles.transpose(0, 2, 1, 3).reshape(rows * 28, columns * 28)
+    figure = Figure(figsize=(columns * 0.8, rows * 0.8 + 0.4))
+    ax = figure.add_subplot()
+    ax.imshow(grid, cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
+    with mnist.atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
 
 
-def train(model, opt, x_train, x_test, state, cfg, checkpoint, resumed_from=None):
-    """Epochs until cfg['epochs'], the test loss and a checkpoint after each (none if checkpoint is
-    None). Ctrl-C finishes the step in flight, saves a checkpoint and returns False; a second Ctrl-C
-    stops at once. resumed_from: the checkpoint the run started from, if any."""
-    stop = {"requested": False}
-
-    def on_sigint(signum, frame):
-        stop["requested"] = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    previous_handler = signal.signal(signal.SIGINT, on_sigint)
-    progress = console.TrainingProgress()
-    try:
-        while state["epoch"] < cfg["epochs"]:
-            if train_epoch(model, opt, x_train, state, cfg, stop, progress):
-                with np.errstate(over="ignore", invalid="ignore"):
-                    loss, recon, kl = analysis.negative_elbo(model, x_test, cfg["seed"])
-                if not np.isfinite(loss):
-                    raise NonFiniteLoss(f"the test loss became {loss} after epoch "
-                                        f"{state['epoch']}")
-                state["test_loss_curve"].append(loss)
-                if model.likelihood.name == "gaussian":
-                    state["decoder_sigma_curve"].append(analysis.decoder_sigma(model, x_test))
-                print(console.epoch_line(state, loss, recon, kl, len(x_train)), flush=True)
-            if checkpoint:                      # after each epoch, and where Ctrl-C stopped one
-                runs.save_checkpoint(checkpoint, model, opt, state, cfg)
-            if stop["requested"]:
-                return False
-    except NonFiniteLoss as err:
-        if os.path.exists(checkpoint or ""):
-            kept = f"the last good checkpoint is {checkpoint}"
-        elif resumed_from:
-            kept = f"the last good checkpoint is {resumed_from}, which it started from"
-        else:
-            kept = "no checkpoint was written"
-        raise NonFiniteLoss(f"{err}; stopped, {kept}. {remedy(model, cfg)}")
-    finally:
-        signal.signal(signal.SIGINT, previous_handler)
-    return True
+def save_pictures(model, x_test, out, seed):
+    """The three pictures: what the model keeps of an image, what it generates, and what one image's
+    posterior holds."""
+    rng = np.random.default_rng([seed, 2])      # a stream of its own, as test_loss's
+    x = mnist.to_float(x_test[:8])
+    # top row the test images, bottom row their reconstructions E[x|z] at z = mu(x)
+    pairs = np.concatenate([x, model.reconstruct(x)])
+    save_grid(os.path.join(out, "reconstructions.png"), pairs, 2,
+              "test images (top) and their reconstructions at z = mu(x)")
+    # z ~ N(0, I): where every image's posterior has been pulled during training
+    samples = model.sample_prior(64, rng)
+    save_grid(os.path.join(out, "samples_prior.png"), samples, 8, "z ~ p(z) = N(0, I), decoded")
+    # z ~ q(z|x) = N(mu(x), sigma(x)^2) of one image: the image first, then 15 draws
+    variations = model.sample_posterior(x[:1], 15, rng)[0]
+    tiles = np.concatenate([x[:1], variations])
+    save_grid(os.path.join(out, "samples_posterior.png"), tiles, 2,
+              "a test image (first), then z ~ q(z|x) of it, decoded")
 
 
 # ---- the command ---------------------------------------------------------------------------------
 
-def prepare_config(args):
-    """A new run's training options: the recipe's, unless given on the command line."""
-    cfg = dict(DEFAULTS)
-    for k in DEFAULTS:
-        if getattr(args, k) is not None:
-            cfg[k] = getattr(args, k)
-    if cfg["likelihood"] == "gaussian" and not cfg["decoder_sigma"]:
-        cfg["decoder_sigma"] = "learned"
-    if args.epochs is not None:
-        cfg["epochs"] = args.epochs
-    elif args.benchmark:
-        cfg["epochs"] = 3
-    else:
-        cfg["epochs"] = 10
-    return cfg
+def positive(kind):
+    """An argparse type: a number of `kind` above 0."""
+    def parse(text):
+        value = kind(text)
+        if not (value > 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+        return value
+    return parse
 
 
-def resume_config(args, path, state, saved):
-    """A resumed run's options: the checkpoint's; a flag that differs from them is refused."""
-    # a checkpoint from before an option was added has its default
-    cfg = {**DEFAULTS, **saved}
-    for k in DEFAULTS:
-        asked = getattr(args, k)
-        if asked is None or asked == cfg[k]:
-            continue
-        what = "of another architecture" if k in ARCHITECTURE else "from another run"
-        flag = "--" + k.replace("_", "-")
-        raise UsageError(f"{path}: checkpoint is {what}: it has {flag} {cfg[k]}, you asked for "
-                         f"{asked}; drop the flag or start a new run")
-    if args.epochs is not None:
-        cfg["epochs"] = args.epochs
-    else:
-        cfg["epochs"] = cfg.get("epochs", 10)
-    if cfg["epochs"] < state["epoch"]:
-        raise UsageError(f"{path} is at epoch {state['epoch']}: --epochs {args.epochs} would train "
-                         f"nothing; pass --epochs {state['epoch'] + 1} or more to train further")
-    return cfg
+def not_negative(kind):
+    """An argparse type: a number of `kind` at least 0."""
+    def parse(text):
+        value = kind(text)
+        if not (value >= 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+        return value
+    return parse
 
 
-def folder_of(path):
-    """The folder a file is in ('.' for a bare name)."""
-    return os.path.dirname(path) or "."
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--epochs", type=positive(int), default=10, help="default: 10")
+    p.add_argument("--batch-size", type=positive(int), default=128, help="default: 128")
+    p.add_argument("--lr", type=positive(float), default=1e-3, help="Adam's step (default: 1e-3)")
+    p.add_argument("--hidden", type=positive(int), default=400, help="hidden units (default: 400)")
+    p.add_argument("--latent", type=positive(int), default=20, help="Z (default: 20)")
+    p.add_argument("--beta", type=not_negative(float), default=1.0,
+                   help="the KL weight: train on recon + beta * KL (default: 1, the -ELBO)")
+    p.add_argument("--kl-warmup", type=not_negative(int), default=0,
+                   help="epochs over which the KL weight rises from 0 to beta (default: 0)")
+    p.add_argument("--seed", type=not_negative(int), default=0, help="default: 0")
+    p.add_argument("--dataset", choices=sorted(mnist.DATASETS), default="mnist")
+    p.add_argument("--data-dir", help="where the archives are (default: data/<dataset>, "
+                                      "downloaded there if missing)")
+    p.add_argument("--out", help="output folder (default: runs/train-<dataset>)")
+    args = p.parse_args(argv)
+    if args.kl_warmup > args.epochs:
+        p.error(f"--kl-warmup {args.kl_warmup} is longer than the {args.epochs} epochs: the KL "
+                f"weight would never reach beta")
+    args.out = args.out or os.path.join("runs", "train-" + args.dataset)
+    return args
 
 
-def same_folder(a, b):
-    return os.path.abspath(a) == os.path.abspath(b)
+def check_out(out):
+    """A run writes into a new folder, or one that holds only a run of this script: never over
+    anything else."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise NotADirectoryError(f"--out {out} is a file, not a folder")
+    if os.path.isdir(out):
+        others = sorted(set(os.listdir(out)) - set(OUTPUTS))
+        if others:
+            raise FileExistsError(f"--out {out} holds other files ({', '.join(others[:3])}): "
+                                  f"choose a new folder")
 
 
-def model_to_analyze(path):
-    """--analyze takes a model.npz, or the folder of a finished run."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "model.npz")
-        if not os.path.isfile(path):
-            raise UsageError(f"--analyze {folder_of(path)}: that folder holds no model.npz; pass "
-                             f"the model.npz of a finished run")
-    if os.path.basename(path) == "checkpoint.npz":
-        beside = os.path.join(folder_of(path), "model.npz")
-        if os.path.isfile(beside):
-            raise UsageError(f"--analyze {path}: that is a training checkpoint, not a model; the "
-                             f"run's model is {beside}")
-        raise UsageError(f"--analyze {path}: that is a training checkpoint, not a model; "
-                         f"python train.py --resume {path} finishes its run (training and "
-                         f"measurements)")
-    return path
-
-
-def checkpoint_to_resume(path):
-    """--resume takes a checkpoint.npz, or the folder of a run."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "checkpoint.npz")
-        if not os.path.isfile(path):
-            raise UsageError(f"--resume {folder_of(path)}: that folder holds no checkpoint.npz")
-    if os.path.basename(path) == "model.npz":
-        beside = os.path.join(folder_of(path), "checkpoint.npz")
-        if os.path.isfile(beside):
-            raise UsageError(f"--resume {path}: that is a model, not a training checkpoint; the "
-                             f"run's checkpoint is {beside}")
-    return path
-
-
-def check_target(args, path, state, own_target):
-    """--epochs below the target a run was started with would end it early in a folder named
-    for the longer run: refused."""
-    if args.epochs is not None and state["epoch"] < own_target and args.epochs < own_target:
-        raise UsageError(f"{path}: the run was started for {own_target} epochs; --epochs "
-                         f"{args.epochs} would end it early, in a folder named for "
-                         f"{own_target}: resume it without --epochs, or start a new run")
-
-
-def output_folder(args, cfg, path, state, extends):
-    """(out, fresh): where the run writes, and whether that folder must not hold another run.
-    A resumed run writes beside its checkpoint, unless it extends a finished run: then into a new
-    folder named for its epochs, or into the old one only with --out naming it and --overwrite."""
-    if args.resume and not extends and args.overwrite:
-        raise UsageError("--resume and --overwrite do not go together: a run continues with its "
-                         "own files (--overwrite only replaces a finished run extended to more "
-                         "epochs in its own folder)")
-    if extends:
-        out = args.out or runs.default_out(cfg, DEFAULTS)
-        old = folder_of(path)
-        if same_folder(out, old) and not args.overwrite:
-            new_folder = runs.default_out(cfg, DEFAULTS)
-            raise UsageError(f"{old} holds a finished {state['epoch']}-epoch run: training it to "
-                             f"{cfg['epochs']} epochs would replace it; drop --out to extend it "
-                             f"into {new_folder}, or add --overwrite to replace it")
-        return out, True
-    if args.out:
-        out = args.out
-    elif path:
-        out = folder_of(path)
-    else:
-        out = runs.default_out(cfg, DEFAULTS)
-    fresh = not path or not same_folder(out, folder_of(path))
-    return out, fresh
-
-
-def settle_measurements(args, cfg):
-    """The measurement options: as given, else as the run recorded them, else the defaults; set on
-    args (which the measurements read) and recorded in cfg["measure"]."""
-    recorded = cfg.get("measure", {})
-    for k, default in MEASURE_DEFAULTS.items():
-        if getattr(args, k) is None:
-            setattr(args, k, recorded.get(k, default))
-    cfg["measure"] = {k: getattr(args, k) for k in MEASURE_DEFAULTS}
-
-
-def check_not_in_data(out, args, cfg):
-    """A run's files never go among the data set's archives."""
-    data_dir = args.data_dir or os.path.join("data", cfg["dataset"])
-    out_path = os.path.abspath(out)
-    data_path = os.path.abspath(data_dir)
-    if out_path == data_path or out_path.startswith(data_path + os.sep):
-        raise UsageError(f"--out {out} is inside the data folder {data_dir}: a run's files do not "
-                         f"go among the archives; choose another --out")
-
-
-def check_resources(args, cfg, model):
-    """Refuse, before any work, a run whose arrays would not fit in this machine's memory."""
-    if model is not None:
-        components = models.components_of(model)
-    elif cfg["prior"] == "standard":
-        components = 0
-    else:
-        components = cfg["prior_components"] or models.DEFAULT_COMPONENTS[cfg["prior"]]
-    parts = resources.estimate(cfg, 784, components, args.iw_samples, args.gmm_components)
-    reason = resources.check_memory(parts, resources.available_bytes())
-    if reason:
-        raise UsageError(reason)
-
-
-def prepare(args):
-    """(cfg, model, opt, state, out, fresh) from the options and files alone: every check that needs
-    no data, before any download or training. model is None for a new run; fresh: the output folder
-    must not hold another run."""
-    model = None
-    opt = None
-    state = None
-    extends = False
-    path = args.analyze or args.resume
-    # the run's options come from the metrics.json beside the model
-    if args.analyze:
-        path = model_to_analyze(path)
-        args.analyze = path
-        model, _ = runs.load_model(path)
-        beside = runs.read_metrics(os.path.join(folder_of(path), "metrics.json")).get("config", {})
-        checkpoint = os.path.join(folder_of(path), "checkpoint.npz")
-        if not beside and os.path.isfile(checkpoint):
-            raise UsageError(f"--analyze {path}: the run's measurements never finished (no "
-                             f"metrics.json beside it); python train.py --resume {checkpoint} "
-                             f"finishes them with the run's own options")
-        cfg = {**DEFAULTS, **beside}
-        for k in ("dataset", "seed", "binarize"):
-            if getattr(args, k) is not None:
-                cfg[k] = getattr(args, k)
-    # the epoch target it was started with, unless --epochs is given
-    elif args.resume:
-        path = checkpoint_to_resume(path)
-        args.resume = path
-        model, opt, state, saved = runs.load_checkpoint(path)
-        for name in EPOCH_RECORDS:      # a checkpoint from before a record was added has none
-            state.setdefault(name, [])
-        cfg = resume_config(args, path, state, saved)
-        own_target = saved.get("epochs", 10)
-        check_target(args, path, state, own_target)
-        finished = state["epoch"] >= own_target and runs.is_complete(folder_of(path))
-        extends = finished and cfg["epochs"] > state["epoch"]
-    else:
-        cfg = prepare_config(args)
-    if not args.analyze and cfg["kl_warmup"] > cfg["epochs"]:
-        raise UsageError(f"--kl-warmup {cfg['kl_warmup']} is longer than the {cfg['epochs']} "
-                         f"epochs: the KL weight would never reach beta; shorten the warm-up or "
-                         f"train longer")
-    settle_measurements(args, cfg)
-    check_resources(args, cfg, model)
-    out, fresh = output_folder(args, cfg, path, state, extends)
-    if extends and same_folder(out, folder_of(path)):
-        print(f"{path}: its run finished at epoch {state['epoch']}; training it on to epoch "
-              f"{cfg['epochs']} in its own folder, replacing it (--overwrite)")
-    elif extends:
-        print(f"{path}: its run finished at epoch {state['epoch']}; training it on to epoch "
-              f"{cfg['epochs']} in {out} ({folder_of(path)} stays as it is)")
-    if not args.benchmark:
-        check_not_in_data(out, args, cfg)
-        runs.check_out(out, fresh, args.overwrite)
-    return cfg, model, opt, state, out, fresh
-
-
-def check_against_data(args, cfg, model, x_train, x_test):
-    """The options that the data set bounds, checked before training."""
-    n_train = cfg["train_images"] or len(x_train)
-    trained_on = f"the training set has {len(x_train)} images"
-    if cfg["train_images"]:
-        trained_on = f"--train-images keeps {n_train} of them"
-    codes = min(n_train, analysis.FITTED_CODES)
-    vamp_components = 0
-    if cfg["prior"] == "vamp":
-        vamp_components = cfg["prior_components"] or models.DEFAULT_COMPONENTS["vamp"]
-    limits = [
-        ("--posterior-image", args.posterior_image, len(x_test) - 1,
-         f"the test set has {len(x_test)} images"),
-        ("--train-images", n_train, len(x_train), f"the training set has {len(x_train)} images"),
-        ("--batch-size", cfg["batch_size"], n_train, trained_on),
-        ("--gmm-components", args.gmm_components, codes, f"the mixture is fitted to {codes} codes"),
-        ("--prior-components", vamp_components, n_train,
-         f"a VampPrior starts from that many of the {n_train} training images"),
-    ]
-    for flag, value, limit, why in limits:
-        if value > limit:
-            raise UsageError(f"{flag} {value} is out of range: {why}")
-    if model is not None and x_train.shape[1] != model.n_in:
-        raise UsageError(f"{args.analyze or args.resume}: the model takes {model.n_in} inputs, not "
-                         f"{x_train.shape[1]}")
-
-
-def load_data(args, cfg, model):
-    """The data set, and the checks that need it (still before training)."""
-    x_train, _, x_test, y_test = mnist.load(cfg["dataset"], args.data_dir, args.mirror)
-    check_against_data(args, cfg, model, x_train, x_test)
-    if cfg["train_images"]:
-        x_train = x_train[:cfg["train_images"]]
-    # the test set once; the training set anew in every batch
-    if cfg["binarize"]:
-        x_test = mnist.binarize(x_test, np.random.default_rng(mnist.TEST_BINARIZATION_SEED))
-    if cfg["dequantize"]:
-        x_test = mnist.dequantize(x_test, np.random.default_rng(mnist.TEST_DEQUANTIZATION_SEED))
-    return x_train, x_test, y_test
-
-
-def benchmark(model, opt, state, cfg, x_train, x_test, args):
-    """--benchmark: train a few epochs (writing nothing), then time a step's phases and the
-    analysis."""
-    if not train(model, opt, x_train, x_test, state, cfg, checkpoint=None):
-        print("\ninterrupted: no timings (--benchmark writes nothing)")
-        return 130
-    perm = state["rng"].permutation(len(x_train))
-
-    def make_batch(step):
-        return batch(x_train, perm, step, cfg, state["rng"], model.latent)
-
-    speed.speed(model, opt, make_batch, x_train, x_test, cfg, state, args)
-    return 0
-
-
-def continue_command(args, checkpoint):
-    """The command that finishes an interrupted run: the experiment's own command for a run of an
-    experiment, else --resume of its checkpoint."""
-    if getattr(args, "experiment_command", None):
-        return args.experiment_command
-    command = f"python train.py --resume {checkpoint}"
+def lab_command(args):
+    """The command that measures and draws this run in the lab."""
+    command = ["python", "-m", "lab", "--analyze", os.path.join(args.out, "model.npz")]
+    if args.dataset != "mnist":
+        command += ["--dataset", args.dataset]
     if args.data_dir:
-        command += f" --data-dir {args.data_dir}"
-    return command
-
-
-def finish(model, state, cfg, x_train, x_test, y_test, out, args):
-    """After training: the test loss, model.npz, the run's figures, then the measurements and their
-    figures; metrics.json, written last, marks the run complete."""
-    loss, recon, kl = analysis.negative_elbo(model, x_test, cfg["seed"])   # beta = 1: the -ELBO
-    print(f"test negative ELBO {loss:.2f} nats (recon {recon:.2f} + kl {kl:.2f})")
-    runs.save_model(model, os.path.join(out, "model.npz"))
-    figures.save(out, figures.run_figures(model, x_test, state, cfg["seed"]))
-    metrics = {"config": cfg}
-    for name in EPOCH_RECORDS:
-        metrics[name] = state[name]
-    metrics["gradient_paths"] = state["gradient_paths"]
-    metrics["gradient_paths_per_unit"] = state["gradient_paths_per_unit"]
-    metrics["test_loss"] = loss
-    metrics["test_recon"] = recon
-    metrics["test_kl"] = kl
-    mean_epoch = np.mean(state["epoch_seconds"] or np.nan)
-    metrics["examples_per_second"] = len(x_train) / mean_epoch
-    return report.measure_and_draw(model, metrics, cfg, x_train, x_test, y_test, out, args)
-
-
-def finished_result(out, args):
-    """A complete run's result, read from its folder (for an experiment's comparison)."""
-    model, _ = runs.load_model(os.path.join(out, "model.npz"))
-    metrics = runs.read_metrics(os.path.join(out, "metrics.json"))
-    _, x_test, y_test = load_data(args, metrics["config"], model)
-    return {"model": model, "metrics": metrics, "x_test": x_test, "y_test": y_test}
-
-
-def run(args):
-    """Train a new run (or --resume one), or take a saved model (--analyze); then measure it and
-    draw it. Returns (exit code, {"model", "metrics", "x_test", "y_test"} of a finished run)."""
-    cfg, model, opt, state, out, fresh = prepare(args)
-    checkpoint = os.path.join(out, "checkpoint.npz")
-    trained = args.resume and state["epoch"] >= cfg["epochs"]
-    if trained and runs.is_complete(out):
-        print(f"{args.resume}: the run is finished, at epoch {state['epoch']} of {cfg['epochs']} "
-              f"with its measurements in {out}: nothing to do; --epochs {state['epoch'] + 1} or "
-              f"more trains it on, into a new folder")
-        return 0, None
-    x_train, x_test, y_test = load_data(args, cfg, model)
-    if model is None:
-        model, opt, state = new_run(cfg, x_train)
-    if args.benchmark:
-        return benchmark(model, opt, state, cfg, x_train, x_test, args), None
-    with runs.claim(out, fresh, args.overwrite):
-        if args.analyze:
-            metrics = runs.read_metrics(os.path.join(out, "metrics.json"))
-            result = report.measure_and_draw(model, metrics, cfg, x_train, x_test, y_test, out,
-                                             args)
-            return 0, result
-        if trained:
-            print(f"{args.resume}: training is done (epoch {state['epoch']} of {cfg['epochs']}); "
-                  f"finishing its measurements in {out}")
-        else:
-            print(console.run_header(cfg, model, state, len(x_train), len(x_test), out))
-            if not train(model, opt, x_train, x_test, state, cfg, checkpoint, args.resume):
-                print(console.interrupted_line(state, continue_command(args, checkpoint)))
-                return 130, None
-        if not os.path.exists(checkpoint):     # --epochs 0 trains nothing, and writes none
-            runs.save_checkpoint(checkpoint, model, opt, state, cfg)
-        try:
-            return 0, finish(model, state, cfg, x_train, x_test, y_test, out, args)
-        except KeyboardInterrupt:
-            print(f"\ninterrupted after training, before the measurements were complete; finish "
-                  f"them with: {continue_command(args, checkpoint)}", file=sys.stderr)
-            return 130, None
-
-
-def experiment_runs(args, out):
-    """{name: options} of each run of --betas or --likelihoods, each in a folder of its own in
-    out."""
-    variants = {}
-    if args.betas:
-        for beta in args.betas:
-            folder = os.path.join(out, f"beta-{beta:g}")
-            variants[f"beta = {beta:g}"] = {"beta": beta, "out": folder}
-    else:
-        specs = args.likelihoods or [likelihood_run(spec) for spec in LIKELIHOOD_RUNS]
-        for name, sigma, dequantize in specs:
-            dequantize = dequantize or bool(args.dequantize)
-            label = name
-            folder = name
-            if sigma:
-                sigma_text = f"{sigma:g}" if isinstance(sigma, float) else sigma
-                label += f", sigma {sigma_text}"
-                folder += f"-sigma-{sigma_text}"
-            if dequantize:
-                label += ", dequantized"
-                folder += "-dequantized"
-            variants[label] = {"likelihood": name, "decoder_sigma": sigma,
-                               "dequantize": dequantize, "out": os.path.join(out, folder)}
-    return {name: argparse.Namespace(**{**vars(args), **v}) for name, v in variants.items()}
-
-
-def reuse_or_resume(sub):
-    """An experiment's run whose folder already holds its run (the same command, run before) is
-    reused if finished, else continued from its checkpoint (interrupted, or trained but not yet
-    measured). --overwrite trains every run anew."""
-    checkpoint = os.path.join(sub.out, "checkpoint.npz")
-    if sub.overwrite or not os.path.exists(checkpoint):
-        return "new"
-    sub.resume = checkpoint
-    sub.out = None
-    if runs.is_complete(folder_of(checkpoint)):
-        return "finished"
-    return "continued"
-
-
-def experiment(args):
-    """--betas or --likelihoods: the same recipe and seed trained once per KL weight or likelihood,
-    each run in its own folder <out>/beta-<BETA> or <out>/<SPEC>; then the table (printed, and
-    comparison.json) and the figures. Run again with the same options, it reuses the finished runs,
-    continues an interrupted one, and writes the comparison."""
-    if args.out:
-        out = args.out
-    else:
-        suffix = "-betas" if args.betas else "-likelihoods"
-        out = runs.default_out(prepare_config(args), DEFAULTS) + suffix
-    settle_measurements(args, {})
-    every = experiment_runs(args, out)
-    plans = {}
-    for name, sub in every.items():
-        sub.experiment_command = args.command
-        plans[name] = reuse_or_resume(sub)
-        prepare(sub)                    # every run's folder is checked before the first one trains
-    with runs.claim(out, True, args.overwrite, own=("comparison.json",)):
-        results = {}
-        for name, sub in every.items():
-            if plans[name] == "finished":
-                print(f"{folder_of(sub.resume)}: finished before, reused")
-                results[name] = finished_result(folder_of(sub.resume), sub)
-                continue
-            if plans[name] == "continued":
-                print(f"{sub.resume}: continuing this run of the experiment")
-            code, results[name] = run(sub)
-            if code:
-                return code
-        prefix = "kl_weight" if args.betas else "likelihood"
-        report.compare(results, out, args.posterior_image, prefix)
-    return 0
+        command += ["--data-dir", args.data_dir]
+    return shlex.join(command)
 
 
 def main(argv=None):
-    args = parse_args(argv, __doc__)
-    given = sys.argv[1:] if argv is None else argv
-    args.command = "python train.py " + shlex.join(given)
-    errors = (mnist.DataError, runs.FolderError, runs.ModelFileError, runs.MetricsError,
-              NonFiniteLoss, UsageError)
+    args = parse_args(argv)
     try:
-        if args.betas or args.likelihoods is not None:
-            return experiment(args)
-        code, _ = run(args)
-        return code
-    except errors as err:
+        check_out(args.out)
+        x_train, _, x_test, _ = mnist.load(args.dataset, args.data_dir)
+        # the recipe: 784-400-20-400-784, ReLU, Bernoulli p(x|z), N(0, I) p(z), Adam
+        model = VAE(n_in=x_train.shape[1], hidden=args.hidden, latent=args.latent, seed=args.seed)
+        opt = Adam(model.params(), lr=args.lr)
+        rng = np.random.default_rng(args.seed)      # the order of the images, and every eps
+        print(f"{args.dataset}: {len(x_train)} training, {len(x_test)} test images; VAE "
+              f"{model.n_in}-{args.hidden}-{args.latent}-{args.hidden}-{model.n_in}")
+        for epoch in range(args.epochs):
+            start = time.perf_counter()
+            train = train_epoch(model, opt, x_train, args, rng, epoch)
+            seconds = time.perf_counter() - start
+            test = test_loss(model, x_test, args.seed)
+            print(f"epoch {epoch + 1:3d}  train loss {train:7.2f}  test loss {test:7.2f}  "
+                  f"({seconds:.1f} s)", flush=True)
+        os.makedirs(args.out, exist_ok=True)
+        save_model(model, os.path.join(args.out, "model.npz"))
+        save_pictures(model, x_test, args.out, args.seed)
+    except NonFiniteLoss as err:
+        print(f"error: {err}: training diverged; try a smaller --lr", file=sys.stderr)
+        return 1
+    except (mnist.DataError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    # outside the training loop (download, analysis): every file whole or absent
     except KeyboardInterrupt:
-        print("\ninterrupted; the last checkpoint written, if any, is intact", file=sys.stderr)
+        print("\ninterrupted: nothing written (a run writes its files at its end)", file=sys.stderr)
         return 130
+    print(f"wrote {', '.join(OUTPUTS)} into {args.out}")
+    print(f"measure and draw it in the lab: {lab_command(args)}")
+    return 0
 
 
 if __name__ == "__main__":

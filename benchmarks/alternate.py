@@ -7,8 +7,8 @@ over the rounds says how far to trust the median.
 
 A round's time for a command is read from its stdout: a JSON line with "epoch_s_median"
 (benchmarks/torch_vae.py; benchmarks/floor.py, whose epoch is its floor), else the last line
-matching "median epoch <seconds> s" (python train.py --benchmark). With --wall, every command is
-timed by its wall-clock time instead, for end-to-end runs such as python train.py ... --analyze
+matching "median epoch <seconds> s" (python -m lab --benchmark). With --wall, every command is
+timed by its wall-clock time instead, for end-to-end runs such as python -m lab ... --analyze
 MODEL.
 
 usage:
@@ -17,7 +17,7 @@ usage:
 e.g.
     DATA=/usr/share/datasets/fashion-mnist
     python benchmarks/alternate.py --rounds 5 \\
-        --name numpy "python train.py --dataset fashion --data-dir $DATA --benchmark" \\
+        --name numpy "python -m lab --dataset fashion --data-dir $DATA --benchmark" \\
         --name torch "/work/torchenv/bin/python benchmarks/torch_vae.py $DATA --epochs 3"
 Give a --name to every command or to none (they are then called cmd1, cmd2, ...). Progress goes to
 stderr; the Markdown table of seconds and ratios (first command / each other one) and a summary

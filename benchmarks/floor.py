@@ -23,9 +23,9 @@ usage:
         [--n-test 10000] [--reps 50]
 Prints each part, then one JSON line whose "epoch_s_median" (the key benchmarks/alternate.py reads)
 is the step floor times the steps of an epoch, so that alternate.py can time it in turn with
-`python train.py $FASHION --benchmark` and benchmarks/torch_vae.py (alternate.py divides the first
+`python -m lab $FASHION --benchmark` and benchmarks/torch_vae.py (alternate.py divides the first
 command's time by each other's: name train.py first, and the ratio to the floor says how far
-train.py is above it). NumPy only; it imports the repository's autograd.py, speed.py and vae.py.
+train.py is above it). NumPy only; it imports the repository's autograd.py, lab/speed.py and vae.py.
 """
 import argparse
 import json
@@ -39,7 +39,7 @@ import numpy as np
 # the repository's modules, from the folder above
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from autograd import Adam  # noqa: E402
-from speed import matmul_floor  # noqa: E402
+from lab.speed import matmul_floor  # noqa: E402
 from vae import VAE  # noqa: E402
 
 

@@ -5,7 +5,7 @@ code.
     python benchmarks/reproduce.py --data-dir DIR --only recipe       # one part
     python benchmarks/reproduce.py --data-dir DIR --torch-python /work/torchenv/bin/python
 
-Each part trains and measures with train.py (runs/reproduce/<code>/<part>/, ignored by git),
+Each part trains and measures with the lab, python -m lab (runs/reproduce/<code>/<part>/, ignored by git),
 copies the figures the README embeds into docs/figures/<part>/, and records its numbers, its
 Markdown tables, the code commit, the code's fingerprint and its wall time in docs/results.json. The
 fingerprint hashes what the code computes (its syntax trees without comments and docstrings): a part
@@ -54,20 +54,20 @@ def run_command(command, log):
     return done.stdout
 
 
-TRAIN_FLAGS = []       # --train-flags: added to every train.py command (the tests' small runs)
+TRAIN_FLAGS = []       # --train-flags: added to every python -m lab command (the tests' small runs)
 
 
 def train(data_dir, out, log, *flags):
-    """python train.py on Fashion-MNIST into out: a finished run there is reused, an interrupted one
+    """python -m lab on Fashion-MNIST into out: a finished run there is reused, an interrupted one
     resumed."""
     metrics_path = os.path.join(out, "metrics.json")
     checkpoint = os.path.join(out, "checkpoint.npz")
     if complete(metrics_path):
         return read_json(metrics_path)
     if os.path.exists(checkpoint):
-        command = [sys.executable, "train.py", "--data-dir", data_dir, "--resume", checkpoint]
+        command = [sys.executable, "-m", "lab", "--data-dir", data_dir, "--resume", checkpoint]
     else:
-        command = [sys.executable, "train.py", "--dataset", "fashion", "--data-dir", data_dir,
+        command = [sys.executable, "-m", "lab", "--dataset", "fashion", "--data-dir", data_dir,
                    "--out", out, *flags, *TRAIN_FLAGS]
     run_command(command, log)
     return read_json(metrics_path)
@@ -183,7 +183,7 @@ def part_holes(args, work, log):
     numbers = {}
     for covariance, components in models:
         out = os.path.join(work, f"{covariance}-{components}")
-        command = [sys.executable, "train.py", "--dataset", "fashion", "--data-dir", args.data_dir,
+        command = [sys.executable, "-m", "lab", "--dataset", "fashion", "--data-dir", args.data_dir,
                    "--analyze", os.path.join(model_dir, "model.npz"), "--out", out,
                    "--gmm-covariance", covariance, "--gmm-components", str(components),
                    *TRAIN_FLAGS]
@@ -228,7 +228,7 @@ def part_priors(args, work, log):
 
 def experiment(args, out, log, *flags):
     """An experiment (--betas or --likelihoods) into out; its comparison rows."""
-    command = [sys.executable, "train.py", "--dataset", "fashion", "--data-dir", args.data_dir,
+    command = [sys.executable, "-m", "lab", "--dataset", "fashion", "--data-dir", args.data_dir,
                "--out", out, *flags, *TRAIN_FLAGS]
     if not os.path.exists(os.path.join(out, "comparison.json")):
         run_command(command, log)
@@ -302,7 +302,7 @@ def part_likelihoods(args, work, log):
 def train_until_it_fails(data_dir, out, log, *flags):
     """A run expected to stop at a non-finite loss: (its error line, the training state of its last
     good checkpoint, or None). A run that finishes instead raises PartError."""
-    command = [sys.executable, "train.py", "--dataset", "fashion", "--data-dir", data_dir, "--out",
+    command = [sys.executable, "-m", "lab", "--dataset", "fashion", "--data-dir", data_dir, "--out",
                out, "--overwrite", *flags, *TRAIN_FLAGS]
     log("  $ " + " ".join(command) + "   (expected to fail)")
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
@@ -313,13 +313,13 @@ def train_until_it_fails(data_dir, out, log, *flags):
     checkpoint = os.path.join(out, "checkpoint.npz")
     if not os.path.exists(checkpoint):
         return error, None
-    import runs
+    from lab import runs
     _, _, state, _ = runs.load_checkpoint(checkpoint)
     return error, state
 
 
 def where_it_failed(error):
-    """'epoch E, step S' from train.py's non-finite-loss error line."""
+    """'epoch E, step S' from the lab's non-finite-loss error line."""
     found = re.search(r"epoch (\d+), step (\d+)", error)
     return f"NaN at epoch {found.group(1)}, step {found.group(2)}"
 
@@ -374,7 +374,7 @@ def garment_and_background_sigma(folder, data_dir, n_images=1000):
     0.2) and in the background (pixel 0)."""
     import numpy as np
     import mnist
-    import runs
+    from lab import runs
     model, _ = runs.load_model(os.path.join(folder, "model.npz"))
     _, _, pixels, _ = mnist.load("fashion", data_dir)
     pixels = pixels[:n_images]
@@ -422,7 +422,7 @@ def part_gaussian(args, work, log):
     """The Gaussian decoder: a sigma per pixel on raw pixels runs away (the full training set and
     2,000 images), and on dequantized pixels does not; the learned sigma's lag behind the optimal
     one on 60,000 and on 5,000 images."""
-    import figures
+    from lab import figures
     runaway = runaway_runs(args, work, log)
     lag, full = lag_runs(args, work, log)
     drawn = os.path.join(work, "figures")
@@ -484,7 +484,7 @@ def part_speed(args, work, log):
     are kept in the part's folder: run again, the part rebuilds its table from them."""
     data = args.data_dir
     commands = {
-        "numpy": f"{sys.executable} train.py --dataset fashion --data-dir {data} --benchmark "
+        "numpy": f"{sys.executable} -m lab --dataset fashion --data-dir {data} --benchmark "
                  f"--epochs 10",
         "torch": f"{args.torch_python} benchmarks/torch_vae.py {data} --epochs 10",
         "torch-flush": f"{args.torch_python} benchmarks/torch_vae.py {data} --epochs 10 "
@@ -500,7 +500,7 @@ def part_speed(args, work, log):
         os.makedirs(work, exist_ok=True)
         run_command(command, log)
     result = read_json(raw)
-    described = {"numpy": "this code: `train.py --benchmark --epochs 10`",
+    described = {"numpy": "this code: `python -m lab --benchmark --epochs 10`",
                  "torch": "PyTorch: `torch_vae.py --epochs 10`",
                  "torch-flush": "PyTorch, subnormals flushed: `--flush-denormal`"}
     rows = []
@@ -767,7 +767,7 @@ def main(argv=None):
     p.add_argument("--readme", default=os.path.join(ROOT, "README.md"),
                    help="the README whose tables are written (default: README.md)")
     p.add_argument("--train-flags", default="",
-                   help="more options for every train.py command (for a quick, small run)")
+                   help="more options for every python -m lab command (for a quick, small run)")
     args = p.parse_args(argv)
     TRAIN_FLAGS[:] = shlex.split(args.train_flags)
     args.work = os.path.abspath(args.work)

@@ -26,7 +26,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import models  # noqa: E402  (the project's modules, from the folder above)
+from lab import models  # noqa: E402  (the project's modules, from the folder above)
 
 try:
     import torch

@@ -6,11 +6,13 @@ import math
 import numpy as np
 import pytest
 
-import analysis
 import priors
 import vae
+
+from lab import analysis
+from lab.gmm import fit_gmm, gmm_log_density
+
 from conftest import direct_log_normal, make_flat_images, quiet
-from gmm import fit_gmm, gmm_log_density
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])

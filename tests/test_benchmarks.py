@@ -8,7 +8,8 @@ import types
 
 import pytest
 
-import speed
+from lab import speed
+
 from conftest import REPO, SMALL, run_cli
 
 

@@ -1,15 +1,17 @@
 """The command line's mistakes: every option, data folder or file that cannot work ends in one
 `error:` line and a non-zero exit, before any download or training wherever it can be known that
 early."""
-import os
 import subprocess
 import sys
 
 import pytest
 
-import runs
-import train
 import vae
+
+from lab import command
+from lab import runs
+from lab import training
+
 from conftest import REPO, fail_if_trained, one_line_error, run_cli
 
 
@@ -18,16 +20,16 @@ from conftest import REPO, fail_if_trained, one_line_error, run_cli
                                          ("--epochs", "-1")])
 def test_non_positive_options_are_refused(flag, value, capsys):
     with pytest.raises(SystemExit) as exit_:
-        train.main([flag, value])
+        command.main([flag, value])
     err = capsys.readouterr().err
     assert exit_.value.code == 2
     assert flag in err and "Traceback" not in err
 
 
 def test_cli_errors_are_one_line_without_traceback(tmp_path):
-    command = [sys.executable, os.path.join(REPO, "train.py"), "--data-dir", str(tmp_path / "none"),
-               "--mirror", "http://127.0.0.1:9/"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    argv = [sys.executable, "-m", "lab", "--data-dir", str(tmp_path / "none"),
+            "--mirror", "http://127.0.0.1:9/"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=REPO)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1
     assert "http://127.0.0.1:9/train-images-idx3-ubyte.gz" in result.stderr
@@ -88,7 +90,7 @@ def test_a_warm_up_longer_than_the_run_is_refused_before_any_work(tmp_path, data
 ])
 def test_options_too_large_for_the_data_are_refused_before_training(tmp_path, data_dir, capsys,
                                                                     monkeypatch, flags, message):
-    monkeypatch.setattr(train, "train_epoch", fail_if_trained)
+    monkeypatch.setattr(training, "train_epoch", fail_if_trained)
     err = one_line_error(capsys, "--data-dir", data_dir, *flags, "--out", str(tmp_path / "r"))
     assert message in err
     assert not (tmp_path / "r").exists()
@@ -96,7 +98,7 @@ def test_options_too_large_for_the_data_are_refused_before_training(tmp_path, da
 
 def test_an_out_of_range_posterior_image_is_refused_before_training(tmp_path, data_dir, capsys,
                                                                      monkeypatch):
-    monkeypatch.setattr(train, "train_epoch", fail_if_trained)
+    monkeypatch.setattr(training, "train_epoch", fail_if_trained)
     out = str(tmp_path / "r")
     assert run_cli("--data-dir", data_dir, "--posterior-image", "200", "--out", out) == 1
     assert "out of range" in capsys.readouterr().err

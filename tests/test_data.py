@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import mnist
+
 from conftest import make_images, quiet, run_cli, write_dataset
 
 

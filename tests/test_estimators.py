@@ -6,11 +6,13 @@ import math
 import numpy as np
 import pytest
 
-import analysis
 import likelihoods
 import mnist
 import priors
 import vae
+
+from lab import analysis
+
 from conftest import direct_log_normal, make_flat_images, quiet, small_vae_batch
 
 

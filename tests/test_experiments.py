@@ -5,8 +5,9 @@ import os
 import numpy as np
 import pytest
 
-import report
-import runs
+from lab import report
+from lab import runs
+
 from conftest import SMALL, run_cli
 
 

@@ -9,11 +9,12 @@ import sys
 import numpy as np
 import pytest
 
-import analysis
-import explorer
-import models
+from lab import analysis
+from lab import explorer
+from lab import models
+from lab.gmm import fit_gmm, gmm_log_density
+
 from conftest import REPO, make_images, run_cli
-from gmm import fit_gmm, gmm_log_density
 
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import explorer_browser  # noqa: E402  (a script of benchmarks/, imported for its browser driver)

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-import analysis
-import figures
 import vae
+
+from lab import analysis
+from lab import figures
+
 from conftest import make_flat_images, quiet
 
 

@@ -7,10 +7,13 @@ import os
 import numpy as np
 import pytest
 
-import models
-import runs
-import train
 from autograd import Adam
+
+from lab import command
+from lab import models
+from lab import runs
+from lab import training
+
 from conftest import make_flat_images, no_progress, small_vae_batch
 
 
@@ -47,8 +50,8 @@ def dying_open(path, mode="r"):
 @pytest.mark.parametrize("what", ["model", "checkpoint", "metrics"])
 def test_a_write_interrupted_midway_leaves_the_previous_file_intact(tmp_path, monkeypatch, what):
     model, _, _ = small_vae_batch(prior="mog")
-    cfg = {**train.DEFAULTS, "hidden": 7, "latent": 3}
-    records = {k: [] for k in train.EPOCH_RECORDS}
+    cfg = {**command.DEFAULTS, "hidden": 7, "latent": 3}
+    records = {k: [] for k in training.EPOCH_RECORDS}
     state = {**records, "gradient_paths": {}, "epoch": 0, "step": 0, "elapsed": 0.0, "perm": None,
              "rng": np.random.default_rng(0), "sums": None, "path_sums": None}
     target = tmp_path / what
@@ -87,23 +90,23 @@ def test_a_checkpoint_resumes_to_bit_identical_numbers(tmp_path, prior):
     # Train 2 epochs straight; then again, stopped at step 5 of epoch 2, saved, loaded, and
     # finished.
     x_train = make_flat_images(300, np.random.default_rng(1))
-    cfg = {**train.DEFAULTS, "hidden": 16, "latent": 3, "batch_size": 50, "prior": prior,
+    cfg = {**command.DEFAULTS, "hidden": 16, "latent": 3, "batch_size": 50, "prior": prior,
            "prior_components": 3, "epochs": 2}
-    straight, straight_opt, straight_state = train.new_run(dict(cfg), x_train)
+    straight, straight_opt, straight_state = training.new_run(dict(cfg), x_train)
     never = {"requested": False}                        # a stop that is never requested
     for _ in range(2):
-        train.train_epoch(straight, straight_opt, x_train, straight_state, cfg, never, no_progress)
-    model, opt, cut = train.new_run(dict(cfg), x_train)
+        training.train_epoch(straight, straight_opt, x_train, straight_state, cfg, never, no_progress)
+    model, opt, cut = training.new_run(dict(cfg), x_train)
     stop = {"requested": False}
     def stop_at_step_5_of_epoch_2(state, n_steps, seen):
         stop["requested"] = state["epoch"] == 1 and state["step"] == 5
-    while train.train_epoch(model, opt, x_train, cut, cfg, stop, stop_at_step_5_of_epoch_2):
+    while training.train_epoch(model, opt, x_train, cut, cfg, stop, stop_at_step_5_of_epoch_2):
         pass
     runs.save_checkpoint(str(tmp_path / "c.npz"), model, opt, cut, cfg)
     resumed, resumed_opt, resumed_state, _ = runs.load_checkpoint(str(tmp_path / "c.npz"))
     assert resumed_state["epoch"] == 1
     assert resumed_state["step"] == 5
-    train.train_epoch(resumed, resumed_opt, x_train, resumed_state, cfg, never, no_progress)
+    training.train_epoch(resumed, resumed_opt, x_train, resumed_state, cfg, never, no_progress)
     assert resumed_state["train_loss"] == straight_state["train_loss"]
     for name, p in straight.params().items():
         np.testing.assert_array_equal(resumed.params()[name], p, err_msg=name)

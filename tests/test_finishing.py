@@ -11,11 +11,14 @@ import signal
 import numpy as np
 import pytest
 
-import console
 import mnist
-import models
-import report
-import resources
+
+from lab import console
+from lab import figures
+from lab import models
+from lab import report
+from lab import resources
+
 from conftest import SMALL, one_line_error, run_cli, write_dataset
 
 SAME_NUMBERS = ("test_loss", "test_recon", "test_kl", "iw_nll", "train_loss")
@@ -106,7 +109,7 @@ def test_ctrl_c_in_the_measurements_is_finished_by_resume_to_the_same_numbers(
     assert run_cli("--data-dir", data_dir, *SMALL, "--epochs", "2", "--out", str(out)) == 130
     err = capsys.readouterr().err
     checkpoint = str(out / "checkpoint.npz")
-    assert f"python train.py --resume {checkpoint}" in err
+    assert f"python -m lab --resume {checkpoint}" in err
     assert not (out / "metrics.json").exists()
     monkeypatch.setattr(report, "measure_and_draw", real_measure)
     assert run_cli("--data-dir", data_dir, "--resume", checkpoint) == 0
@@ -141,7 +144,7 @@ def test_an_interrupted_experiment_run_again_reuses_its_finished_runs_and_compar
     interrupt_the_second_run(monkeypatch)
     assert run_cli(*command) == 130
     printed = capsys.readouterr().out
-    assert "continue with: python train.py " + " ".join(command[:2]) in printed
+    assert "continue with: python -m lab " + " ".join(command[:2]) in printed
     first_model = (out / "beta-0" / "model.npz").read_bytes()
     assert not (out / "comparison.json").exists()
     monkeypatch.undo()
@@ -267,7 +270,6 @@ def test_the_latent_plane_names_the_classes_and_its_axes():
     labels = np.arange(50) % 10
     z_prior = rng.standard_normal((100, 2))
     in_hole = np.zeros(100, bool)
-    import figures
     names = mnist.CLASS_NAMES["fashion"]
     figs = figures.latent_plane(model, mu, labels, z_prior, in_hole, names)
     space = figs["latent_space.png"]

@@ -8,13 +8,16 @@ import math
 import numpy as np
 import pytest
 
-import analysis
 import likelihoods
 import mnist
-import options
-import runs
-import train
 import vae
+
+from lab import analysis
+from lab import command
+from lab import options
+from lab import runs
+from lab import training
+
 from conftest import SMALL, direct_log_normal, run_cli, small_vae_batch
 
 
@@ -132,16 +135,16 @@ def test_dequantized_pixels_fill_their_bins_of_width_one_256th():
 def test_the_test_set_is_dequantized_once_and_training_batches_afresh(data_dir):
     args = argparse.Namespace(data_dir=data_dir, mirror=None, posterior_image=0, gmm_components=3,
                               analyze=None, resume=None)
-    cfg = {**train.DEFAULTS, "dequantize": True, "batch_size": 50}
-    _, x_test, _ = train.load_data(args, cfg, None)
-    _, again, _ = train.load_data(args, cfg, None)
+    cfg = {**command.DEFAULTS, "dequantize": True, "batch_size": 50}
+    _, x_test, _ = command.load_data(args, cfg, None)
+    _, again, _ = command.load_data(args, cfg, None)
     assert x_test.dtype == np.float32
     np.testing.assert_array_equal(x_test, again)            # the same draw, run after run
-    x_train, _, _ = train.load_data(args, {**cfg, "dequantize": False}, None)
+    x_train, _, _ = command.load_data(args, {**cfg, "dequantize": False}, None)
     rng = np.random.default_rng(44)
     perm = np.arange(len(x_train))
-    first, _ = train.batch(x_train, perm, 0, cfg, rng, 4)
-    second, _ = train.batch(x_train, perm, 0, cfg, rng, 4)
+    first, _ = training.batch(x_train, perm, 0, cfg, rng, 4)
+    second, _ = training.batch(x_train, perm, 0, cfg, rng, 4)
     assert not np.array_equal(first, second)                 # the same images, drawn anew
     assert np.all((first >= x_train[:50] / 256) & (first <= (x_train[:50] + 1.0) / 256))
 
@@ -188,21 +191,21 @@ def test_a_per_pixel_run_that_runs_away_is_told_to_start_again_dequantized():
     # a run continues with its own options, so the remedy is always a new run
     per_pixel, _, _ = small_vae_batch(likelihood="gaussian", decoder_sigma="per-pixel")
     learned, _, _ = small_vae_batch(likelihood="gaussian", decoder_sigma="learned")
-    raw = {**train.DEFAULTS, "dequantize": False}
-    dequantized = {**train.DEFAULTS, "dequantize": True}
-    binary = {**train.DEFAULTS, "binarize": True}
-    assert "with --dequantize" in train.remedy(per_pixel, raw)
-    assert "gaussian:per-pixel+dequantize" in train.remedy(per_pixel, raw)
-    assert "without --binarize" in train.remedy(per_pixel, binary)
-    assert "--lr" in train.remedy(per_pixel, dequantized)
-    assert "--lr" in train.remedy(learned, raw)
+    raw = {**command.DEFAULTS, "dequantize": False}
+    dequantized = {**command.DEFAULTS, "dequantize": True}
+    binary = {**command.DEFAULTS, "binarize": True}
+    assert "with --dequantize" in training.remedy(per_pixel, raw)
+    assert "gaussian:per-pixel+dequantize" in training.remedy(per_pixel, raw)
+    assert "without --binarize" in training.remedy(per_pixel, binary)
+    assert "--lr" in training.remedy(per_pixel, dequantized)
+    assert "--lr" in training.remedy(learned, raw)
     for cfg in (raw, dequantized, binary):
-        assert "new run" in train.remedy(per_pixel, cfg)
+        assert "new run" in training.remedy(per_pixel, cfg)
 
 
 def test_likelihoods_with_dequantize_name_every_run_dequantized(tmp_path):
     args = options.parse_args(["--likelihoods", "cb", "gaussian:optimal", "--dequantize"])
-    every = train.experiment_runs(args, str(tmp_path))
+    every = command.experiment_runs(args, str(tmp_path))
     assert list(every) == ["cb, dequantized", "gaussian, sigma optimal, dequantized"]
     assert all(sub.dequantize for sub in every.values())
     assert all(sub.out.endswith("-dequantized") for sub in every.values())

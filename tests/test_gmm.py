@@ -3,8 +3,8 @@ recovers, that it stays valid where the arithmetic cancels, and its density writ
 import numpy as np
 import pytest
 
-import gmm
-from gmm import fit_gmm, gmm_log_density
+from lab import gmm
+from lab.gmm import fit_gmm, gmm_log_density
 
 
 def component_variances(mixture, covariance):

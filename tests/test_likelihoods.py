@@ -9,6 +9,7 @@ import pytest
 
 import likelihoods
 import vae
+
 from conftest import small_vae_batch
 
 

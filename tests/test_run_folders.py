@@ -9,15 +9,17 @@ import sys
 
 import pytest
 
-import runs
-import train
+
+from lab import command
+from lab import runs
+
 from conftest import REPO, SMALL, one_line_error, run_cli
 
 
 def default_folder(flags):
     """The folder a run with these flags writes to when --out is not given."""
-    cfg = train.prepare_config(train.parse_args(flags))
-    return runs.default_out(cfg, train.DEFAULTS)
+    cfg = command.prepare_config(command.parse_args(flags))
+    return runs.default_out(cfg, command.DEFAULTS)
 
 
 @pytest.mark.parametrize("flags", [
@@ -76,7 +78,9 @@ def test_overwrite_replaces_the_old_run_whole(finished_run, tmp_path, data_dir):
 
 LOCK_HOLDER = """import sys
 import time
-import runs
+from lab import command
+from lab import runs
+from lab import command
 with runs.claim(sys.argv[1], True, False):
     print("locked", flush=True)
     time.sleep(60)

@@ -3,8 +3,9 @@ mixture's, and the draws of each likelihood p(x|z), against their means, spreads
 import numpy as np
 import pytest
 
+from lab.gmm import gmm_sample
+
 from conftest import small_vae_batch
-from gmm import gmm_sample
 
 
 def weights(layer):

@@ -8,13 +8,15 @@ import signal
 import numpy as np
 import pytest
 
-import analysis
-import codes
-import console
 import mnist
-import runs
-import train
 import vae
+
+from lab import analysis
+from lab import codes
+from lab import console
+from lab import runs
+from lab import training
+
 from conftest import SMALL, one_line_error, run_cli
 
 
@@ -38,7 +40,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_gives_the_uninterrupted_numbers(
         tmp_path, data_dir, finished_run, monkeypatch):
     def interrupt_at_step_7_of_epoch_2(state, n_steps, seen):
         if state["epoch"] == 1 and state["step"] == 7:
-            signal.raise_signal(signal.SIGINT)          # a real Ctrl-C, through train.py's handler
+            signal.raise_signal(signal.SIGINT)          # a real Ctrl-C, through the lab's handler
     def training_progress():                                # stands in for console.TrainingProgress
         return interrupt_at_step_7_of_epoch_2
     monkeypatch.setattr(console, "TrainingProgress", training_progress)
@@ -211,7 +213,7 @@ def test_a_learned_prior_run_trains_and_keeps_its_pseudo_inputs_images(binary_wa
 
 def test_every_run_records_and_draws_its_gradient_paths(binary_warmup_run):
     m = json.loads((binary_warmup_run / "metrics.json").read_text())
-    assert set(m["gradient_paths"]) == set(m["gradient_paths_per_unit"]) == set(train.PATHS)
+    assert set(m["gradient_paths"]) == set(m["gradient_paths_per_unit"]) == set(training.PATHS)
     for name, per_epoch in m["gradient_paths"].items():
         assert len(per_epoch) == 2 and min(per_epoch) > 0, name        # one value per epoch
     for name, per_epoch in m["gradient_paths_per_unit"].items():

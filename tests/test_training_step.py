@@ -5,10 +5,14 @@ import numpy as np
 import pytest
 
 import mnist
-import models
 import train
 import vae
 from autograd import Adam
+
+from lab import command
+from lab import models
+from lab import training
+
 from conftest import make_flat_images, no_progress
 
 
@@ -110,22 +114,20 @@ def test_adam_never_holds_subnormal_moments_and_still_matches_the_update_by_hand
 # ---- the KL weight -------------------------------------------------------------------------------
 
 def test_kl_warmup_rises_linearly_from_zero_and_reaches_beta_after_n_epochs():
-    cfg = {**train.DEFAULTS, "beta": 2.0, "kl_warmup": 2}
-    weights = [train.kl_weight(cfg, t, n_steps=10) for t in range(40)]
+    weights = [train.kl_weight(2.0, 2, t, n_steps=10) for t in range(40)]
     assert weights[0] == 0
     assert weights[5] == pytest.approx(0.5)
     assert weights[10] == pytest.approx(1.0)
     assert weights[19] == pytest.approx(1.9)
     assert weights[20:] == [2.0] * 20                   # epoch 3 on: beta itself
-    no_warmup = {**cfg, "kl_warmup": 0}
-    assert [train.kl_weight(no_warmup, t, 10) for t in (0, 7, 33)] == [2.0] * 3
+    assert [train.kl_weight(2.0, 0, t, 10) for t in (0, 7, 33)] == [2.0] * 3
 
 
 def test_training_applies_the_warmed_up_kl_weight_at_each_step(monkeypatch):
     x_train = make_flat_images(300, np.random.default_rng(2))
-    cfg = {**train.DEFAULTS, "hidden": 16, "latent": 3, "batch_size": 50, "beta": 0.6,
+    cfg = {**command.DEFAULTS, "hidden": 16, "latent": 3, "batch_size": 50, "beta": 0.6,
            "kl_warmup": 2}
-    model, opt, state = train.new_run(dict(cfg), x_train)
+    model, opt, state = training.new_run(dict(cfg), x_train)
     used = []
     real_backward = model.backward
     def recording_backward(beta=1.0):
@@ -133,7 +135,7 @@ def test_training_applies_the_warmed_up_kl_weight_at_each_step(monkeypatch):
         return real_backward(beta)
     monkeypatch.setattr(model, "backward", recording_backward)
     for _ in range(3):
-        train.train_epoch(model, opt, x_train, state, cfg, {"requested": False}, no_progress)
+        training.train_epoch(model, opt, x_train, state, cfg, {"requested": False}, no_progress)
     want = [0.6 * min(1, t / 12) for t in range(18)]   # 6 steps an epoch
     np.testing.assert_allclose(used, want)
     np.testing.assert_allclose(state["kl_weight"], [0.6 * 2.5 / 12, 0.6 * 8.5 / 12, 0.6])
@@ -146,17 +148,17 @@ def test_training_applies_the_warmed_up_kl_weight_at_each_step(monkeypatch):
 
 def test_an_epoch_records_the_rms_of_each_gradient_path_per_unit():
     x_train = make_flat_images(100, np.random.default_rng(3))
-    cfg = {**train.DEFAULTS, "hidden": 16, "latent": 3, "batch_size": 100, "beta": 0.5}   # 1 step
-    model, opt, state = train.new_run(dict(cfg), x_train)
+    cfg = {**command.DEFAULTS, "hidden": 16, "latent": 3, "batch_size": 100, "beta": 0.5}   # 1 step
+    model, opt, state = training.new_run(dict(cfg), x_train)
     before = vae.VAE(784, 16, 3, seed=0)
     for name, p in before.params().items():
         p[...] = model.params()[name]
-    train.train_epoch(model, opt, x_train, state, cfg, {"requested": False}, no_progress)
+    training.train_epoch(model, opt, x_train, state, cfg, {"requested": False}, no_progress)
     replay = np.random.default_rng(0)                   # the run's stream: permutation, then eps
-    x, eps = train.batch(x_train, replay.permutation(100), 0, cfg, replay, 3)
+    x, eps = training.batch(x_train, replay.permutation(100), 0, cfg, replay, 3)
     before.forward(x, eps)
     before.backward(0.5)
-    for name in train.PATHS:
+    for name in training.PATHS:
         g = before.paths[name] * 100                    # per-example gradients
         unit = state["gradient_paths_per_unit"][name][0]
         np.testing.assert_allclose(unit["rms"], np.sqrt(np.mean(g * g, axis=0)), rtol=1e-5,
@@ -173,10 +175,10 @@ def test_dynamic_binarization_draws_each_pixel_afresh_with_its_intensity():
     assert set(np.unique(draws)) == {0, 255}
     np.testing.assert_allclose(draws.mean((0, 1)) / 255, [0, 0.2, 128 / 255, 0.8, 1], atol=0.01)
     # The same images in two batches of a run get different draws (not one binarization reused).
-    cfg = {**train.DEFAULTS, "batch_size": 4000, "binarize": True}
+    cfg = {**command.DEFAULTS, "batch_size": 4000, "binarize": True}
     perm = np.arange(4000)
     run_rng = np.random.default_rng(0)
-    first, _ = train.batch(images, perm, 0, cfg, run_rng, 2)
-    second, _ = train.batch(images, perm, 0, cfg, run_rng, 2)
+    first, _ = training.batch(images, perm, 0, cfg, run_rng, 2)
+    second, _ = training.batch(images, perm, 0, cfg, run_rng, 2)
     assert set(np.unique(first)) == {0.0, 1.0}
     assert np.mean(first != second) > 0.2

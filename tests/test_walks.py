@@ -5,9 +5,9 @@ import math
 
 import numpy as np
 
-import analysis
-import codes
-from gmm import gmm_log_density
+from lab import analysis
+from lab import codes
+from lab.gmm import gmm_log_density
 
 
 def test_spherical_paths_start_and_end_at_the_codes_and_their_norm_moves_linearly():

@@ -10,9 +10,10 @@ import zipfile
 
 import numpy as np
 
-import models
-from atomic import atomic_path
 from autograd import Adam
+from mnist import atomic_path
+
+from lab import models
 
 RUN_FILES = ("model.npz", "checkpoint.npz", "metrics.json", "comparison.json")     # and the figures
 
@@ -183,7 +184,10 @@ def load_model(path):
         # Files from before the likelihoods were added hold neither key: they are Bernoulli models.
         likelihood = str(arrays.get("likelihood", "bernoulli"))
         sigma = parse_decoder_sigma(str(arrays.get("decoder_sigma", "None")))
-        model = models.build(str(arrays["prior"]), int(arrays["components"]), likelihood, sigma,
+        # train.py's model.npz holds the sizes and the parameters only: the standard VAE's
+        prior = str(arrays.get("prior", "standard"))
+        components = int(arrays.get("components", 0))
+        model = models.build(prior, components, likelihood, sigma,
                              n_in=n_in, hidden=hidden, latent=latent, dtype=arrays["enc.0.W"].dtype)
         for name, p in model.params().items():
             if arrays[name].shape != p.shape:

@@ -9,8 +9,9 @@ import time
 
 import numpy as np
 
-import analysis
 from autograd import Linear
+
+from lab import analysis
 
 
 def matmul_floor(mlps, batch_size, dtype, reps=50):

@@ -21,10 +21,11 @@ import time
 import numpy as np
 
 import mnist
-from codes import draw_codes, encode_all, interpolate
-from gmm import fit_gmm, gmm_log_density, gmm_sample
 from priors import logsumexp
 from vae import LOG_2PI, log_normal, reparameterize_forward
+
+from lab.codes import draw_codes, encode_all, interpolate
+from lab.gmm import fit_gmm, gmm_log_density, gmm_sample
 
 FITTED_CODES = 20000    # the mixture that stands in for q(z) is fitted to this many training codes
 

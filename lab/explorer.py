@@ -27,9 +27,10 @@ import os
 
 import numpy as np
 
-from atomic import atomic_path
-from gmm import gmm_log_density
-from models import likelihood_label, prior_label
+from mnist import atomic_path
+
+from lab.gmm import gmm_log_density
+from lab.models import likelihood_label, prior_label
 
 SHOWN = 1000            # the first SHOWN test images: the page has their codes, labels, pixels
 HOLE_GRID = 128         # the holes on a HOLE_GRID x HOLE_GRID grid of the plane

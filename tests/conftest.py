@@ -1,18 +1,22 @@
-"""What the test files share: a small model and batch, generated images and datasets, the command
-line run in this process, and the fixtures of the runs that several files read. pytest loads this
-file first and puts its folder, the repository's root, on sys.path: test_vae.py and tests/ import
-the project's modules, and the helpers below with `from conftest import ...`."""
+"""What the files in tests/ share: a small model and batch, generated images and datasets, the lab's
+command line run in this process, and the fixtures of the runs that several files read. pytest puts
+this folder on sys.path (the tests import the helpers below with `from conftest import ...`), and
+pytest.ini puts the repository's root there too, for the project's modules. test_vae.py, the core's
+gradient suite, uses none of this: it stands alone."""
 import os
 
 import numpy as np
 import pytest
 
-import figures
 import mnist
-import models
-import train
 
-REPO = os.path.dirname(os.path.abspath(__file__))      # the repository's root, where train.py is
+from lab import command
+from lab import figures
+from lab import models
+from lab import training
+
+# the repository's root, where train.py is
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A command line small enough for a run of a few seconds on generated data.
 SMALL = ["--hidden", "32", "--latent", "4", "--batch-size", "50", "--iw-samples", "10",
@@ -74,8 +78,8 @@ def write_dataset(folder, n_train=600, n_test=200, seed=0):
 
 
 def run_cli(*args):
-    """train.py's command line, run in this process; returns its exit code."""
-    return train.main(list(args))
+    """The lab's command line (python -m lab), run in this process; returns its exit code."""
+    return command.main(list(args))
 
 
 def one_line_error(capsys, *args, code=1):
@@ -112,7 +116,7 @@ def fail_if_loaded(*args, **kwargs):
 
 
 def fail_if_trained(*args):
-    """Stands in for train.train_epoch where the command must stop before training."""
+    """Stands in for training.train_epoch where the command must stop before training."""
     pytest.fail("trained before checking the options")
 
 
@@ -144,4 +148,4 @@ def no_figures(monkeypatch):
 def no_work(monkeypatch):
     """Fail the test if the command downloads (loads data) or trains."""
     monkeypatch.setattr(mnist, "load", fail_if_loaded)
-    monkeypatch.setattr(train, "train_epoch", fail_if_trained)
+    monkeypatch.setattr(training, "train_epoch", fail_if_trained)

@@ -9,11 +9,12 @@ from statistics import NormalDist
 import numpy as np
 
 import mnist
-from atomic import atomic_path
-from codes import interpolate, traverse
-from gmm import gmm_sample
-from models import decoder_sigma_of, likelihood_label, prior_label
+from mnist import atomic_path
 from vae import log_normal, sigmoid
+
+from lab.codes import interpolate, traverse
+from lab.gmm import gmm_sample
+from lab.models import decoder_sigma_of, likelihood_label, prior_label
 
 
 def new_figure(**kwargs):

@@ -5,7 +5,7 @@ terminal) it is a line every LOG_EVERY seconds, so that a log shows where a long
 import sys
 import time
 
-from models import likelihood_label, prior_label
+from lab.models import likelihood_label, prior_label
 
 LOG_EVERY = 10.0        # seconds between progress lines in a log
 

@@ -6,13 +6,14 @@ import os
 
 import numpy as np
 
-import analysis
-import codes
-import console
-import explorer
-import figures
 import mnist
-import runs
+
+from lab import analysis
+from lab import codes
+from lab import console
+from lab import explorer
+from lab import figures
+from lab import runs
 
 
 def measure_and_draw(model, metrics, cfg, x_train, x_test, y_test, out, args):

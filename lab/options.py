@@ -1,11 +1,12 @@
-"""The command line of train.py: the recipe's defaults, the flags, and every check that needs
+"""The command line of the lab (python -m lab): the recipe's defaults, the flags, and every check that needs
 neither data nor files, so that a mistake ends in one `error:` line before any work.
 """
 import argparse
 import math
 
 import mnist
-import models
+
+from lab import models
 
 # The recipe. Options default to None on the command line: --resume takes the checkpoint's unless
 # given.
@@ -111,7 +112,7 @@ def build_parser(description):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
 
     def one_line_error(message):
-        p.exit(2, f"error: {message} (python train.py --help lists the options)\n")
+        p.exit(2, f"error: {message} (python -m lab --help lists the options)\n")
 
     p.error = one_line_error
     p.add_argument("--dataset", choices=sorted(mnist.DATASETS), help="default: mnist")

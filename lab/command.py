@@ -1,0 +1,473 @@
+"""The lab's command: train a run (resumable, measured and drawn), --analyze a saved model again,
+run an experiment (--betas, --likelihoods), or --benchmark. Every check that needs no data comes
+before any download or training; every run trains with train.py's step (lab/training.py).
+
+    python -m lab                             # the recipe: 784-400-20-400-784, 10 epochs
+    python -m lab --resume runs/mnist-h400-z20-s0/checkpoint.npz
+    python -m lab --analyze runs/mnist-h400-z20-s0/model.npz     # measure and draw again
+    python -m lab --betas 0 0.1 0.3 1 3       # the KL-weight experiment: a run per beta
+    python -m lab --likelihoods               # the likelihood experiment: a run per p(x|z)
+    python -m lab --benchmark                 # time training against the matmul floor
+"""
+import argparse
+import os
+import shlex
+import sys
+
+import numpy as np
+
+import mnist
+from train import NonFiniteLoss
+
+from lab import analysis
+from lab import figures
+from lab import models
+from lab import report
+from lab import resources
+from lab import runs
+from lab import console
+from lab import speed
+from lab.options import (ARCHITECTURE, DEFAULTS, LIKELIHOOD_RUNS, MEASURE_DEFAULTS, UsageError,
+                         likelihood_run, parse_args)
+from lab.training import EPOCH_RECORDS, batch, new_run, train_run
+
+# ---- the command ---------------------------------------------------------------------------------
+
+def prepare_config(args):
+    """A new run's training options: the recipe's, unless given on the command line."""
+    cfg = dict(DEFAULTS)
+    for k in DEFAULTS:
+        if getattr(args, k) is not None:
+            cfg[k] = getattr(args, k)
+    if cfg["likelihood"] == "gaussian" and not cfg["decoder_sigma"]:
+        cfg["decoder_sigma"] = "learned"
+    if args.epochs is not None:
+        cfg["epochs"] = args.epochs
+    elif args.benchmark:
+        cfg["epochs"] = 3
+    else:
+        cfg["epochs"] = 10
+    return cfg
+
+
+def resume_config(args, path, state, saved):
+    """A resumed run's options: the checkpoint's; a flag that differs from them is refused."""
+    # a checkpoint from before an option was added has its default
+    cfg = {**DEFAULTS, **saved}
+    for k in DEFAULTS:
+        asked = getattr(args, k)
+        if asked is None or asked == cfg[k]:
+            continue
+        what = "of another architecture" if k in ARCHITECTURE else "from another run"
+        flag = "--" + k.replace("_", "-")
+        raise UsageError(f"{path}: checkpoint is {what}: it has {flag} {cfg[k]}, you asked for "
+                         f"{asked}; drop the flag or start a new run")
+    if args.epochs is not None:
+        cfg["epochs"] = args.epochs
+    else:
+        cfg["epochs"] = cfg.get("epochs", 10)
+    if cfg["epochs"] < state["epoch"]:
+        raise UsageError(f"{path} is at epoch {state['epoch']}: --epochs {args.epochs} would train "
+                         f"nothing; pass --epochs {state['epoch'] + 1} or more to train further")
+    return cfg
+
+
+def folder_of(path):
+    """The folder a file is in ('.' for a bare name)."""
+    return os.path.dirname(path) or "."
+
+
+def same_folder(a, b):
+    return os.path.abspath(a) == os.path.abspath(b)
+
+
+def model_to_analyze(path):
+    """--analyze takes a model.npz, or the folder of a finished run."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "model.npz")
+        if not os.path.isfile(path):
+            raise UsageError(f"--analyze {folder_of(path)}: that folder holds no model.npz; pass "
+                             f"the model.npz of a finished run")
+    if os.path.basename(path) == "checkpoint.npz":
+        beside = os.path.join(folder_of(path), "model.npz")
+        if os.path.isfile(beside):
+            raise UsageError(f"--analyze {path}: that is a training checkpoint, not a model; the "
+                             f"run's model is {beside}")
+        raise UsageError(f"--analyze {path}: that is a training checkpoint, not a model; "
+                         f"python -m lab --resume {path} finishes its run (training and "
+                         f"measurements)")
+    return path
+
+
+def checkpoint_to_resume(path):
+    """--resume takes a checkpoint.npz, or the folder of a run."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "checkpoint.npz")
+        if not os.path.isfile(path):
+            raise UsageError(f"--resume {folder_of(path)}: that folder holds no checkpoint.npz")
+    if os.path.basename(path) == "model.npz":
+        beside = os.path.join(folder_of(path), "checkpoint.npz")
+        if os.path.isfile(beside):
+            raise UsageError(f"--resume {path}: that is a model, not a training checkpoint; the "
+                             f"run's checkpoint is {beside}")
+    return path
+
+
+def check_target(args, path, state, own_target):
+    """--epochs below the target a run was started with would end it early in a folder named
+    for the longer run: refused."""
+    if args.epochs is not None and state["epoch"] < own_target and args.epochs < own_target:
+        raise UsageError(f"{path}: the run was started for {own_target} epochs; --epochs "
+                         f"{args.epochs} would end it early, in a folder named for "
+                         f"{own_target}: resume it without --epochs, or start a new run")
+
+
+def output_folder(args, cfg, path, state, extends):
+    """(out, fresh): where the run writes, and whether that folder must not hold another run.
+    A resumed run writes beside its checkpoint, unless it extends a finished run: then into a new
+    folder named for its epochs, or into the old one only with --out naming it and --overwrite."""
+    if args.resume and not extends and args.overwrite:
+        raise UsageError("--resume and --overwrite do not go together: a run continues with its "
+                         "own files (--overwrite only replaces a finished run extended to more "
+                         "epochs in its own folder)")
+    if extends:
+        out = args.out or runs.default_out(cfg, DEFAULTS)
+        old = folder_of(path)
+        if same_folder(out, old) and not args.overwrite:
+            new_folder = runs.default_out(cfg, DEFAULTS)
+            raise UsageError(f"{old} holds a finished {state['epoch']}-epoch run: training it to "
+                             f"{cfg['epochs']} epochs would replace it; drop --out to extend it "
+                             f"into {new_folder}, or add --overwrite to replace it")
+        return out, True
+    if args.out:
+        out = args.out
+    elif path:
+        out = folder_of(path)
+    else:
+        out = runs.default_out(cfg, DEFAULTS)
+    fresh = not path or not same_folder(out, folder_of(path))
+    return out, fresh
+
+
+def settle_measurements(args, cfg):
+    """The measurement options: as given, else as the run recorded them, else the defaults; set on
+    args (which the measurements read) and recorded in cfg["measure"]."""
+    recorded = cfg.get("measure", {})
+    for k, default in MEASURE_DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, recorded.get(k, default))
+    cfg["measure"] = {k: getattr(args, k) for k in MEASURE_DEFAULTS}
+
+
+def check_not_in_data(out, args, cfg):
+    """A run's files never go among the data set's archives."""
+    data_dir = args.data_dir or os.path.join("data", cfg["dataset"])
+    out_path = os.path.abspath(out)
+    data_path = os.path.abspath(data_dir)
+    if out_path == data_path or out_path.startswith(data_path + os.sep):
+        raise UsageError(f"--out {out} is inside the data folder {data_dir}: a run's files do not "
+                         f"go among the archives; choose another --out")
+
+
+def check_resources(args, cfg, model):
+    """Refuse, before any work, a run whose arrays would not fit in this machine's memory."""
+    if model is not None:
+        components = models.components_of(model)
+    elif cfg["prior"] == "standard":
+        components = 0
+    else:
+        components = cfg["prior_components"] or models.DEFAULT_COMPONENTS[cfg["prior"]]
+    parts = resources.estimate(cfg, 784, components, args.iw_samples, args.gmm_components)
+    reason = resources.check_memory(parts, resources.available_bytes())
+    if reason:
+        raise UsageError(reason)
+
+
+def prepare(args):
+    """(cfg, model, opt, state, out, fresh) from the options and files alone: every check that needs
+    no data, before any download or training. model is None for a new run; fresh: the output folder
+    must not hold another run."""
+    model = None
+    opt = None
+    state = None
+    extends = False
+    path = args.analyze or args.resume
+    # the run's options come from the metrics.json beside the model
+    if args.analyze:
+        path = model_to_analyze(path)
+        args.analyze = path
+        model, _ = runs.load_model(path)
+        beside = runs.read_metrics(os.path.join(folder_of(path), "metrics.json")).get("config", {})
+        checkpoint = os.path.join(folder_of(path), "checkpoint.npz")
+        if not beside and os.path.isfile(checkpoint):
+            raise UsageError(f"--analyze {path}: the run's measurements never finished (no "
+                             f"metrics.json beside it); python -m lab --resume {checkpoint} "
+                             f"finishes them with the run's own options")
+        cfg = {**DEFAULTS, **beside}
+        for k in ("dataset", "seed", "binarize"):
+            if getattr(args, k) is not None:
+                cfg[k] = getattr(args, k)
+    # the epoch target it was started with, unless --epochs is given
+    elif args.resume:
+        path = checkpoint_to_resume(path)
+        args.resume = path
+        model, opt, state, saved = runs.load_checkpoint(path)
+        for name in EPOCH_RECORDS:      # a checkpoint from before a record was added has none
+            state.setdefault(name, [])
+        cfg = resume_config(args, path, state, saved)
+        own_target = saved.get("epochs", 10)
+        check_target(args, path, state, own_target)
+        finished = state["epoch"] >= own_target and runs.is_complete(folder_of(path))
+        extends = finished and cfg["epochs"] > state["epoch"]
+    else:
+        cfg = prepare_config(args)
+    if not args.analyze and cfg["kl_warmup"] > cfg["epochs"]:
+        raise UsageError(f"--kl-warmup {cfg['kl_warmup']} is longer than the {cfg['epochs']} "
+                         f"epochs: the KL weight would never reach beta; shorten the warm-up or "
+                         f"train longer")
+    settle_measurements(args, cfg)
+    check_resources(args, cfg, model)
+    out, fresh = output_folder(args, cfg, path, state, extends)
+    if extends and same_folder(out, folder_of(path)):
+        print(f"{path}: its run finished at epoch {state['epoch']}; training it on to epoch "
+              f"{cfg['epochs']} in its own folder, replacing it (--overwrite)")
+    elif extends:
+        print(f"{path}: its run finished at epoch {state['epoch']}; training it on to epoch "
+              f"{cfg['epochs']} in {out} ({folder_of(path)} stays as it is)")
+    if not args.benchmark:
+        check_not_in_data(out, args, cfg)
+        runs.check_out(out, fresh, args.overwrite)
+    return cfg, model, opt, state, out, fresh
+
+
+def check_against_data(args, cfg, model, x_train, x_test):
+    """The options that the data set bounds, checked before training."""
+    n_train = cfg["train_images"] or len(x_train)
+    trained_on = f"the training set has {len(x_train)} images"
+    if cfg["train_images"]:
+        trained_on = f"--train-images keeps {n_train} of them"
+    codes = min(n_train, analysis.FITTED_CODES)
+    vamp_components = 0
+    if cfg["prior"] == "vamp":
+        vamp_components = cfg["prior_components"] or models.DEFAULT_COMPONENTS["vamp"]
+    limits = [
+        ("--posterior-image", args.posterior_image, len(x_test) - 1,
+         f"the test set has {len(x_test)} images"),
+        ("--train-images", n_train, len(x_train), f"the training set has {len(x_train)} images"),
+        ("--batch-size", cfg["batch_size"], n_train, trained_on),
+        ("--gmm-components", args.gmm_components, codes, f"the mixture is fitted to {codes} codes"),
+        ("--prior-components", vamp_components, n_train,
+         f"a VampPrior starts from that many of the {n_train} training images"),
+    ]
+    for flag, value, limit, why in limits:
+        if value > limit:
+            raise UsageError(f"{flag} {value} is out of range: {why}")
+    if model is not None and x_train.shape[1] != model.n_in:
+        raise UsageError(f"{args.analyze or args.resume}: the model takes {model.n_in} inputs, not "
+                         f"{x_train.shape[1]}")
+
+
+def load_data(args, cfg, model):
+    """The data set, and the checks that need it (still before training)."""
+    x_train, _, x_test, y_test = mnist.load(cfg["dataset"], args.data_dir, args.mirror)
+    check_against_data(args, cfg, model, x_train, x_test)
+    if cfg["train_images"]:
+        x_train = x_train[:cfg["train_images"]]
+    # the test set once; the training set anew in every batch
+    if cfg["binarize"]:
+        x_test = mnist.binarize(x_test, np.random.default_rng(mnist.TEST_BINARIZATION_SEED))
+    if cfg["dequantize"]:
+        x_test = mnist.dequantize(x_test, np.random.default_rng(mnist.TEST_DEQUANTIZATION_SEED))
+    return x_train, x_test, y_test
+
+
+def benchmark(model, opt, state, cfg, x_train, x_test, args):
+    """--benchmark: train a few epochs (writing nothing), then time a step's phases and the
+    analysis."""
+    if not train_run(model, opt, x_train, x_test, state, cfg, checkpoint=None):
+        print("\ninterrupted: no timings (--benchmark writes nothing)")
+        return 130
+    perm = state["rng"].permutation(len(x_train))
+
+    def make_batch(step):
+        return batch(x_train, perm, step, cfg, state["rng"], model.latent)
+
+    speed.speed(model, opt, make_batch, x_train, x_test, cfg, state, args)
+    return 0
+
+
+def continue_command(args, checkpoint):
+    """The command that finishes an interrupted run: the experiment's own command for a run of an
+    experiment, else --resume of its checkpoint."""
+    if getattr(args, "experiment_command", None):
+        return args.experiment_command
+    command = f"python -m lab --resume {checkpoint}"
+    if args.data_dir:
+        command += f" --data-dir {args.data_dir}"
+    return command
+
+
+def finish(model, state, cfg, x_train, x_test, y_test, out, args):
+    """After training: the test loss, model.npz, the run's figures, then the measurements and their
+    figures; metrics.json, written last, marks the run complete."""
+    loss, recon, kl = analysis.negative_elbo(model, x_test, cfg["seed"])   # beta = 1: the -ELBO
+    print(f"test negative ELBO {loss:.2f} nats (recon {recon:.2f} + kl {kl:.2f})")
+    runs.save_model(model, os.path.join(out, "model.npz"))
+    figures.save(out, figures.run_figures(model, x_test, state, cfg["seed"]))
+    metrics = {"config": cfg}
+    for name in EPOCH_RECORDS:
+        metrics[name] = state[name]
+    metrics["gradient_paths"] = state["gradient_paths"]
+    metrics["gradient_paths_per_unit"] = state["gradient_paths_per_unit"]
+    metrics["test_loss"] = loss
+    metrics["test_recon"] = recon
+    metrics["test_kl"] = kl
+    mean_epoch = np.mean(state["epoch_seconds"] or np.nan)
+    metrics["examples_per_second"] = len(x_train) / mean_epoch
+    return report.measure_and_draw(model, metrics, cfg, x_train, x_test, y_test, out, args)
+
+
+def finished_result(out, args):
+    """A complete run's result, read from its folder (for an experiment's comparison)."""
+    model, _ = runs.load_model(os.path.join(out, "model.npz"))
+    metrics = runs.read_metrics(os.path.join(out, "metrics.json"))
+    _, x_test, y_test = load_data(args, metrics["config"], model)
+    return {"model": model, "metrics": metrics, "x_test": x_test, "y_test": y_test}
+
+
+def run(args):
+    """Train a new run (or --resume one), or take a saved model (--analyze); then measure it and
+    draw it. Returns (exit code, {"model", "metrics", "x_test", "y_test"} of a finished run)."""
+    cfg, model, opt, state, out, fresh = prepare(args)
+    checkpoint = os.path.join(out, "checkpoint.npz")
+    trained = args.resume and state["epoch"] >= cfg["epochs"]
+    if trained and runs.is_complete(out):
+        print(f"{args.resume}: the run is finished, at epoch {state['epoch']} of {cfg['epochs']} "
+              f"with its measurements in {out}: nothing to do; --epochs {state['epoch'] + 1} or "
+              f"more trains it on, into a new folder")
+        return 0, None
+    x_train, x_test, y_test = load_data(args, cfg, model)
+    if model is None:
+        model, opt, state = new_run(cfg, x_train)
+    if args.benchmark:
+        return benchmark(model, opt, state, cfg, x_train, x_test, args), None
+    with runs.claim(out, fresh, args.overwrite):
+        if args.analyze:
+            metrics = runs.read_metrics(os.path.join(out, "metrics.json"))
+            result = report.measure_and_draw(model, metrics, cfg, x_train, x_test, y_test, out,
+                                             args)
+            return 0, result
+        if trained:
+            print(f"{args.resume}: training is done (epoch {state['epoch']} of {cfg['epochs']}); "
+                  f"finishing its measurements in {out}")
+        else:
+            print(console.run_header(cfg, model, state, len(x_train), len(x_test), out))
+            if not train_run(model, opt, x_train, x_test, state, cfg, checkpoint, args.resume):
+                print(console.interrupted_line(state, continue_command(args, checkpoint)))
+                return 130, None
+        if not os.path.exists(checkpoint):     # --epochs 0 trains nothing, and writes none
+            runs.save_checkpoint(checkpoint, model, opt, state, cfg)
+        try:
+            return 0, finish(model, state, cfg, x_train, x_test, y_test, out, args)
+        except KeyboardInterrupt:
+            print(f"\ninterrupted after training, before the measurements were complete; finish "
+                  f"them with: {continue_command(args, checkpoint)}", file=sys.stderr)
+            return 130, None
+
+
+def experiment_runs(args, out):
+    """{name: options} of each run of --betas or --likelihoods, each in a folder of its own in
+    out."""
+    variants = {}
+    if args.betas:
+        for beta in args.betas:
+            folder = os.path.join(out, f"beta-{beta:g}")
+            variants[f"beta = {beta:g}"] = {"beta": beta, "out": folder}
+    else:
+        specs = args.likelihoods or [likelihood_run(spec) for spec in LIKELIHOOD_RUNS]
+        for name, sigma, dequantize in specs:
+            dequantize = dequantize or bool(args.dequantize)
+            label = name
+            folder = name
+            if sigma:
+                sigma_text = f"{sigma:g}" if isinstance(sigma, float) else sigma
+                label += f", sigma {sigma_text}"
+                folder += f"-sigma-{sigma_text}"
+            if dequantize:
+                label += ", dequantized"
+                folder += "-dequantized"
+            variants[label] = {"likelihood": name, "decoder_sigma": sigma,
+                               "dequantize": dequantize, "out": os.path.join(out, folder)}
+    return {name: argparse.Namespace(**{**vars(args), **v}) for name, v in variants.items()}
+
+
+def reuse_or_resume(sub):
+    """An experiment's run whose folder already holds its run (the same command, run before) is
+    reused if finished, else continued from its checkpoint (interrupted, or trained but not yet
+    measured). --overwrite trains every run anew."""
+    checkpoint = os.path.join(sub.out, "checkpoint.npz")
+    if sub.overwrite or not os.path.exists(checkpoint):
+        return "new"
+    sub.resume = checkpoint
+    sub.out = None
+    if runs.is_complete(folder_of(checkpoint)):
+        return "finished"
+    return "continued"
+
+
+def experiment(args):
+    """--betas or --likelihoods: the same recipe and seed trained once per KL weight or likelihood,
+    each run in its own folder <out>/beta-<BETA> or <out>/<SPEC>; then the table (printed, and
+    comparison.json) and the figures. Run again with the same options, it reuses the finished runs,
+    continues an interrupted one, and writes the comparison."""
+    if args.out:
+        out = args.out
+    else:
+        suffix = "-betas" if args.betas else "-likelihoods"
+        out = runs.default_out(prepare_config(args), DEFAULTS) + suffix
+    settle_measurements(args, {})
+    every = experiment_runs(args, out)
+    plans = {}
+    for name, sub in every.items():
+        sub.experiment_command = args.command
+        plans[name] = reuse_or_resume(sub)
+        prepare(sub)                    # every run's folder is checked before the first one trains
+    with runs.claim(out, True, args.overwrite, own=("comparison.json",)):
+        results = {}
+        for name, sub in every.items():
+            if plans[name] == "finished":
+                print(f"{folder_of(sub.resume)}: finished before, reused")
+                results[name] = finished_result(folder_of(sub.resume), sub)
+                continue
+            if plans[name] == "continued":
+                print(f"{sub.resume}: continuing this run of the experiment")
+            code, results[name] = run(sub)
+            if code:
+                return code
+        prefix = "kl_weight" if args.betas else "likelihood"
+        report.compare(results, out, args.posterior_image, prefix)
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(argv, __doc__)
+    given = sys.argv[1:] if argv is None else argv
+    args.command = "python -m lab " + shlex.join(given)
+    errors = (mnist.DataError, runs.FolderError, runs.ModelFileError, runs.MetricsError,
+              NonFiniteLoss, UsageError)
+    try:
+        if args.betas or args.likelihoods is not None:
+            return experiment(args)
+        code, _ = run(args)
+        return code
+    except errors as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    # outside the training loop (download, analysis): every file whole or absent
+    except KeyboardInterrupt:
+        print("\ninterrupted; the last checkpoint written, if any, is intact", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
