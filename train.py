@@ -40,9 +40,9 @@ class NonFiniteLoss(Exception):
 # ---- the training loop ---------------------------------------------------------------------------
 
 def kl_weight(beta, warmup, global_step, n_steps):
-    """The KL weight at a step. beta, or during a warm-up of `warmup` epochs beta * t / (warmup *
-    steps per epoch) at global step t (counted from 0): 0 at the first step, beta from the first step
-    after the warm-up on (Bowman et al. 2016; Sonderby et al. 2016)."""
+    """The KL weight at a step: beta, or during a warm-up of `warmup` epochs beta * t / (warmup *
+    steps per epoch) at global step t (counted from 0): 0 at the first step, beta from the first
+    step after the warm-up on (Bowman et al. 2016; Sonderby et al. 2016)."""
     if not warmup:
         return beta
     return beta * min(1.0, global_step / (warmup * n_steps))

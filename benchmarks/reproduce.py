@@ -5,18 +5,20 @@ code.
     python benchmarks/reproduce.py --data-dir DIR --only recipe       # one part
     python benchmarks/reproduce.py --data-dir DIR --torch-python /work/torchenv/bin/python
 
-Each part trains and measures with the lab, python -m lab (runs/reproduce/<code>/<part>/, ignored by git),
-copies the figures the README embeds into docs/figures/<part>/, and records its numbers, its
-Markdown tables, the code commit, the code's fingerprint and its wall time in docs/results.json. The
-fingerprint hashes what the code computes (its syntax trees without comments and docstrings): a part
-whose record has the current fingerprint, and whose figures exist, is skipped, so that the command
-run again after an interruption goes on where it stopped, and a change of comments alone reruns
-nothing. Then the README's tables, between <!-- table:NAME --> and <!-- /table --> markers, and the
-line that names the commit they are of, are written from the records, and docs/results.md with every
-part's tables and figures. The parts that need PyTorch (torch, speed) run with --torch-python, an
-interpreter that imports torch (never a dependency of the project), and the part that needs a
-browser (explorer) with playwright and Chromium; each is skipped, with a line, without them. About
-23 minutes on 2 cores for all parts (docs/results.json has each part's time).
+Each part trains and measures (the first with the minimal train.py, the others with the lab,
+python -m lab) into runs/reproduce/<code>/<part>/ (ignored by git), copies the figures the pages
+embed into docs/figures/<part>/, and records its numbers, its Markdown tables, the code commit, the
+code's fingerprint and its wall time in docs/results.json. The fingerprint hashes what the code
+computes (its syntax trees without comments and docstrings): a part whose record has the current
+fingerprint, and whose figures exist, is skipped, so that the command run again after an
+interruption goes on where it stopped, and a change of comments alone reruns nothing. Then the
+tables of the README and of docs/latent-space.md and docs/likelihoods.md, between
+<!-- table:NAME --> and <!-- /table --> markers, and the README's line that names the commit they
+are of, are written from the records, and docs/results.md with every part's tables and figures.
+The parts that need PyTorch (torch, speed) run with --torch-python, an interpreter that imports
+torch (never a dependency of the project), and the part that needs a browser (explorer) with
+playwright and Chromium; each is skipped, with a line, without them. About 25 minutes on 2 cores
+for all parts (docs/results.json has each part's time).
 """
 import argparse
 import ast
@@ -112,6 +114,33 @@ def run_row(metrics):
             "active_units": a["active_units"], "latent": len(a["activity"]),
             "holes": a["prior_hole_fraction"], "mutual_information": a["mutual_information"],
             "kl_aggregate_prior": a["kl_aggregate_prior"]}
+
+
+MINIMAL_EPOCH = re.compile(r"epoch +(\d+) +train loss +([\d.]+) +test loss +([\d.]+)")
+
+
+def part_minimal(args, work, log):
+    """The minimal run, python train.py: its epoch lines and its three pictures."""
+    out = os.path.join(work, "run")
+    printed = os.path.join(work, "train.log")
+    if not os.path.exists(printed):
+        # train.py writes into a new folder: a run cut short is started again
+        shutil.rmtree(out, ignore_errors=True)
+        command = [sys.executable, "train.py", "--dataset", "fashion", "--data-dir",
+                   args.data_dir, "--out", out, *TRAIN_FLAGS]
+        stdout = run_command(command, log)
+        os.makedirs(work, exist_ok=True)
+        with open(printed, "w") as f:
+            f.write(stdout)
+    with open(printed) as f:
+        epochs = MINIMAL_EPOCH.findall(f.read())
+    numbers = {int(e): {"train_loss": float(tr), "test_loss": float(te)} for e, tr, te in epochs}
+    table = markdown_table(["epoch"] + [e for e, _, _ in epochs],
+                           [["train loss"] + [tr for _, tr, _ in epochs],
+                            ["test loss"] + [te for _, _, te in epochs]])
+    figures = {name: os.path.join(out, name) for name in
+               ("reconstructions.png", "samples_prior.png", "samples_posterior.png")}
+    return {"numbers": numbers, "tables": {"minimal": table}, "figures": figures}
 
 
 def part_recipe(args, work, log):
@@ -517,8 +546,11 @@ def part_speed(args, work, log):
 
 
 # Each part: its function, whether it needs torch, the figures it writes into docs/figures/<part>/
-# and the tables it writes into the README (a test holds the README to these lists).
+# and the tables it writes into the README and the pages of DOC_PAGES (a test holds them to these
+# lists).
 PARTS = {
+    "minimal": {"run": part_minimal, "torch": False, "tables": ["minimal"],
+                "figures": ["reconstructions.png", "samples_prior.png", "samples_posterior.png"]},
     "recipe": {"run": part_recipe, "torch": False, "tables": ["recipe"],
                "figures": ["reconstructions.png", "samples_prior.png", "loss_curves.png",
                            "gradient_paths.png", "samples_three_ways.png",
@@ -544,6 +576,10 @@ PARTS = {
               "figures": ["interpolations.png", "traversals.png"]},
     "speed": {"run": part_speed, "torch": True, "tables": ["speed"], "figures": []},
 }
+
+
+# The pages of docs/ that show tables between markers, as the README does.
+DOC_PAGES = ("latent-space.md", "likelihoods.md")
 
 
 def part_summary(name):
@@ -798,6 +834,10 @@ def main(argv=None):
             return 1
         log(f"  done in {results['parts'][name]['seconds']:.0f} s")
     write_readme_tables(results, args.readme)
+    for page in DOC_PAGES:
+        path = os.path.join(args.docs, page)
+        if os.path.exists(path):
+            write_readme_tables(results, path)
     write_results_page(results, args.docs)
     log(f"wrote {os.path.join(args.docs, 'results.json')} and the README's tables (code commit "
         f"{commit})")

@@ -20,12 +20,12 @@ import mnist
 from train import NonFiniteLoss
 
 from lab import analysis
+from lab import console
 from lab import figures
 from lab import models
 from lab import report
 from lab import resources
 from lab import runs
-from lab import console
 from lab import speed
 from lab.options import (ARCHITECTURE, DEFAULTS, LIKELIHOOD_RUNS, MEASURE_DEFAULTS, UsageError,
                          likelihood_run, parse_args)

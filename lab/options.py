@@ -1,5 +1,5 @@
-"""The command line of the lab (python -m lab): the recipe's defaults, the flags, and every check that needs
-neither data nor files, so that a mistake ends in one `error:` line before any work.
+"""The command line of the lab (python -m lab): the recipe's defaults, the flags, and every check
+that needs neither data nor files, so that a mistake ends in one `error:` line before any work.
 """
 import argparse
 import math

@@ -1,5 +1,5 @@
-"""The two floors: the core (vae.py, autograd.py, mnist.py, train.py, test_vae.py) imports nothing of
-the project but itself; the variations import only the core; the lab trains with train.py's step,
+"""The two floors: the core (vae.py, autograd.py, mnist.py, train.py, test_vae.py) imports nothing
+of the project but itself; the variations import only the core; the lab trains with train.py's step,
 to the same numbers; and train.py, the minimal run, writes its model and pictures and nothing
 else."""
 import argparse

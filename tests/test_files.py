@@ -95,7 +95,8 @@ def test_a_checkpoint_resumes_to_bit_identical_numbers(tmp_path, prior):
     straight, straight_opt, straight_state = training.new_run(dict(cfg), x_train)
     never = {"requested": False}                        # a stop that is never requested
     for _ in range(2):
-        training.train_epoch(straight, straight_opt, x_train, straight_state, cfg, never, no_progress)
+        training.train_epoch(straight, straight_opt, x_train, straight_state, cfg, never,
+                             no_progress)
     model, opt, cut = training.new_run(dict(cfg), x_train)
     stop = {"requested": False}
     def stop_at_step_5_of_epoch_2(state, n_steps, seen):

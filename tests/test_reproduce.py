@@ -5,31 +5,37 @@ import os
 import re
 import sys
 
+import pytest
+
 from conftest import REPO
 
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import reproduce  # noqa: E402  (a script of benchmarks/, imported for its parts)
 
-FIGURE = re.compile(r"!\[[^\]]*\]\(docs/figures/(\w+)/([\w.-]+)\)")
+FIGURE = re.compile(r"!\[[^\]]*\]\((?:docs/)?figures/(\w+)/([\w.-]+)\)")
 TABLE = re.compile(r"<!-- table:(\w+) -->")
+# the README, and the pages of docs/ whose tables reproduce.py writes as it writes the README's
+PAGES = ["README.md"] + [os.path.join("docs", page) for page in reproduce.DOC_PAGES]
 
 
-def readme_text():
-    with open(os.path.join(REPO, "README.md")) as f:
+def page_text(page):
+    with open(os.path.join(REPO, page)) as f:
         return f.read()
 
 
-def test_every_figure_the_readme_embeds_is_written_by_a_part():
-    embedded = FIGURE.findall(readme_text())
-    assert embedded, "the README embeds no figure from docs/figures/"
+@pytest.mark.parametrize("page", PAGES)
+def test_every_figure_a_page_embeds_is_written_by_a_part(page):
+    embedded = FIGURE.findall(page_text(page))
+    assert embedded, f"{page} embeds no figure from docs/figures/"
     for part, name in embedded:
         assert part in reproduce.PARTS, f"no part {part!r} writes docs/figures/{part}/{name}"
         assert name in reproduce.PARTS[part]["figures"], f"part {part} does not write {name}"
 
 
-def test_every_table_the_readme_shows_is_written_by_a_part():
+@pytest.mark.parametrize("page", PAGES)
+def test_every_table_a_page_shows_is_written_by_a_part(page):
     declared = {table for part in reproduce.PARTS.values() for table in part["tables"]}
-    shown = TABLE.findall(readme_text())
+    shown = TABLE.findall(page_text(page))
     assert shown
     assert set(shown) <= declared, set(shown) - declared
 
