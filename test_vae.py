@@ -142,16 +142,12 @@ NETWORK_PARAMS = {"enc.0.W", "enc.0.b", "enc.2.W", "enc.2.b",
                   "dec.0.W", "dec.0.b", "dec.2.W", "dec.2.b"}
 
 
-@pytest.mark.parametrize("beta", [1.0, 0.3, 2.5])
-def test_objective_backward_matches_finite_differences_for_every_parameter(beta):
-    # The objective is recon + beta * KL; beta = 1 is the negative ELBO. A beta applied to the
-    # reconstruction path, or missing from one KL path, fails here for beta != 1. The check works
-    # near its floor (a central difference errs by a few ulp(L) / 2h ~ 1e-10 from rounding alone),
-    # so the differences are of (recon - recon0) + beta (kl - kl0): L less its value at p, the same
-    # gradient without the rounding of adding the 8.5 nats of recon (both subtractions are exact).
-    # At seed 280 every ReLU input of the batch is at least 2.7e-3 from its kink, which a step of
-    # h = 1e-5 cannot cross.
-    model, x, eps = small_vae_batch(seed=280)
+def objective_errors(model, x, eps, beta, h=1e-5):
+    """grad_check of the objective recon + beta * KL at (x, eps) for every parameter of the model,
+    against the gradient of one backward(beta). The differences are of (recon - recon0) + beta (kl
+    - kl0): L less its value at p, the same gradient without the rounding of adding recon's nats
+    (both subtractions are exact, Sterbenz), which matters near the checker's floor: a central
+    difference errs by a few ulp(L) / 2h ~ 1e-10 from rounding alone."""
     _, recon0, kl0 = model.forward(x, eps)
     model.backward(beta)
     analytic = {k: g.copy() for k, g in model.grads().items()}
@@ -160,7 +156,17 @@ def test_objective_backward_matches_finite_differences_for_every_parameter(beta)
         _, recon, kl = model.forward(x, eps)
         return (recon - recon0) + beta * (kl - kl0)
 
-    errors = grad_check(objective, model.params(), analytic)
+    return grad_check(objective, model.params(), analytic, h=h)
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.3, 2.5])
+def test_objective_backward_matches_finite_differences_for_every_parameter(beta):
+    # The objective is recon + beta * KL; beta = 1 is the negative ELBO. A beta applied to the
+    # reconstruction path, or missing from one KL path, fails here for beta != 1. At seed 280
+    # every ReLU input of the batch is at least 2.7e-3 from its kink, which a step of h = 1e-5
+    # cannot cross.
+    model, x, eps = small_vae_batch(seed=280)
+    errors = objective_errors(model, x, eps, beta)
     assert set(errors) == NETWORK_PARAMS
     assert_grads_close(errors, 1e-6)
 

@@ -8,7 +8,7 @@ import pytest
 import likelihoods
 import priors
 from autograd import grad_check
-from test_vae import NETWORK_PARAMS, assert_grads_close, check_piece
+from test_vae import NETWORK_PARAMS, assert_grads_close, check_piece, objective_errors
 
 from conftest import small_vae_batch
 
@@ -106,7 +106,7 @@ def test_objective_backward_matches_finite_differences_for_every_parameter(
     # The check works near its floor: a central difference errs by a few ulp(L) / 2h ~ 1e-10 from
     # rounding alone, so an entry with |dL/dp| < 1e-4 can miss 1e-6 (at seed 3, prior.w[2, 6] =
     # -2.6e-5 did, at 1.07e-6, on NumPy 1.24, whose exp and log round differently). Hence:
-    # (1) the differences are of (recon - recon0) + beta (kl - kl0), L less its value at p: the
+    # (1) the differences are of (recon - recon0) + beta (kl - kl0) (test_vae.objective_errors): the
     #     same gradient, without the rounding of adding the 8.5 nats of recon (both subtractions
     #     are exact, Sterbenz);
     # (2) seed 280, at which every check stays below 5e-7 on NumPy 1.24 and 2.x with x and eps
@@ -121,21 +121,13 @@ def test_objective_backward_matches_finite_differences_for_every_parameter(
         model.prior["w"][1, :3] = 1.4
     if sigma == "learned":
         model.likelihood.params["log_sigma"][...] = -0.7
-    _, recon0, kl0 = model.forward(x, eps)
-    model.backward(beta)
-    analytic = {k: g.copy() for k, g in model.grads().items()}
-
-    def objective():
-        _, recon, kl = model.forward(x, eps)
-        return (recon - recon0) + beta * (kl - kl0)
-
     # (4) the per-pixel Gaussian sums larger terms (exp(-2 s) of 12 more outputs): at h = 1e-5
     #     its rounding, ~2.5e-10, is 2e-6 of its smallest gradient here; at h = 1e-4 that is ten
     #     times less, and the truncation (~h^2) keeps every check below 5e-7 on both NumPys.
     h = 1e-5
     if sigma == "per-pixel":
         h = 1e-4
-    errors = grad_check(objective, model.params(), analytic, h=h)
+    errors = objective_errors(model, x, eps, beta, h)
     assert set(errors) == NETWORK_PARAMS | prior_params | likelihood_params
     assert_grads_close(errors, 1e-6)
 
