@@ -11,7 +11,6 @@ before any download or training; every run trains with train.py's step (lab/trai
 """
 import argparse
 import os
-import shlex
 import sys
 
 import numpy as np
@@ -27,9 +26,9 @@ from lab import report
 from lab import resources
 from lab import runs
 from lab import speed
-from lab.options import (ARCHITECTURE, DEFAULTS, LIKELIHOOD_RUNS, MEASURE_DEFAULTS, UsageError,
-                         likelihood_run, parse_args)
-from lab.training import EPOCH_RECORDS, batch, new_run, train_run
+from lab.options import (ARCHITECTURE, DEFAULTS, LIKELIHOOD_RUNS, MEASURE_DEFAULTS, RecordError,
+                         UsageError, check_record, command_text, likelihood_run, parse_args)
+from lab.training import EPOCH_RECORDS, batch, new_run, save_checkpoint, train_run
 
 # ---- the command ---------------------------------------------------------------------------------
 
@@ -94,7 +93,7 @@ def model_to_analyze(path):
             raise UsageError(f"--analyze {path}: that is a training checkpoint, not a model; the "
                              f"run's model is {beside}")
         raise UsageError(f"--analyze {path}: that is a training checkpoint, not a model; "
-                         f"python -m lab --resume {path} finishes its run (training and "
+                         f"{command_text('--resume', path)} finishes its run (training and "
                          f"measurements)")
     return path
 
@@ -183,6 +182,20 @@ def check_resources(args, cfg, model):
         raise UsageError(reason)
 
 
+def architecture_of(model, recorded, where):
+    """The options that a model file fixes (its sizes, prior and likelihood), as a run records them.
+    A record that says otherwise contradicts the model it sits beside: refused."""
+    described = models.describe(model)
+    arch = {"hidden": described["hidden"], "latent": described["latent"],
+            "prior": described["prior"], "prior_components": described["components"] or None,
+            "likelihood": described["likelihood"], "decoder_sigma": described["decoder_sigma"]}
+    for k, value in arch.items():
+        if k in recorded and recorded[k] != value:
+            raise UsageError(f"{where} says {k} {recorded[k]}, but the model beside it has "
+                             f"{value}: the record is of another run; move it away")
+    return arch
+
+
 def prepare(args):
     """(cfg, model, opt, state, out, fresh) from the options and files alone: every check that needs
     no data, before any download or training. model is None for a new run; fresh: the output folder
@@ -197,13 +210,15 @@ def prepare(args):
         path = model_to_analyze(path)
         args.analyze = path
         model, _ = runs.load_model(path)
-        beside = runs.read_metrics(os.path.join(folder_of(path), "metrics.json")).get("config", {})
+        metrics_path = os.path.join(folder_of(path), "metrics.json")
+        recorded = runs.read_metrics(metrics_path)
+        beside = check_record(recorded.get("config", {}), f"{metrics_path}: config")
         checkpoint = os.path.join(folder_of(path), "checkpoint.npz")
         if not beside and os.path.isfile(checkpoint):
             raise UsageError(f"--analyze {path}: the run's measurements never finished (no "
-                             f"metrics.json beside it); python -m lab --resume {checkpoint} "
+                             f"metrics.json beside it); {command_text('--resume', checkpoint)} "
                              f"finishes them with the run's own options")
-        cfg = {**DEFAULTS, **beside}
+        cfg = {**DEFAULTS, **beside, **architecture_of(model, beside, metrics_path)}
         for k in ("dataset", "seed", "binarize"):
             if getattr(args, k) is not None:
                 cfg[k] = getattr(args, k)
@@ -301,10 +316,10 @@ def continue_command(args, checkpoint):
     experiment, else --resume of its checkpoint."""
     if getattr(args, "experiment_command", None):
         return args.experiment_command
-    command = f"python -m lab --resume {checkpoint}"
+    words = ["--resume", checkpoint]
     if args.data_dir:
-        command += f" --data-dir {args.data_dir}"
-    return command
+        words += ["--data-dir", args.data_dir]
+    return command_text(*words)
 
 
 def finish(model, state, cfg, x_train, x_test, y_test, out, args):
@@ -335,6 +350,30 @@ def finished_result(out, args):
     return {"model": model, "metrics": metrics, "x_test": x_test, "y_test": y_test}
 
 
+def kept_and_next(args, checkpoint):
+    """After a file could not be written: what is safe, and the command that goes on once there is
+    room again."""
+    if not os.path.exists(checkpoint):
+        return "no checkpoint was kept: free some space (or choose another --out) and train again"
+    return (f"the last good checkpoint, {checkpoint}, is whole: free some space, then go on with: "
+            f"{continue_command(args, checkpoint)}")
+
+
+def analyze(model, cfg, x_train, x_test, y_test, out, args):
+    """--analyze: measure and draw a saved model again, into out (beside it, or --out), starting
+    from the record of its run (the metrics.json beside the model)."""
+    metrics_path = os.path.join(folder_of(args.analyze), "metrics.json")
+    recorded = runs.read_metrics(metrics_path)
+    before = recorded.get("config", {}).get("measure")
+    if before and before != cfg["measure"]:
+        changed = [f"{k} {before.get(k)} -> {v}" for k, v in cfg["measure"].items()
+                   if before.get(k) != v]
+        print(f"--analyze: measuring with {', '.join(changed)}; the measurements that "
+              f"{os.path.join(out, 'metrics.json')} holds are replaced")
+    recorded["config"] = cfg
+    return report.measure_and_draw(model, recorded, cfg, x_train, x_test, y_test, out, args)
+
+
 def run(args):
     """Train a new run (or --resume one), or take a saved model (--analyze); then measure it and
     draw it. Returns (exit code, {"model", "metrics", "x_test", "y_test"} of a finished run)."""
@@ -351,38 +390,53 @@ def run(args):
         model, opt, state = new_run(cfg, x_train)
     if args.benchmark:
         return benchmark(model, opt, state, cfg, x_train, x_test, args), None
+    # --overwrite: the old run's files go when the new run writes its first checkpoint
+    replacing = {}
+    if fresh and args.overwrite:
+        replacing["folder"] = out
     with runs.claim(out, fresh, args.overwrite):
         if args.analyze:
-            metrics = runs.read_metrics(os.path.join(out, "metrics.json"))
-            result = report.measure_and_draw(model, metrics, cfg, x_train, x_test, y_test, out,
-                                             args)
-            return 0, result
+            return 0, analyze(model, cfg, x_train, x_test, y_test, out, args)
         if trained:
             print(f"{args.resume}: training is done (epoch {state['epoch']} of {cfg['epochs']}); "
                   f"finishing its measurements in {out}")
         else:
             print(console.run_header(cfg, model, state, len(x_train), len(x_test), out))
-            if not train_run(model, opt, x_train, x_test, state, cfg, checkpoint, args.resume):
+            try:
+                finished = train_run(model, opt, x_train, x_test, state, cfg, checkpoint,
+                                     args.resume, replacing)
+            except runs.WriteError as err:
+                raise runs.WriteError(f"{err}; {kept_and_next(args, checkpoint)}")
+            if not finished:
                 print(console.interrupted_line(state, continue_command(args, checkpoint)))
                 return 130, None
-        if not os.path.exists(checkpoint):     # --epochs 0 trains nothing, and writes none
-            runs.save_checkpoint(checkpoint, model, opt, state, cfg)
         try:
+            # --epochs 0 trains nothing, and has written no checkpoint yet
+            if replacing or not os.path.exists(checkpoint):
+                save_checkpoint(checkpoint, model, opt, state, cfg, replacing)
             return 0, finish(model, state, cfg, x_train, x_test, y_test, out, args)
         except KeyboardInterrupt:
             print(f"\ninterrupted after training, before the measurements were complete; finish "
                   f"them with: {continue_command(args, checkpoint)}", file=sys.stderr)
             return 130, None
+        except OSError as err:
+            written = err.filename or out
+            raise runs.WriteError(f"could not write {written} ({err.strerror}); "
+                                  f"{kept_and_next(args, checkpoint)}")
+        except runs.WriteError as err:
+            raise runs.WriteError(f"{err}; {kept_and_next(args, checkpoint)}")
 
 
 def experiment_runs(args, out):
     """{name: options} of each run of --betas or --likelihoods, each in a folder of its own in
-    out."""
-    variants = {}
+    out. Values that would share a folder or a name (0.1 and 0.1000001 are both 'beta = 0.1'; a
+    spec with +dequantize and the same without it under --dequantize) are refused."""
+    variants = []
     if args.betas:
         for beta in args.betas:
-            folder = os.path.join(out, f"beta-{beta:g}")
-            variants[f"beta = {beta:g}"] = {"beta": beta, "out": folder}
+            beta = beta + 0.0           # -0.0 is 0: the same run
+            variants.append((f"{beta:g}", f"beta = {beta:g}",
+                             {"beta": beta, "out": os.path.join(out, f"beta-{beta:g}")}))
     else:
         specs = args.likelihoods or [likelihood_run(spec) for spec in LIKELIHOOD_RUNS]
         for name, sigma, dequantize in specs:
@@ -396,9 +450,17 @@ def experiment_runs(args, out):
             if dequantize:
                 label += ", dequantized"
                 folder += "-dequantized"
-            variants[label] = {"likelihood": name, "decoder_sigma": sigma,
-                               "dequantize": dequantize, "out": os.path.join(out, folder)}
-    return {name: argparse.Namespace(**{**vars(args), **v}) for name, v in variants.items()}
+            variants.append((folder, label, {"likelihood": name, "decoder_sigma": sigma,
+                                             "dequantize": dequantize,
+                                             "out": os.path.join(out, folder)}))
+    every = {}
+    for folder, label, options in variants:
+        if label in every:
+            flag = "--betas" if args.betas else "--likelihoods"
+            raise UsageError(f"{flag}: two values make the same run, {label!r} in "
+                             f"{options['out']}: give each run values of its own")
+        every[label] = argparse.Namespace(**{**vars(args), **options})
+    return every
 
 
 def reuse_or_resume(sub):
@@ -427,12 +489,14 @@ def experiment(args):
         out = runs.default_out(prepare_config(args), DEFAULTS) + suffix
     settle_measurements(args, {})
     every = experiment_runs(args, out)
+    # what belongs in the experiment's folder: its comparison and its runs' folders
+    own = ["comparison.json"] + [os.path.basename(sub.out) for sub in every.values()]
     plans = {}
     for name, sub in every.items():
         sub.experiment_command = args.command
         plans[name] = reuse_or_resume(sub)
         prepare(sub)                    # every run's folder is checked before the first one trains
-    with runs.claim(out, True, args.overwrite, own=("comparison.json",)):
+    with runs.claim(out, True, args.overwrite, own=own):
         results = {}
         for name, sub in every.items():
             if plans[name] == "finished":
@@ -452,9 +516,9 @@ def experiment(args):
 def main(argv=None):
     args = parse_args(argv, __doc__)
     given = sys.argv[1:] if argv is None else argv
-    args.command = "python -m lab " + shlex.join(given)
+    args.command = command_text(*given)
     errors = (mnist.DataError, runs.FolderError, runs.ModelFileError, runs.MetricsError,
-              NonFiniteLoss, UsageError)
+              runs.WriteError, NonFiniteLoss, RecordError, UsageError)
     try:
         if args.betas or args.likelihoods is not None:
             return experiment(args)

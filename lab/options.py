@@ -2,7 +2,9 @@
 that needs neither data nor files, so that a mistake ends in one `error:` line before any work.
 """
 import argparse
+import json
 import math
+import shlex
 
 import mnist
 
@@ -25,6 +27,9 @@ LIKELIHOOD_RUNS = ["bernoulli", "gaussian:1", "gaussian:0.1", "gaussian:learned"
                    "gaussian:optimal", "gaussian:per-pixel+dequantize", "cb"]
 # --decoder-sigma's settings besides a number
 SIGMA_SETTINGS = ("learned", "optimal", "per-pixel")
+# A fixed sigma's bounds: sigma^2 and 1 / (2 sigma^2) of any image's error stay inside float32's
+# range (1.2e-38 to 3.4e38), with room for the sums over 784 pixels.
+SIGMA_RANGE = (1e-15, 1e15)
 
 NUMBERS = [  # the numeric flags: the least value allowed, and the default (None: DEFAULTS')
     {"flag": "--epochs", "type": int, "least": 0, "default": None,
@@ -66,6 +71,83 @@ NOT_TOGETHER = {
 }
 
 
+# What a run's record may hold (metrics.json's "config", a checkpoint's options), each field's kind
+# and bounds: a hand-edited or damaged record is refused by name, never read as something else.
+RECORD_FIELDS = {
+    "dataset": ("one of", sorted(mnist.DATASETS)), "hidden": ("integer", 1),
+    "latent": ("integer", 1), "prior": ("one of", sorted(models.PRIORS)),
+    "prior_components": ("integer or null", 1), "likelihood": ("one of", models.LIKELIHOODS),
+    "decoder_sigma": ("sigma", None), "batch_size": ("integer", 1), "lr": ("number", 1e-300),
+    "seed": ("integer", 0), "beta": ("number", 0), "kl_warmup": ("integer", 0),
+    "binarize": ("true or false", None), "dequantize": ("true or false", None),
+    "train_images": ("integer or null", 1), "epochs": ("integer", 0),
+}
+MEASURE_FIELDS = {
+    "iw_samples": ("integer", 1), "gmm_components": ("integer", 1),
+    "gmm_covariance": ("one of", ["diag", "full"]), "posterior_image": ("integer", 0),
+}
+
+
+def field_problem(value, kind, bound):
+    """What is wrong with a record's value for a field of this kind, or None if nothing is."""
+    is_integer = isinstance(value, int) and not isinstance(value, bool)
+    is_number = (is_integer or isinstance(value, float)) and math.isfinite(value)
+    if kind == "one of" and value not in bound:
+        return f"one of {', '.join(bound)}"
+    if kind == "true or false" and not isinstance(value, bool):
+        return "true or false"
+    if kind == "integer or null" and value is None:
+        return None
+    if kind in ("integer", "integer or null") and not (is_integer and value >= bound):
+        return f"an integer >= {bound}" + (" or null" if kind == "integer or null" else "")
+    if kind == "number" and not (is_number and value >= bound):
+        return "a number > 0" if bound > 0 else f"a number >= {bound}"
+    if kind == "sigma" and value is not None and value not in SIGMA_SETTINGS:
+        if not (is_number and SIGMA_RANGE[0] <= value <= SIGMA_RANGE[1]):
+            low, high = SIGMA_RANGE
+            return f"null, {', '.join(SIGMA_SETTINGS)}, or a number in [{low:g}, {high:g}]"
+    return None
+
+
+def check_record(record, where):
+    """Refuse a run's record whose fields are not what the project writes: each present field of
+    RECORD_FIELDS, and of its "measure", checked by kind and bounds. Returns the record."""
+    if not isinstance(record, dict):
+        raise RecordError(f"{where} is a {type(record).__name__}, not an object of options; "
+                          f"correct it, or move the file away")
+    measure = record.get("measure", {})
+    if not isinstance(measure, dict):
+        raise RecordError(f"{where}: measure is a {type(measure).__name__}, not an object; "
+                          f"correct it, or move the file away")
+    checks = [(name, record, kind, bound) for name, (kind, bound) in RECORD_FIELDS.items()]
+    checks += [("measure." + name, measure, kind, bound)
+               for name, (kind, bound) in MEASURE_FIELDS.items()]
+    for name, fields, kind, bound in checks:
+        key = name.split(".")[-1]
+        if key not in fields:
+            continue
+        expected = field_problem(fields[key], kind, bound)
+        if expected:
+            raise RecordError(f"{where}: {name} is {json_text(fields[key])}, expected {expected}; "
+                              f"correct it, or move the file away")
+    return record
+
+
+def json_text(value):
+    """A value as JSON writes it: '2000' for the string, 2000 for the number."""
+    return json.dumps(value)
+
+
+def command_text(*words):
+    """The lab's command with these words, shell-quoted, to be pasted as it is printed."""
+    return shlex.join(["python", "-m", "lab", *words])
+
+
+class RecordError(Exception):
+    """A run's record (metrics.json, a checkpoint's options) with a field the project never
+    writes: a hand edit, or damage."""
+
+
 class UsageError(Exception):
     """Options that cannot work together, or that the data or a file cannot serve: found before any
     training."""
@@ -79,9 +161,13 @@ def decoder_sigma(text):
         value = float(text)
     except ValueError:
         value = math.nan
-    if not (value > 0 and math.isfinite(value)):
+    if not value > 0:
         raise argparse.ArgumentTypeError(f"must be a number > 0, learned, optimal or per-pixel, "
                                          f"got {text!r}")
+    if not SIGMA_RANGE[0] <= value <= SIGMA_RANGE[1]:
+        raise argparse.ArgumentTypeError(
+            f"a fixed sigma must lie in [{SIGMA_RANGE[0]:g}, {SIGMA_RANGE[1]:g}], where sigma^2 "
+            f"and the loss's 1 / (2 sigma^2) stay finite in float32; got {text}")
     return value
 
 

@@ -5,6 +5,7 @@ the model, the training checkpoint, and metrics.json. Each file is written whole
 import contextlib
 import json
 import os
+import re
 import tempfile
 import zipfile
 
@@ -14,13 +15,31 @@ from autograd import Adam
 from mnist import atomic_path
 
 from lab import models
+from lab.options import command_text
 
-RUN_FILES = ("model.npz", "checkpoint.npz", "metrics.json", "comparison.json")     # and the figures
+# The files that make a folder a run's (or an experiment's) of this project.
+RUN_MARKERS = ("model.npz", "checkpoint.npz", "metrics.json", "comparison.json")
+# Every file a run, an experiment or train.py writes into its folder, by name: --overwrite removes
+# these and nothing else (tests/test_user_files.py holds a run's folder to this list).
+FIGURE_FILES = ("reconstructions.png", "samples_prior.png", "samples_posterior.png",
+                "loss_curves.png", "decoder_sigma.png", "gradient_paths.png",
+                "prior_vs_aggregate.png", "samples_three_ways.png", "samples_mean_and_draw.png",
+                "interpolations.png", "traversals.png", "latent_space.png", "latent_manifold.png",
+                "kl_weight_samples.png", "kl_weight_latent.png", "kl_weight_sigma.png",
+                "likelihood_samples.png", "likelihood_latent.png", "likelihood_sigma.png")
+RUN_FILES = RUN_MARKERS + FIGURE_FILES + ("explorer.html",)
+# A file being written: atomic_path's temporary name, <file>.tmp-<the writer's process id>.
+TEMPORARY = re.compile(r"\.tmp-(\d+)$")
 
 
 class FolderError(Exception):
     """An output folder that cannot be used: a file, not writable, in use, or holding another run.
     """
+
+
+class WriteError(Exception):
+    """A file that could not be written (a full disk, a folder made read-only): the message says
+    which; the caller adds what was kept and the command that goes on."""
 
 
 class ModelFileError(Exception):
@@ -29,9 +48,30 @@ class ModelFileError(Exception):
 
 # ---- the folder ----------------------------------------------------------------------------------
 
+def few(names, n=3):
+    """Up to n names, for a message: 'a, b, c and 4 more'."""
+    names = sorted(names)
+    listed = ", ".join(names[:n])
+    if len(names) > n:
+        listed += f" and {len(names) - n} more"
+    return listed
+
+
+def foreign_files(out, own=()):
+    """The entries of an existing folder that make it no run's of this project: all of them unless
+    it holds a run's files (RUN_MARKERS) or only what belongs there (own: an experiment's run
+    folders); none for an empty folder."""
+    entries = [f for f in os.listdir(out) if f != ".lock" and not TEMPORARY.search(f)]
+    if any(f in RUN_MARKERS for f in entries):
+        return []
+    return [f for f in entries if f not in own]
+
+
 def check_out(out, fresh, overwrite, own=()):
-    """An output folder (--out) must be a folder we can write in; a new run's must hold no other
-    run. own: files that belong to what is written there (an experiment's comparison.json)."""
+    """An output folder (--out) must be a folder we can write in: a new one, an empty one, or one
+    that holds a run of this project, never a folder of other files; a new run's must hold no
+    other run unless --overwrite. own: what else belongs there (an experiment's comparison.json
+    and run folders)."""
     parent = out
     while not os.path.isdir(parent):                # the nearest folder that exists
         if os.path.exists(parent):
@@ -43,11 +83,17 @@ def check_out(out, fresh, overwrite, own=()):
     except OSError as err:
         raise FolderError(f"--out {out}: cannot write in {parent} ({err.strerror}); choose "
                           f"another --out")
-    held = [f for f in RUN_FILES if f not in own and os.path.exists(os.path.join(out, f))]
+    if os.path.isdir(out):
+        foreign = foreign_files(out, own)
+        if foreign:
+            raise FolderError(f"--out {out} holds files that are not a run of this project "
+                              f"({few(foreign)}): a run writes only into a new folder, an empty "
+                              f"one, or a run's; choose another --out")
+    held = [f for f in RUN_MARKERS if f not in own and os.path.exists(os.path.join(out, f))]
     if fresh and held and not overwrite:
         checkpoint = os.path.join(out, "checkpoint.npz")
-        raise FolderError(f"{out} holds another run ({', '.join(held)}): continue it with --resume "
-                          f"{checkpoint}, choose another --out, or replace it with --overwrite")
+        raise FolderError(f"{out} holds another run ({', '.join(held)}): continue it with "
+                          f"{command_text('--resume', checkpoint)}, choose another --out, or replace it with --overwrite")
 
 
 def lock(fd, path):
@@ -64,14 +110,52 @@ def lock(fd, path):
         raise OSError("lock file replaced")
 
 
+def process_is_gone(pid):
+    """Whether no process has this id (on Windows, where that cannot be asked cheaply: never)."""
+    if os.name == "nt":
+        return False
+    try:
+        os.kill(pid, 0)                 # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:             # it exists, and is another user's
+        return False
+    return False
+
+
+def remove_stale_temporaries(out, log=print):
+    """Remove the half-written files (<file>.tmp-<pid>) of processes that no longer exist: a run
+    killed mid-write (kill -9) leaves one that nothing else would ever remove."""
+    for name in sorted(os.listdir(out)):
+        match = TEMPORARY.search(name)
+        if match and process_is_gone(int(match.group(1))):
+            os.remove(os.path.join(out, name))
+            log(f"{out}: removed {name}, half-written by a process that no longer exists")
+
+
+def remove_run_files(out, keep=(), log=print):
+    """--overwrite: remove the old run's files from out, by name (RUN_FILES), and nothing else."""
+    removed = []
+    for name in RUN_FILES:
+        path = os.path.join(out, name)
+        if name not in keep and os.path.exists(path):
+            os.remove(path)
+            removed.append(name)
+    if removed:
+        log(f"--overwrite: removed the old run's {few(removed)} from {out}")
+
+
 @contextlib.contextmanager
-def claim(out, fresh, overwrite, own=()):
+def claim(out, fresh, overwrite, own=(), log=print):
     """Create the folder and hold its lock while a run writes into it: a second run into the same
     folder is refused. The lock is on the file .lock, removed at the end; a crashed run's lock ends
-    with it."""
+    with it, and its .lock and half-written files are removed, with a line, by the next run. The
+    old run's files, with --overwrite, are for the caller to remove (remove_run_files) once the
+    new run has something to put in their place."""
     created = not os.path.isdir(out)
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, ".lock")
+    stale = os.path.exists(path)
     fd = os.open(path, os.O_RDWR | os.O_CREAT)
     try:
         lock(fd, path)
@@ -80,12 +164,11 @@ def claim(out, fresh, overwrite, own=()):
         raise FolderError(f"{out} is in use by another run; wait for it to end, or choose "
                           f"another --out")
     try:
+        if stale:
+            # its owner removes .lock before it lets go: one we could lock was left by a run that died
+            log(f"{out}: removed the .lock of a run that no longer exists")
+        remove_stale_temporaries(out, log)
         check_out(out, fresh, overwrite, own)       # again, now that no other run can write there
-        # the old run's files go before the new run writes any
-        if fresh and overwrite:
-            for f in os.listdir(out):
-                if f in RUN_FILES or f.endswith(".png"):
-                    os.remove(os.path.join(out, f))
         yield
     finally:
         if os.name != "nt":
@@ -264,8 +347,14 @@ def read_metrics(path):
     """The metrics.json at path ({} if there is none)."""
     try:
         with open(path) as f:
-            return json.load(f)
+            metrics = json.load(f)
     except FileNotFoundError:
         return {}
+    except PermissionError:
+        raise MetricsError(f"{path}: permission denied; make it readable (chmod) or pass --out")
     except (OSError, ValueError) as err:
         raise MetricsError(f"{path}: unreadable ({err}); move it away or pass --out")
+    if not isinstance(metrics, dict):
+        raise MetricsError(f"{path} holds a JSON {type(metrics).__name__}, not a run's record; move "
+                           f"it away or pass --out")
+    return metrics

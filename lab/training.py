@@ -160,17 +160,34 @@ def remedy(model, cfg):
     return f"Try a smaller --lr {new_run}"
 
 
-def train_run(model, opt, x_train, x_test, state, cfg, checkpoint, resumed_from=None):
-    """Epochs until cfg['epochs'], the test loss and a checkpoint after each (none if checkpoint is
-    None). Ctrl-C finishes the step in flight, saves a checkpoint and returns False; a second Ctrl-C
-    stops at once. resumed_from: the checkpoint the run started from, if any."""
-    stop = {"requested": False}
+def save_checkpoint(checkpoint, model, opt, state, cfg, replacing):
+    """The epoch's checkpoint. replacing: {"folder": out} while an old run (--overwrite) is still
+    in the folder, whose files go now, as the new run has something to put in their place; {}
+    after. A full disk (or any failure to write) keeps the last checkpoint written, whole."""
+    if replacing:
+        runs.remove_run_files(replacing.pop("folder"), keep=("checkpoint.npz",))
+    try:
+        runs.save_checkpoint(checkpoint, model, opt, state, cfg)
+    except OSError as err:
+        raise runs.WriteError(f"could not write {checkpoint} ({err.strerror})")
 
-    def on_sigint(signum, frame):
+
+def train_run(model, opt, x_train, x_test, state, cfg, checkpoint, resumed_from=None,
+              replacing=None):
+    """Epochs until cfg['epochs'], the test loss and a checkpoint after each (none if checkpoint is
+    None). Ctrl-C (or SIGTERM, as `kill` sends) finishes the step in flight, saves a checkpoint and
+    returns False; a second one stops at once. resumed_from: the checkpoint the run started from,
+    if any; replacing: see save_checkpoint."""
+    stop = {"requested": False}
+    replacing = {} if replacing is None else replacing
+
+    def on_stop(signum, frame):
         stop["requested"] = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
 
-    previous_handler = signal.signal(signal.SIGINT, on_sigint)
+    previous_sigint = signal.signal(signal.SIGINT, on_stop)
+    previous_sigterm = signal.signal(signal.SIGTERM, on_stop)
     progress = console.TrainingProgress()
     try:
         while state["epoch"] < cfg["epochs"]:
@@ -185,11 +202,13 @@ def train_run(model, opt, x_train, x_test, state, cfg, checkpoint, resumed_from=
                     state["decoder_sigma_curve"].append(analysis.decoder_sigma(model, x_test))
                 print(console.epoch_line(state, loss, recon, kl, len(x_train)), flush=True)
             if checkpoint:                      # after each epoch, and where Ctrl-C stopped one
-                runs.save_checkpoint(checkpoint, model, opt, state, cfg)
+                save_checkpoint(checkpoint, model, opt, state, cfg, replacing)
             if stop["requested"]:
                 return False
     except NonFiniteLoss as err:
-        if os.path.exists(checkpoint or ""):
+        if replacing:
+            kept = f"the old run in {replacing['folder']} is as it was"
+        elif os.path.exists(checkpoint or ""):
             kept = f"the last good checkpoint is {checkpoint}"
         elif resumed_from:
             kept = f"the last good checkpoint is {resumed_from}, which it started from"
@@ -197,5 +216,6 @@ def train_run(model, opt, x_train, x_test, state, cfg, checkpoint, resumed_from=
             kept = "no checkpoint was written"
         raise NonFiniteLoss(f"{err}; stopped, {kept}. {remedy(model, cfg)}")
     finally:
-        signal.signal(signal.SIGINT, previous_handler)
+        signal.signal(signal.SIGINT, previous_sigint)
+        signal.signal(signal.SIGTERM, previous_sigterm)
     return True
