@@ -165,6 +165,9 @@ def parse_idx(path, magic):
             trailing = len(f.read(1))
     except FileNotFoundError:
         raise DataError(f"{path}: missing")
+    except PermissionError:
+        raise DataError(f"{path}: permission denied; make it readable (chmod a+r), or point "
+                        f"--data-dir at a copy you can read")
     except (OSError, EOFError, zlib.error) as err:      # gzip.BadGzipFile is an OSError
         raise DataError(f"{path}: not a valid gzip archive ({err}); delete it to download it again")
     if shape is None or got != data.size or trailing:
@@ -328,6 +331,10 @@ def load(dataset="mnist", data_dir=None, mirror=None, checksums=None, log=print)
     data_dir = data_dir or os.path.join("data", dataset)
     if os.path.exists(data_dir) and not os.path.isdir(data_dir):
         raise DataError(f"--data-dir {data_dir} is a file, not a folder")
+    # a folder we cannot list looks empty: the archives in it would be downloaded again
+    if os.path.isdir(data_dir) and not os.access(data_dir, os.R_OK | os.X_OK):
+        raise DataError(f"--data-dir {data_dir}: permission denied (it cannot be listed); make it "
+                        f"readable (chmod a+rx), or point --data-dir at a copy you can read")
     fetch_missing(data_dir, dataset, mirror, checksums, log)
     paths = {key: archive_path(data_dir, name, log) for key, name in FILES.items()}
     x_train, y_train = load_split(paths["train_images"], paths["train_labels"])

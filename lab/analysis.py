@@ -30,6 +30,15 @@ from lab.gmm import fit_gmm, gmm_log_density, gmm_sample
 FITTED_CODES = 20000    # the mixture that stands in for q(z) is fitted to this many training codes
 
 
+def codes_needed(components, covariance, latent):
+    """The fewest codes a mixture of M components can be fitted to and mean something: a full
+    covariance in Z dimensions is singular unless its component has more than Z codes, so M (Z + 1);
+    a diagonal one needs two codes a component, so 2M. Below that the holes are not measured."""
+    if covariance == "full":
+        return components * (latent + 1)
+    return 2 * components
+
+
 def negative_elbo(model, images, seed, batch_size=250):
     """Test negative ELBO (loss, recon, kl) in nats per example, one z per image, with the same eps
     every time it is called (so epochs and runs compare). The terms of model.forward, from the

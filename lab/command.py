@@ -152,6 +152,7 @@ def settle_measurements(args, cfg):
     """The measurement options: as given, else as the run recorded them, else the defaults; set on
     args (which the measurements read) and recorded in cfg["measure"]."""
     recorded = cfg.get("measure", {})
+    args.measure_given = [k for k in MEASURE_DEFAULTS if getattr(args, k) is not None]
     for k, default in MEASURE_DEFAULTS.items():
         if getattr(args, k) is None:
             setattr(args, k, recorded.get(k, default))
@@ -277,6 +278,13 @@ def check_against_data(args, cfg, model, x_train, x_test):
     for flag, value, limit, why in limits:
         if value > limit:
             raise UsageError(f"{flag} {value} is out of range: {why}")
+    latent = cfg["latent"]
+    needed = analysis.codes_needed(args.gmm_components, args.gmm_covariance, latent)
+    if codes < needed:
+        raise UsageError(f"the holes of q(z) are measured by a mixture of {args.gmm_components} "
+                         f"{args.gmm_covariance}-covariance Gaussians in {latent} dimensions, "
+                         f"fitted to {codes} training codes: it needs at least {needed}; train on "
+                         f"more images (--train-images) or pass fewer --gmm-components")
     if model is not None and x_train.shape[1] != model.n_in:
         raise UsageError(f"{args.analyze or args.resume}: the model takes {model.n_in} inputs, not "
                          f"{x_train.shape[1]}")
@@ -337,8 +345,10 @@ def finish(model, state, cfg, x_train, x_test, y_test, out, args):
     metrics["test_loss"] = loss
     metrics["test_recon"] = recon
     metrics["test_kl"] = kl
-    mean_epoch = np.mean(state["epoch_seconds"] or np.nan)
-    metrics["examples_per_second"] = len(x_train) / mean_epoch
+    # none for a run that trained no epoch (--epochs 0)
+    metrics["examples_per_second"] = None
+    if state["epoch_seconds"]:
+        metrics["examples_per_second"] = len(x_train) / np.mean(state["epoch_seconds"])
     return report.measure_and_draw(model, metrics, cfg, x_train, x_test, y_test, out, args)
 
 
@@ -384,6 +394,13 @@ def run(args):
         print(f"{args.resume}: the run is finished, at epoch {state['epoch']} of {cfg['epochs']} "
               f"with its measurements in {out}: nothing to do; --epochs {state['epoch'] + 1} or "
               f"more trains it on, into a new folder")
+        if args.measure_given:
+            flags = []
+            for k in args.measure_given:
+                flags += ["--" + k.replace("_", "-"), str(getattr(args, k))]
+            again = command_text("--analyze", os.path.join(out, "model.npz"), *flags)
+            print(f"--resume does not measure a finished run again; to measure it with "
+                  f"{' '.join(flags)}: {again}")
         return 0, None
     x_train, x_test, y_test = load_data(args, cfg, model)
     if model is None:
@@ -429,14 +446,13 @@ def run(args):
 
 def experiment_runs(args, out):
     """{name: options} of each run of --betas or --likelihoods, each in a folder of its own in
-    out. Values that would share a folder or a name (0.1 and 0.1000001 are both 'beta = 0.1'; a
-    spec with +dequantize and the same without it under --dequantize) are refused."""
-    variants = []
+    out (options.run_keys has refused values that would share one)."""
+    variants = {}
     if args.betas:
         for beta in args.betas:
             beta = beta + 0.0           # -0.0 is 0: the same run
-            variants.append((f"{beta:g}", f"beta = {beta:g}",
-                             {"beta": beta, "out": os.path.join(out, f"beta-{beta:g}")}))
+            folder = os.path.join(out, f"beta-{beta:g}")
+            variants[f"beta = {beta:g}"] = {"beta": beta, "out": folder}
     else:
         specs = args.likelihoods or [likelihood_run(spec) for spec in LIKELIHOOD_RUNS]
         for name, sigma, dequantize in specs:
@@ -450,17 +466,9 @@ def experiment_runs(args, out):
             if dequantize:
                 label += ", dequantized"
                 folder += "-dequantized"
-            variants.append((folder, label, {"likelihood": name, "decoder_sigma": sigma,
-                                             "dequantize": dequantize,
-                                             "out": os.path.join(out, folder)}))
-    every = {}
-    for folder, label, options in variants:
-        if label in every:
-            flag = "--betas" if args.betas else "--likelihoods"
-            raise UsageError(f"{flag}: two values make the same run, {label!r} in "
-                             f"{options['out']}: give each run values of its own")
-        every[label] = argparse.Namespace(**{**vars(args), **options})
-    return every
+            variants[label] = {"likelihood": name, "decoder_sigma": sigma,
+                               "dequantize": dequantize, "out": os.path.join(out, folder)}
+    return {name: argparse.Namespace(**{**vars(args), **v}) for name, v in variants.items()}
 
 
 def reuse_or_resume(sub):

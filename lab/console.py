@@ -90,14 +90,16 @@ def interrupted_line(state, command):
     return f"\ninterrupted {where}; continue with: {command}"
 
 
-def epoch_line(state, loss, recon, kl, n_train):
-    """The line each epoch ends with: its mean training loss, the test loss, the KL weight, the
-    speed."""
+def epoch_line(state, loss, recon, kl, n_train, warming_up=False):
+    """The line each epoch ends with: its mean training loss, the test loss, the KL weight (during a
+    warm-up, its mean over the epoch, said so), the speed."""
     seconds = state["epoch_seconds"][-1]
     train = state["train_loss"][-1]
-    beta = state["kl_weight"][-1]
+    beta = f"beta {state['kl_weight'][-1]:.3g}"
+    if warming_up:
+        beta = f"mean beta {state['kl_weight'][-1]:.3g} (warm-up)"
     line = (f"epoch {state['epoch']:3d}  train {train:8.2f}  test {loss:8.2f} "
-            f"(recon {recon:7.2f} + kl {kl:6.2f})  beta {beta:.3g}  "
+            f"(recon {recon:7.2f} + kl {kl:6.2f})  {beta}  "
             f"{n_train / seconds:7.0f} ex/s  {seconds:5.2f} s")
     sigmas = state["decoder_sigma_curve"]
     if len(sigmas) == state["epoch"]:       # a Gaussian decoder's, at this epoch's end

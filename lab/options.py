@@ -173,16 +173,18 @@ def decoder_sigma(text):
 
 def likelihood_run(spec):
     """--likelihoods: bernoulli, cb, or gaussian:SIGMA (SIGMA a number > 0, learned, optimal or
-    per-pixel), each with +dequantize to train that run on dequantized pixels.
-    -> (name, sigma, dequantize)"""
+    per-pixel; gaussian alone is gaussian:learned, as --likelihood gaussian is), each with
+    +dequantize to train that run on dequantized pixels. -> (name, sigma, dequantize)"""
     run, plus, extra = spec.partition("+")
-    name, _, sigma = run.partition(":")
+    name, colon, sigma = run.partition(":")
     dequantize = extra == "dequantize"
     known = dequantize or not plus
     if known and name in ("bernoulli", "cb") and not sigma:
         return name, None, dequantize
     if known and name == "gaussian" and sigma:
         return name, decoder_sigma(sigma), dequantize
+    if known and name == "gaussian" and not colon:
+        return name, "learned", dequantize
     raise argparse.ArgumentTypeError(f"{spec!r} is not bernoulli, gaussian:SIGMA (SIGMA > 0, "
                                      f"learned, optimal or per-pixel) or cb, with or without "
                                      f"+dequantize")
@@ -254,6 +256,20 @@ def check_numbers(p, args):
             p.error(f"argument {flag}: must be {bound} and finite, got {value}")
 
 
+def run_keys(args):
+    """What names each run of an experiment, its folder and its label: a beta as %g (-0 is 0), a
+    likelihood spec with --dequantize merged into it."""
+    if args.betas:
+        return [f"{beta + 0.0:g}" for beta in args.betas]
+    keys = []
+    for name, sigma, dequantize in args.likelihoods or []:
+        sigma_text = sigma
+        if isinstance(sigma, float):
+            sigma_text = f"{sigma:g}"
+        keys.append((name, sigma_text, dequantize or bool(args.dequantize)))
+    return keys
+
+
 def check_combinations(p, args):
     """Options that need another, or that cannot go together."""
     if args.benchmark and args.epochs == 0:
@@ -265,10 +281,12 @@ def check_combinations(p, args):
                 "1, or spread over their bins")
     if args.prior_components is not None and args.prior not in ("mog", "vamp"):
         p.error("--prior-components needs --prior mog or vamp")
-    values = [str(value) for value in args.betas or args.likelihoods or []]
-    if len(set(values)) < len(values):
+    keys = run_keys(args)
+    if len(set(keys)) < len(keys):
         experiment = "betas" if args.betas else "likelihoods"
-        p.error(f"--{experiment} repeats a value: each run needs a folder of its own")
+        p.error(f"--{experiment} repeats a value (two values name the same run, as 0.1 and "
+                f"0.1000001 do, or 0 and -0, or a +dequantize spec under --dequantize): each run "
+                f"needs a folder of its own")
     for a, (why, others) in NOT_TOGETHER.items():
         if not given(getattr(args, a)):
             continue

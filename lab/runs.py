@@ -218,8 +218,14 @@ def is_complete(out):
     """Whether the run in out is finished: its model saved and its measurements in metrics.json,
     which is written last."""
     metrics = read_metrics(os.path.join(out, "metrics.json"))
-    has_model = os.path.exists(os.path.join(out, "model.npz"))
-    return has_model and "test_loss" in metrics and "aggregate_posterior" in metrics
+    if "test_loss" not in metrics or "aggregate_posterior" not in metrics:
+        return False
+    # a missing or damaged model.npz is no finished run's: --resume rebuilds it from the checkpoint
+    try:
+        load_model(os.path.join(out, "model.npz"))
+    except ModelFileError:
+        return False
+    return True
 
 
 # ---- the model and the checkpoint ----------------------------------------------------------------
@@ -251,6 +257,17 @@ def parse_decoder_sigma(text):
     return float(text)
 
 
+def recovery(path):
+    """What to do about a damaged file: a run's model.npz is rebuilt from the checkpoint beside it
+    (its training is kept there); anything else is trained again."""
+    checkpoint = os.path.join(os.path.dirname(path), "checkpoint.npz")
+    is_model = os.path.basename(path) == "model.npz"
+    if is_model and zipfile.is_zipfile(checkpoint):
+        return (f"{command_text('--resume', checkpoint)} rebuilds it, and the run's measurements, "
+                f"from the checkpoint beside it")
+    return "delete it or train again"
+
+
 def load_model(path):
     """(model, extra) from a file written by save_model(). Raises ModelFileError with a one-line
     reason."""
@@ -259,7 +276,7 @@ def load_model(path):
     # np.load would take any other file for a pickle, and say so
     if not zipfile.is_zipfile(path):
         raise ModelFileError(f"{path}: not a readable model file of this project (not an .npz "
-                             f"archive)")
+                             f"archive); {recovery(path)}")
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
@@ -281,7 +298,7 @@ def load_model(path):
             a[...] = arrays.get("state.likelihood." + name, a)
     except (OSError, ValueError, EOFError, KeyError, TypeError, zipfile.BadZipFile) as err:
         raise ModelFileError(f"{path}: not a readable model file of this project "
-                             f"({type(err).__name__}: {err}); delete it or train again")
+                             f"({type(err).__name__}: {err}); {recovery(path)}")
     extra = {k[len("extra."):]: v for k, v in arrays.items() if k.startswith("extra.")}
     return model, extra
 
@@ -336,11 +353,30 @@ class MetricsError(Exception):
     """A metrics.json that cannot be read."""
 
 
+def finite_or_null(value, where, not_numbers):
+    """value with every float that is not finite (NaN, +-Infinity, which strict JSON has no word
+    for) replaced by None, and named in not_numbers {where: 'nan' or 'inf'}."""
+    if isinstance(value, dict):
+        return {k: finite_or_null(v, f"{where}.{k}".lstrip("."), not_numbers)
+                for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v, f"{where}[{i}]", not_numbers) for i, v in enumerate(value)]
+    if isinstance(value, float) and not np.isfinite(value):
+        not_numbers[where] = str(value)
+        return None
+    return value
+
+
 def write_metrics(path, metrics):
     """metrics.json (or comparison.json), the record of a run's measurements, written whole or not
-    at all."""
+    at all, as strict JSON: a value that is not a number is written as null, and named with what it
+    was under "not_numbers"."""
+    not_numbers = {}
+    strict = finite_or_null(metrics, "", not_numbers)
+    if not_numbers:
+        strict["not_numbers"] = not_numbers
     with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(metrics, f, indent=2)
+        json.dump(strict, f, indent=2, allow_nan=False)
 
 
 def read_metrics(path):

@@ -200,7 +200,9 @@ def train_run(model, opt, x_train, x_test, state, cfg, checkpoint, resumed_from=
                 state["test_loss_curve"].append(loss)
                 if model.likelihood.name == "gaussian":
                     state["decoder_sigma_curve"].append(analysis.decoder_sigma(model, x_test))
-                print(console.epoch_line(state, loss, recon, kl, len(x_train)), flush=True)
+                warming_up = state["epoch"] <= cfg["kl_warmup"]
+                line = console.epoch_line(state, loss, recon, kl, len(x_train), warming_up)
+                print(line, flush=True)
             if checkpoint:                      # after each epoch, and where Ctrl-C stopped one
                 save_checkpoint(checkpoint, model, opt, state, cfg, replacing)
             if stop["requested"]:

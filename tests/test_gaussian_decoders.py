@@ -134,7 +134,7 @@ def test_dequantized_pixels_fill_their_bins_of_width_one_256th():
 
 def test_the_test_set_is_dequantized_once_and_training_batches_afresh(data_dir):
     args = argparse.Namespace(data_dir=data_dir, mirror=None, posterior_image=0, gmm_components=3,
-                              analyze=None, resume=None)
+                              gmm_covariance="full", analyze=None, resume=None)
     cfg = {**command.DEFAULTS, "dequantize": True, "batch_size": 50}
     _, x_test, _ = command.load_data(args, cfg, None)
     _, again, _ = command.load_data(args, cfg, None)
