@@ -277,16 +277,23 @@ def fetch_missing(data_dir, dataset, mirror, checksums, log):
     mirrors = [mirror] if mirror else DATASETS[dataset]["mirrors"]
     checksums = checksums or DATASETS[dataset]["checksums"]
     created = new_folders(data_dir)
+    if created:
+        # a mistyped --data-dir would otherwise become a download folder without a word
+        log(f"{data_dir} does not exist: creating it for the download")
     os.makedirs(data_dir, exist_ok=True)
     try:
         for name in missing:
             log(f"downloading {name} into {data_dir}")
             download(name, mirrors, os.path.join(data_dir, name), checksums[name])
-    except BaseException:
+    except DataError as err:
+        if created:
+            raise DataError(f"{err} ({data_dir} did not exist: if you meant a folder that holds "
+                            f"the archives, check its spelling)")
+        raise
+    finally:
         for folder in created:
             if os.path.isdir(folder) and not os.listdir(folder):
                 os.rmdir(folder)
-        raise
 
 
 def archive_path(data_dir, name, log):

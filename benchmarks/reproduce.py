@@ -679,10 +679,13 @@ def save_results(results, docs):
     os.replace(tmp, path)
 
 
-def is_current(part, record, fingerprint, docs):
+def is_current(part, record, fingerprint, docs, train_flags=""):
     """A part is current when its record was made by code that computes what this code does (the
-    same fingerprint) and its figures are there."""
+    same fingerprint), with the same --train-flags (none: the default command's), and its figures
+    are there."""
     if record is None or record.get("code") != fingerprint:
+        return False
+    if record.get("train_flags", "") != train_flags:
         return False
     figures = [os.path.join(docs, "figures", part, name) for name in record.get("figures", [])]
     return all(os.path.exists(path) for path in figures)
@@ -777,12 +780,38 @@ def run_part(name, args, results, version, log):
         shutil.copyfile(src, target)
         copied.append(dest)
     results["parts"][name] = {"commit": measured_at, "code": version["code"],
+                              "train_flags": args.train_flags,
                               "seconds": round(seconds, 1),
                               "numbers": found["numbers"], "tables": found["tables"],
                               "figures": copied,
                               "finished": datetime.datetime.now().isoformat(timespec="seconds")}
     results["machine"] = machine()
     save_results(results, args.docs)
+
+
+def output_paths(args, log):
+    """Where the records, figures and README go: --docs and --readme, else the repository's docs/
+    and README.md; with --train-flags (a quick, small run) a scratch folder, never the repository's
+    docs/ and README.md, which hold the default command's numbers (naming them is refused)."""
+    repository_docs = os.path.join(ROOT, "docs")
+    repository_readme = os.path.join(ROOT, "README.md")
+    if not args.train_flags:
+        args.docs = args.docs or repository_docs
+        args.readme = args.readme or repository_readme
+        return
+    for flag, path, own in (("--docs", args.docs, repository_docs),
+                            ("--readme", args.readme, repository_readme)):
+        if path and os.path.abspath(path) == own:
+            raise PartError(f"{flag} {path} with --train-flags: a quick run never writes the "
+                            f"repository's docs/ or README.md; leave {flag} out")
+    scratch = os.path.join(ROOT, "runs", "reproduce-quick")
+    args.docs = args.docs or os.path.join(scratch, "docs")
+    if not args.readme:
+        args.readme = os.path.join(scratch, "README.md")
+        os.makedirs(scratch, exist_ok=True)
+        shutil.copyfile(repository_readme, args.readme)
+    log(f"--train-flags: a quick run, whose numbers are not the README's: writing {args.docs} and "
+        f"{args.readme}")
 
 
 def main(argv=None):
@@ -796,15 +825,20 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5, help="rounds of the speed part (default: 5)")
     p.add_argument("--force", action="store_true",
                    help="run the parts even if their record is current")
-    p.add_argument("--docs", default=os.path.join(ROOT, "docs"),
-                   help="where results.json, results.md and figures/ go (default: docs/)")
+    p.add_argument("--docs", help="where results.json, results.md and figures/ go (default: "
+                                   "docs/; with --train-flags, runs/reproduce-quick/docs/)")
     p.add_argument("--work", default=os.path.join(ROOT, "runs", "reproduce"),
                    help="where the runs go (default: runs/reproduce/)")
-    p.add_argument("--readme", default=os.path.join(ROOT, "README.md"),
-                   help="the README whose tables are written (default: README.md)")
+    p.add_argument("--readme", help="the README whose tables are written (default: README.md; "
+                                     "with --train-flags, a copy in runs/reproduce-quick/)")
     p.add_argument("--train-flags", default="",
                    help="more options for every python -m lab command (for a quick, small run)")
     args = p.parse_args(argv)
+    try:
+        output_paths(args, log=print)
+    except PartError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     TRAIN_FLAGS[:] = shlex.split(args.train_flags)
     args.work = os.path.abspath(args.work)
     args.docs = os.path.abspath(args.docs)
@@ -823,7 +857,8 @@ def main(argv=None):
         if missing:
             log(f"[{i}/{len(names)}] {name}: skipped, {missing}")
             continue
-        if is_current(name, record, fingerprint, args.docs) and not args.force:
+        current = is_current(name, record, fingerprint, args.docs, args.train_flags)
+        if current and not args.force:
             log(f"[{i}/{len(names)}] {name}: current (code {fingerprint}), skipped")
             continue
         log(f"[{i}/{len(names)}] {name}: {part_summary(name)}")

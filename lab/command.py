@@ -485,6 +485,32 @@ def reuse_or_resume(sub):
     return "continued"
 
 
+def continue_same_run(args):
+    """A new run's command run again where its run was interrupted continues that run, as an
+    experiment's does: a folder whose checkpoint holds these very options (and no --overwrite) is
+    resumed, with a line. Any other run there is left for check_out to refuse."""
+    new_run_only = args.resume or args.analyze or args.benchmark or args.overwrite
+    if new_run_only:
+        return
+    cfg = prepare_config(args)
+    out = args.out or runs.default_out(cfg, DEFAULTS)
+    checkpoint = os.path.join(out, "checkpoint.npz")
+    if not os.path.isfile(checkpoint):
+        return
+    try:
+        _, _, _, saved = runs.load_checkpoint(checkpoint)
+    except runs.ModelFileError:
+        return
+    saved = {**DEFAULTS, **saved}
+    options = [*DEFAULTS, "epochs"]
+    if any(saved.get(k) != cfg[k] for k in options):
+        return
+    print(f"{out} holds this run, interrupted or finished: going on with it, as "
+          f"{command_text('--resume', checkpoint)} does")
+    args.resume = checkpoint
+    args.out = None
+
+
 def experiment(args):
     """--betas or --likelihoods: the same recipe and seed trained once per KL weight or likelihood,
     each run in its own folder <out>/beta-<BETA> or <out>/<SPEC>; then the table (printed, and
@@ -497,6 +523,11 @@ def experiment(args):
         out = runs.default_out(prepare_config(args), DEFAULTS) + suffix
     settle_measurements(args, {})
     every = experiment_runs(args, out)
+    earlier = runs.compared_runs(os.path.join(out, "comparison.json"))
+    if earlier and earlier != list(every) and not args.overwrite:
+        raise UsageError(f"{out} holds another experiment's comparison.json (of {len(earlier)} "
+                         f"runs: {runs.few([str(name) for name in earlier])}): choose another "
+                         f"--out, or replace it with --overwrite")
     # what belongs in the experiment's folder: its comparison and its runs' folders
     own = ["comparison.json"] + [os.path.basename(sub.out) for sub in every.values()]
     plans = {}
@@ -530,6 +561,7 @@ def main(argv=None):
     try:
         if args.betas or args.likelihoods is not None:
             return experiment(args)
+        continue_same_run(args)
         code, _ = run(args)
         return code
     except errors as err:

@@ -373,10 +373,24 @@ def write_metrics(path, metrics):
     was under "not_numbers"."""
     not_numbers = {}
     strict = finite_or_null(metrics, "", not_numbers)
-    if not_numbers:
+    if not_numbers and isinstance(strict, dict):        # a comparison's rows keep only the null
         strict["not_numbers"] = not_numbers
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(strict, f, indent=2, allow_nan=False)
+
+
+def compared_runs(path):
+    """The names of the runs an experiment's comparison.json compares ([] if there is none)."""
+    try:
+        with open(path) as f:
+            rows = json.load(f)
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as err:
+        raise MetricsError(f"{path}: unreadable ({err}); move it away or pass --out")
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise MetricsError(f"{path} is not an experiment's comparison; move it away or pass --out")
+    return [row.get("run") for row in rows]
 
 
 def read_metrics(path):
