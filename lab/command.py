@@ -213,7 +213,7 @@ def prepare(args):
         model, _ = runs.load_model(path)
         metrics_path = os.path.join(folder_of(path), "metrics.json")
         recorded = runs.read_metrics(metrics_path)
-        beside = check_record(recorded.get("config", {}), f"{metrics_path}: config")
+        beside = check_record(recorded.get("config", {}), metrics_path, "config.")
         checkpoint = os.path.join(folder_of(path), "checkpoint.npz")
         if not beside and os.path.isfile(checkpoint):
             raise UsageError(f"--analyze {path}: the run's measurements never finished (no "

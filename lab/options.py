@@ -109,16 +109,17 @@ def field_problem(value, kind, bound):
     return None
 
 
-def check_record(record, where):
+def check_record(record, where, prefix=""):
     """Refuse a run's record whose fields are not what the project writes: each present field of
-    RECORD_FIELDS, and of its "measure", checked by kind and bounds. Returns the record."""
+    RECORD_FIELDS, and of its "measure", checked by kind and bounds. where: the file; prefix: the
+    record's place in it ('config.'). Returns the record."""
     if not isinstance(record, dict):
-        raise RecordError(f"{where} is a {type(record).__name__}, not an object of options; "
-                          f"correct it, or move the file away")
+        raise RecordError(f"{where}: {prefix.rstrip('.') or 'it'} is a {type(record).__name__}, "
+                          f"not an object of options; correct it, or move the file away")
     measure = record.get("measure", {})
     if not isinstance(measure, dict):
-        raise RecordError(f"{where}: measure is a {type(measure).__name__}, not an object; "
-                          f"correct it, or move the file away")
+        raise RecordError(f"{where}: {prefix}measure is a {type(measure).__name__}, not an "
+                          f"object; correct it, or move the file away")
     checks = [(name, record, kind, bound) for name, (kind, bound) in RECORD_FIELDS.items()]
     checks += [("measure." + name, measure, kind, bound)
                for name, (kind, bound) in MEASURE_FIELDS.items()]
@@ -128,8 +129,8 @@ def check_record(record, where):
             continue
         expected = field_problem(fields[key], kind, bound)
         if expected:
-            raise RecordError(f"{where}: {name} is {json_text(fields[key])}, expected {expected}; "
-                              f"correct it, or move the file away")
+            raise RecordError(f"{where}: {prefix}{name} is {json_text(fields[key])}, expected "
+                              f"{expected}; correct it, or move the file away")
     return record
 
 

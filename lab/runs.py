@@ -15,7 +15,7 @@ from autograd import Adam
 from mnist import atomic_path
 
 from lab import models
-from lab.options import command_text
+from lab.options import check_record, command_text
 
 # The files that make a folder a run's (or an experiment's) of this project.
 RUN_MARKERS = ("model.npz", "checkpoint.npz", "metrics.json", "comparison.json")
@@ -326,8 +326,12 @@ def load_checkpoint(path):
     """(model, opt, state, cfg) from a checkpoint written by save_checkpoint()."""
     model, extra = load_model(path)
     try:
-        cfg = json.loads(str(extra["cfg"]))
+        cfg = check_record(json.loads(str(extra["cfg"])), f"{path} (its options)")
         state = json.loads(str(extra["state"]))
+        for name in ("epoch", "step"):
+            count = state[name]
+            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                raise ValueError(f"its {name} is {count!r}, not a count")
         state["rng"] = np.random.default_rng()
         state["rng"].bit_generator.state = json.loads(str(extra["rng"]))
         state["perm"] = extra["perm"] if extra["perm"].size else None

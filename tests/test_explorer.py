@@ -83,6 +83,27 @@ def test_the_embedded_weights_and_test_images_are_the_models_to_the_bit(recipe_p
     assert np.array_equal(images, recipe_page["x_test"][:n])
 
 
+def test_a_sigma_per_pixels_page_decodes_the_means_only_as_its_model_does(tmp_path):
+    # Checked without a browser (the browser test is skipped where Chromium is missing): the
+    # decoder the page holds, run in NumPy, gives the model's first D outputs, the means' logits,
+    # and nothing of its D log sigmas.
+    model = models.build(latent=2, hidden=16, seed=4, likelihood="gaussian",
+                         decoder_sigma="per-pixel")
+    found, threshold, x_test, y_test = found_for(model, 300)
+    path = explorer.write_explorer(str(tmp_path), model, found, threshold, x_test, y_test,
+                                   CLASS_NAMES)
+    blocks = page_arrays(path)
+    W1 = np.frombuffer(blocks["W1"], "<f4").reshape(2, 16)
+    b1 = np.frombuffer(blocks["b1"], "<f4")
+    W2 = np.frombuffer(blocks["W2"], "<f4").reshape(16, -1)
+    b2 = np.frombuffer(blocks["b2"], "<f4")
+    assert W2.shape == (16, 784) and b2.shape == (784,)
+    z = np.random.default_rng(5).standard_normal((7, 2)).astype(np.float32)
+    h = np.maximum(z @ W1 + b1, 0)
+    logits = h @ W2 + b2
+    np.testing.assert_allclose(logits, model.decode(z)[:, :784], rtol=1e-5, atol=1e-6)
+
+
 def test_the_hole_grid_is_drawn_as_a_canvas_draws_the_plane_top_row_first():
     # One component at (2, 2): its cell (upper right on the plane: row near the top, column near
     # the right) is no hole, the mirror cell at (-2, -2) is.

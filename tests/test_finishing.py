@@ -19,7 +19,7 @@ from lab import models
 from lab import report
 from lab import resources
 
-from conftest import SMALL, one_line_error, run_cli, write_dataset
+from conftest import SMALL, one_line_error, quiet, run_cli, write_dataset
 
 SAME_NUMBERS = ("test_loss", "test_recon", "test_kl", "iw_nll", "train_loss")
 
@@ -58,6 +58,28 @@ def test_archives_of_another_dataset_are_refused_with_the_option_that_asks_for_t
     lines = []
     mnist.load("fashion", data_dir, log=lines.append)
     assert lines == []
+
+
+@pytest.mark.parametrize("mnist_part, fashion_part", [("train", "test"), ("test", "train")])
+def test_a_folder_mixing_two_datasets_archives_is_refused_whichever_is_asked_for(
+        tmp_path, monkeypatch, mnist_part, fashion_part):
+    # Two generated sets, one pretending to be MNIST's published archives, the other Fashion-
+    # MNIST's; a folder with one's training archives and the other's test archives is neither,
+    # whichever archive is checked first (a check of the first archive alone passes one of these).
+    as_mnist = tmp_path / "mnist"
+    as_fashion = tmp_path / "fashion"
+    write_dataset(as_mnist, n_train=50, n_test=20, seed=1)
+    write_dataset(as_fashion, n_train=50, n_test=20, seed=2)
+    monkeypatch.setitem(mnist.CONTENTS, "mnist", contents_of(as_mnist))
+    monkeypatch.setitem(mnist.CONTENTS, "fashion", contents_of(as_fashion))
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for key, name in mnist.FILES.items():
+        source = as_mnist if key.startswith(mnist_part) else as_fashion
+        shutil.copyfile(source / name, mixed / name)
+    for dataset in ("mnist", "fashion"):
+        with pytest.raises(mnist.DataError, match="not (MNIST|Fashion-MNIST)'s"):
+            mnist.load(dataset, str(mixed), log=quiet)
 
 
 def test_a_well_formed_set_that_matches_nothing_known_is_used_with_one_warning(data_dir):

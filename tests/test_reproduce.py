@@ -1,5 +1,6 @@
 """benchmarks/reproduce.py, the one command behind every number on the README: each figure the
 README embeds and each table it shows is written by one of its parts, and a part runs end to end."""
+import argparse
 import json
 import os
 import re
@@ -70,3 +71,36 @@ def test_a_small_run_of_one_part_records_its_numbers_and_figures_and_is_then_cur
     capsys.readouterr()
     assert reproduce.main(options) == 0
     assert "latent2: current" in capsys.readouterr().out
+
+
+def test_a_quick_run_never_names_the_repositorys_docs_or_readme(data_dir, capsys):
+    for flag, path in (("--docs", os.path.join(REPO, "docs")),
+                       ("--readme", os.path.join(REPO, "README.md"))):
+        code = reproduce.main(["--data-dir", data_dir, "--only", "latent2", flag, path,
+                               "--train-flags", "--epochs 1"])
+        err = capsys.readouterr().err
+        assert code == 2
+        assert "a quick run never writes the repository's docs/ or README.md" in err
+
+
+def test_a_quick_run_writes_a_scratch_folder_and_the_default_one_the_repositorys(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(reproduce, "ROOT", str(tmp_path))
+    (tmp_path / "README.md").write_text("the README\n")
+    quick = argparse.Namespace(docs=None, readme=None, train_flags="--epochs 1")
+    lines = []
+    reproduce.output_paths(quick, lines.append)
+    scratch = tmp_path / "runs" / "reproduce-quick"
+    assert (quick.docs, quick.readme) == (str(scratch / "docs"), str(scratch / "README.md"))
+    assert (scratch / "README.md").read_text() == "the README\n"
+    assert "not the README's" in lines[0]
+    default = argparse.Namespace(docs=None, readme=None, train_flags="")
+    reproduce.output_paths(default, lines.append)
+    assert (default.docs, default.readme) == (str(tmp_path / "docs"), str(tmp_path / "README.md"))
+
+
+def test_a_part_made_by_a_quick_run_is_not_current_for_the_default_command(tmp_path):
+    record = {"code": "abc", "figures": [], "train_flags": "--epochs 1"}
+    assert reproduce.is_current("holes", record, "abc", str(tmp_path), "--epochs 1")
+    assert not reproduce.is_current("holes", record, "abc", str(tmp_path), "")
+    assert reproduce.is_current("holes", {**record, "train_flags": ""}, "abc", str(tmp_path))
