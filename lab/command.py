@@ -437,7 +437,7 @@ def run(args):
                   f"them with: {continue_command(args, checkpoint)}", file=sys.stderr)
             return 130, None
         except OSError as err:
-            written = err.filename or out
+            written = err.filename or f"a file in {out}"
             raise runs.WriteError(f"could not write {written} ({err.strerror}); "
                                   f"{kept_and_next(args, checkpoint)}")
         except runs.WriteError as err:

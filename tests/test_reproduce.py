@@ -73,9 +73,13 @@ def test_a_small_run_of_one_part_records_its_numbers_and_figures_and_is_then_cur
     assert "latent2: current" in capsys.readouterr().out
 
 
-def test_a_quick_run_never_names_the_repositorys_docs_or_readme(data_dir, capsys):
-    for flag, path in (("--docs", os.path.join(REPO, "docs")),
-                       ("--readme", os.path.join(REPO, "README.md"))):
+def test_a_quick_run_never_names_the_repositorys_docs_or_readme(data_dir, capsys, tmp_path,
+                                                               monkeypatch):
+    # the repository stands in at tmp_path: were the refusal missing, nothing real is written
+    monkeypatch.setattr(reproduce, "ROOT", str(tmp_path))
+    (tmp_path / "README.md").write_text("the README\n")
+    for flag, path in (("--docs", str(tmp_path / "docs")),
+                       ("--readme", str(tmp_path / "README.md"))):
         code = reproduce.main(["--data-dir", data_dir, "--only", "latent2", flag, path,
                                "--train-flags", "--epochs 1"])
         err = capsys.readouterr().err
