@@ -814,7 +814,7 @@ def output_paths(args, log):
         f"{args.readme}")
 
 
-def main(argv=None):
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", required=True, help="the four Fashion-MNIST archives")
@@ -833,7 +833,11 @@ def main(argv=None):
                                      "with --train-flags, a copy in runs/reproduce-quick/)")
     p.add_argument("--train-flags", default="",
                    help="more options for every python -m lab command (for a quick, small run)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     try:
         output_paths(args, log=print)
     except PartError as err:

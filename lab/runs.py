@@ -92,8 +92,9 @@ def check_out(out, fresh, overwrite, own=()):
     held = [f for f in RUN_MARKERS if f not in own and os.path.exists(os.path.join(out, f))]
     if fresh and held and not overwrite:
         checkpoint = os.path.join(out, "checkpoint.npz")
+        resume = command_text("--resume", checkpoint)
         raise FolderError(f"{out} holds another run ({', '.join(held)}): continue it with "
-                          f"{command_text('--resume', checkpoint)}, choose another --out, or replace it with --overwrite")
+                          f"{resume}, choose another --out, or replace it with --overwrite")
 
 
 def lock(fd, path):
@@ -165,7 +166,7 @@ def claim(out, fresh, overwrite, own=(), log=print):
                           f"another --out")
     try:
         if stale:
-            # its owner removes .lock before it lets go: one we could lock was left by a run that died
+            # its owner removes .lock before it lets go: one we could lock is a dead run's
             log(f"{out}: removed the .lock of a run that no longer exists")
         remove_stale_temporaries(out, log)
         check_out(out, fresh, overwrite, own)       # again, now that no other run can write there
@@ -409,6 +410,7 @@ def read_metrics(path):
     except (OSError, ValueError) as err:
         raise MetricsError(f"{path}: unreadable ({err}); move it away or pass --out")
     if not isinstance(metrics, dict):
-        raise MetricsError(f"{path} holds a JSON {type(metrics).__name__}, not a run's record; move "
-                           f"it away or pass --out")
+        kind = type(metrics).__name__
+        raise MetricsError(f"{path} holds a JSON {kind}, not a run's record; move it away or "
+                           f"pass --out")
     return metrics
