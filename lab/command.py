@@ -355,8 +355,11 @@ def finish(model, state, cfg, x_train, x_test, y_test, out, args):
 def finished_result(out, args):
     """A complete run's result, read from its folder (for an experiment's comparison)."""
     model, _ = runs.load_model(os.path.join(out, "model.npz"))
-    metrics = runs.read_metrics(os.path.join(out, "metrics.json"))
-    _, x_test, y_test = load_data(args, metrics["config"], model)
+    metrics_path = os.path.join(out, "metrics.json")
+    metrics = runs.read_metrics(metrics_path)
+    cfg = {**DEFAULTS, **check_record(metrics.get("config", {}), metrics_path, "config.")}
+    metrics["config"] = cfg
+    _, x_test, y_test = load_data(args, cfg, model)
     return {"model": model, "metrics": metrics, "x_test": x_test, "y_test": y_test}
 
 
