@@ -52,16 +52,31 @@ class ReLU:
         return dy * (self.y > 0)                    # dL/dx = dy * 1[x > 0] = dy * 1[y > 0]
 
 
+class Tanh:
+    """y = tanh(x); no parameters. (The recipe uses ReLU; Burda et al.'s networks use tanh.)"""
+
+    def __init__(self):
+        self.params = {}
+        self.grads = {}
+
+    def forward(self, x):
+        self.y = np.tanh(x, out=x)                  # in place, as ReLU's
+        return self.y                               # backward needs y unchanged
+
+    def backward(self, dy):
+        return dy * (1 - self.y * self.y)           # dL/dx = dy * tanh'(x) = dy * (1 - y^2)
+
+
 class MLP:
     """Layers applied in order; backward runs them in reverse."""
 
-    def __init__(self, sizes, rng, dtype=np.float32):
+    def __init__(self, sizes, rng, dtype=np.float32, activation=ReLU):
         # sizes = [n_in, h1, ..., n_out]: Linear, ReLU, Linear, ..., Linear (no activation at the
-        # end: the output is mu and log_var, or logits).
+        # end: the output is mu and log_var, or logits). activation: the class between them.
         self.layers = []
         for n_in, n_out in zip(sizes[:-1], sizes[1:]):
             self.layers.append(Linear(n_in, n_out, rng, dtype))
-            self.layers.append(ReLU())
+            self.layers.append(activation())
         self.layers.pop()
 
     def forward(self, x):

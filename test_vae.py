@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import vae
-from autograd import MLP, Linear, ReLU, grad_check
+from autograd import MLP, Linear, ReLU, Tanh, grad_check
 
 
 def small_vae_batch(seed=3, n_in=12, hidden=7, latent=3, batch=5):
@@ -57,9 +57,22 @@ def test_relu_backward_matches_finite_differences():
     assert_grads_close(grad_check(loss, {"x": x}, {"x": dx}), 1e-8)
 
 
-def test_mlp_backward_matches_finite_differences():
+def test_tanh_backward_matches_finite_differences():
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((4, 6)) * 2
+    r = rng.standard_normal((4, 6))
+    tanh = Tanh()
+    def loss():
+        return float((tanh.forward(x.copy()) * r).sum())
+    tanh.forward(x.copy())
+    dx = tanh.backward(r.copy())
+    assert_grads_close(grad_check(loss, {"x": x}, {"x": dx}), 1e-8)
+
+
+@pytest.mark.parametrize("activation", [ReLU, Tanh])
+def test_mlp_backward_matches_finite_differences(activation):
     rng = np.random.default_rng(2)
-    mlp = MLP([5, 7, 6, 3], rng, dtype=np.float64)
+    mlp = MLP([5, 7, 6, 3], rng, dtype=np.float64, activation=activation)
     x = rng.standard_normal((4, 5))
     r = rng.standard_normal((4, 3))
     def loss():

@@ -15,13 +15,14 @@ This file is the standard VAE and nothing else. It reads top to bottom:
      forward(...) -> out, cache and backward(d<out>, cache) -> gradients, each grad-checked alone;
   3. the model, whose forward and backward compose those pairs in the paper's order.
 Variations live in files of their own: other priors p(z) in priors.py, other likelihoods p(x|z) in
-likelihoods.py. Each replaces one piece named here and says which.
+likelihoods.py, another objective (the importance-weighted bound) in iwae.py. Each replaces one
+piece named here and says which.
 """
 import math
 
 import numpy as np
 
-from autograd import MLP
+from autograd import MLP, ReLU
 
 # log(2 pi) as a Python float: it leaves float32 arrays float32 (a NumPy float64 scalar would not).
 LOG_2PI = math.log(2 * math.pi)
@@ -147,20 +148,25 @@ class VAE:
 
     prior_name = "standard"     # p(z) = N(0, I); priors.py has learned ones
 
-    def __init__(self, n_in=784, hidden=400, latent=20, seed=0, dtype=np.float32, likelihood=None):
-        # seed: an int, or the Generator a subclass goes on using
+    def __init__(self, n_in=784, hidden=400, latent=20, seed=0, dtype=np.float32, likelihood=None,
+                 layers=1, activation=ReLU):
+        # seed: an int, or the Generator a subclass goes on using. layers: hidden layers on each
+        # side (the recipe: 1, ReLU; Burda et al.: 2, Tanh).
         rng = np.random.default_rng(seed)
         self.n_in = n_in
         self.hidden = hidden
         self.latent = latent
+        self.layers = layers
+        self.activation = activation
         # 2Z outputs split into mu and log_var (the recipe's heads fc21 and fc22 in one product).
         # log_var, not sigma: any real output is valid, and sigma = exp(log_var / 2) is positive
         # whatever it is.
-        self.encoder = MLP([n_in, hidden, 2 * latent], rng, dtype)
+        hidden_sizes = [hidden] * layers
+        self.encoder = MLP([n_in, *hidden_sizes, 2 * latent], rng, dtype, activation)
         self.likelihood = Bernoulli() if likelihood is None else likelihood
         # D logits (likelihoods.py's PixelGaussian takes 2 x D outputs: a log sigma per pixel too)
         n_out = n_in * self.likelihood.outputs_per_pixel
-        self.decoder = MLP([latent, hidden, n_out], rng, dtype)
+        self.decoder = MLP([latent, *hidden_sizes, n_out], rng, dtype, activation)
 
     def params(self):
         """{name: array} of every parameter, by reference (updating one updates the model)."""

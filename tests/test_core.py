@@ -21,7 +21,7 @@ from lab.options import DEFAULTS
 from conftest import REPO, make_flat_images
 
 CORE = {"vae", "autograd", "mnist", "train", "test_vae"}
-VARIATIONS = {"priors", "likelihoods"}
+VARIATIONS = {"priors", "likelihoods", "iwae"}
 
 
 def project_imports(path):
