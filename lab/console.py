@@ -74,7 +74,12 @@ def run_header(cfg, model, state, n_train, n_test, out):
         data += " (binarized)"
     if cfg["dequantize"]:
         data += " (dequantized)"
-    sizes = f"{model.n_in}-{cfg['hidden']}-{cfg['latent']}-{cfg['hidden']}-{model.n_in}"
+    hidden = "-".join([str(cfg["hidden"])] * cfg["layers"])
+    sizes = f"{model.n_in}-{hidden}-{cfg['latent']}-{hidden}-{model.n_in}"
+    if cfg["activation"] != "relu":
+        sizes += f" ({cfg['activation']})"
+    if cfg["objective"] == "iwae" or cfg["samples"] > 1:
+        sizes += f", {cfg['objective']} with k = {cfg['samples']} draws"
     return (f"{data}: {n_train} train, {n_test} test images; VAE {sizes}, "
             f"{prior_label(model)} prior, {likelihood_label(model)} likelihood, "
             f"beta {cfg['beta']:g} (warm-up: {cfg['kl_warmup']} epochs), Adam lr {cfg['lr']}, "

@@ -8,6 +8,8 @@
 """
 import numpy as np
 
+from autograd import ReLU, Tanh
+from iwae import IWAE
 from likelihoods import ContinuousBernoulli, Gaussian, PixelGaussian
 from priors import MixturePriorVAE, VampPriorVAE
 from vae import VAE, Bernoulli
@@ -15,6 +17,10 @@ from vae import VAE, Bernoulli
 PRIORS = {"standard": VAE, "mog": MixturePriorVAE, "vamp": VampPriorVAE}
 DEFAULT_COMPONENTS = {"mog": 10, "vamp": 100}      # K of a learned prior, unless given
 LIKELIHOODS = ("bernoulli", "gaussian", "cb")
+ACTIVATIONS = {"relu": ReLU, "tanh": Tanh}
+# The training objective: the ELBO (vae.py: one draw and the closed-form KL, or iwae.py's mean of
+# k ELBOs for more draws), or the importance-weighted bound (iwae.py).
+OBJECTIVES = ("elbo", "iwae")
 
 
 def make_likelihood(name="bernoulli", decoder_sigma=None, dtype=np.float32):
@@ -32,12 +38,18 @@ def make_likelihood(name="bernoulli", decoder_sigma=None, dtype=np.float32):
 
 
 def build(prior="standard", components=None, likelihood="bernoulli", decoder_sigma=None,
-          n_in=784, hidden=400, latent=20, seed=0, dtype=np.float32):
+          n_in=784, hidden=400, latent=20, seed=0, dtype=np.float32, layers=1, activation="relu",
+          objective="elbo", samples=1):
     """The VAE with this prior ('standard', 'mog' or 'vamp'; components: its K, or the default) and
-    this likelihood."""
+    this likelihood; layers hidden layers of this activation on each side; trained on this
+    objective with this many draws per image (iwae.IWAE unless the ELBO with one draw)."""
+    if objective == "iwae" or samples > 1:
+        bound = "iwae" if objective == "iwae" else "vae"
+        return IWAE(n_in, hidden, latent, seed, dtype, layers, ACTIVATIONS[activation], bound,
+                    samples)
     p_x_given_z = make_likelihood(likelihood, decoder_sigma, dtype)
     if prior == "standard":
-        return VAE(n_in, hidden, latent, seed, dtype, p_x_given_z)
+        return VAE(n_in, hidden, latent, seed, dtype, p_x_given_z, layers, ACTIVATIONS[activation])
     k = components or DEFAULT_COMPONENTS[prior]
     return PRIORS[prior](n_in, hidden, latent, seed, dtype, k, p_x_given_z)
 
@@ -49,11 +61,29 @@ def components_of(model):
     return model.components
 
 
+def activation_of(model):
+    """'relu' or 'tanh', the name of the model's activation."""
+    names = {cls: name for name, cls in ACTIVATIONS.items()}
+    return names[model.activation]
+
+
+def objective_of(model):
+    """(objective, samples) as the options name them: ('elbo', 1) for vae.VAE."""
+    if isinstance(model, IWAE):
+        objective = "iwae" if model.objective == "iwae" else "elbo"
+        return objective, model.samples
+    return "elbo", 1
+
+
 def describe(model):
-    """The architecture, as a run records it: sizes, prior and likelihood."""
+    """The architecture, as a run records it: sizes, prior and likelihood, layers and activation,
+    and the objective with its draws."""
+    objective, samples = objective_of(model)
     return {"n_in": model.n_in, "hidden": model.hidden, "latent": model.latent,
             "prior": model.prior_name, "components": components_of(model),
-            "likelihood": model.likelihood.name, "decoder_sigma": decoder_sigma_of(model)}
+            "likelihood": model.likelihood.name, "decoder_sigma": decoder_sigma_of(model),
+            "layers": model.layers, "activation": activation_of(model), "objective": objective,
+            "samples": samples}
 
 
 def decoder_sigma_of(model):

@@ -15,13 +15,18 @@ from lab import models
 DEFAULTS = {"dataset": "mnist", "hidden": 400, "latent": 20, "prior": "standard",
             "prior_components": None, "likelihood": "bernoulli", "decoder_sigma": None,
             "batch_size": 128, "lr": 1e-3, "seed": 0, "beta": 1.0, "kl_warmup": 0,
-            "binarize": False, "dequantize": False, "train_images": None}
+            "binarize": False, "dequantize": False, "train_images": None, "layers": 1,
+            "activation": "relu", "objective": "elbo", "samples": 1, "adam_eps": 1e-8,
+            "lr_schedule": "constant"}
 # The measurements after training. A run records them, so that finishing it later (--resume)
 # measures as it would have; --analyze and --resume take them from the run unless given.
 MEASURE_DEFAULTS = {"iw_samples": 100, "gmm_components": 10, "gmm_covariance": "full",
                     "posterior_image": 0}
 # The options that make the model what it is: a checkpoint cannot change them.
-ARCHITECTURE = ("hidden", "latent", "prior", "prior_components", "likelihood", "decoder_sigma")
+ARCHITECTURE = ("hidden", "latent", "prior", "prior_components", "likelihood", "decoder_sigma",
+                "layers", "activation", "objective", "samples")
+# --lr-schedule: the learning rate of each epoch
+LR_SCHEDULES = ("constant", "burda")
 # --likelihoods' default runs.
 LIKELIHOOD_RUNS = ["bernoulli", "gaussian:1", "gaussian:0.1", "gaussian:learned",
                    "gaussian:optimal", "gaussian:per-pixel+dequantize", "cb"]
@@ -48,6 +53,12 @@ NUMBERS = [  # the numeric flags: the least value allowed, and the default (None
     {"flag": "--kl-warmup", "type": int, "least": 0, "default": None,
      "help": "epochs over which the KL weight rises linearly from 0 to beta (default: 0)"},
     {"flag": "--seed", "type": int, "least": 0, "default": None, "help": "default: 0"},
+    {"flag": "--layers", "type": int, "least": 1, "default": None,
+     "help": "hidden layers on each side (default: 1; Burda et al.: 2)"},
+    {"flag": "--samples", "type": int, "least": 1, "default": None,
+     "help": "k, draws of z per image in training (default: 1; more: iwae.py's bounds)"},
+    {"flag": "--adam-eps", "type": float, "least": 1e-300, "default": None,
+     "help": "Adam's epsilon (default: 1e-8; Burda et al.: 1e-4)"},
     {"flag": "--train-images", "type": int, "least": 1, "default": None,
      "help": "train on the first N training images only (default: all)"},
     {"flag": "--iw-samples", "type": int, "least": 1, "default": None,
@@ -81,6 +92,9 @@ RECORD_FIELDS = {
     "seed": ("integer", 0), "beta": ("number", 0), "kl_warmup": ("integer", 0),
     "binarize": ("true or false", None), "dequantize": ("true or false", None),
     "train_images": ("integer or null", 1), "epochs": ("integer", 0),
+    "layers": ("integer", 1), "activation": ("one of", sorted(models.ACTIVATIONS)),
+    "objective": ("one of", list(models.OBJECTIVES)), "samples": ("integer", 1),
+    "adam_eps": ("number", 1e-300), "lr_schedule": ("one of", list(LR_SCHEDULES)),
 }
 MEASURE_FIELDS = {
     "iw_samples": ("integer", 1), "gmm_components": ("integer", 1),
@@ -211,6 +225,14 @@ def build_parser(description):
     p.add_argument("--prior", choices=sorted(models.PRIORS),
                    help="p(z): N(0, I) (standard), a mixture, VampPrior")
     p.add_argument("--likelihood", choices=models.LIKELIHOODS, help="p(x|z); default: bernoulli")
+    p.add_argument("--activation", choices=sorted(models.ACTIVATIONS),
+                   help="between the layers (default: relu; Burda et al.: tanh)")
+    p.add_argument("--objective", choices=models.OBJECTIVES,
+                   help="elbo (default; with --samples K, the mean of K ELBOs) or iwae, the "
+                        "importance-weighted bound of K draws (iwae.py)")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES,
+                   help="constant (default), or burda: 3^i epochs at lr * 10^(-i/7), i = 0..7 "
+                        "(3,280 epochs in all)")
     p.add_argument("--decoder-sigma", type=decoder_sigma,
                    help="the Gaussian's sigma: a number > 0 (fixed), learned (default), optimal "
                         "(set for each batch), or per-pixel (from the decoder)")
@@ -271,6 +293,24 @@ def run_keys(args):
     return keys
 
 
+def check_objective(p, args):
+    """iwae.py's bounds, and the deeper networks, are written for the N(0, I) prior and the
+    Bernoulli likelihood, and L_k has no KL weight."""
+    several_draws = args.objective == "iwae" or (args.samples or 1) > 1
+    deeper = (args.layers or 1) > 1 or args.activation not in (None, "relu")
+    learned_prior = args.prior not in (None, "standard")
+    other_likelihood = args.likelihood not in (None, "bernoulli") or args.likelihoods is not None
+    if (several_draws or deeper) and learned_prior:
+        p.error("--prior mog and vamp take neither --objective iwae, --samples, --layers nor "
+                "--activation: iwae.py and the deeper networks are written for N(0, I)")
+    if several_draws and other_likelihood:
+        p.error("--objective iwae and --samples are written for the Bernoulli likelihood: drop "
+                "--likelihood(s)")
+    if several_draws and (args.beta not in (None, 1.0) or args.kl_warmup or args.betas):
+        p.error("--objective iwae and --samples train on a bound with no KL weight: drop --beta, "
+                "--betas and --kl-warmup")
+
+
 def check_combinations(p, args):
     """Options that need another, or that cannot go together."""
     if args.benchmark and args.epochs == 0:
@@ -282,6 +322,7 @@ def check_combinations(p, args):
                 "1, or spread over their bins")
     if args.prior_components is not None and args.prior not in ("mog", "vamp"):
         p.error("--prior-components needs --prior mog or vamp")
+    check_objective(p, args)
     keys = run_keys(args)
     if len(set(keys)) < len(keys):
         experiment = "betas" if args.betas else "likelihoods"

@@ -7,6 +7,7 @@ import os
 import numpy as np
 
 import mnist
+from autograd import ReLU
 
 from lab import analysis
 from lab import codes
@@ -34,7 +35,11 @@ def measure_and_draw(model, metrics, cfg, x_train, x_test, y_test, out, args):
     figs = figures.analysis_figures(model, x_test, y_test, found, args.posterior_image, cfg["seed"],
                                     class_names)
     figures.save(out, figs)
-    if model.latent == 2:       # explorer.html: the plane, decoded live in a browser
+    # explorer.html: the plane, decoded live in a browser by the recipe's one ReLU layer
+    one_relu_layer = model.layers == 1 and model.activation is ReLU
+    if model.latent == 2 and not one_relu_layer:
+        print("no explorer.html: the page decodes with one ReLU layer, as the recipe's decoder")
+    if model.latent == 2 and one_relu_layer:
         threshold = measured["aggregate_posterior"]["hole_log_density_threshold"]
         explorer.write_explorer(out, model, found, threshold, x_test, y_test, class_names)
     metrics = {**metrics, **measured}

@@ -206,9 +206,15 @@ def default_out(cfg, recipe):
         parts.append("dequantized")
     if cfg["train_images"]:
         parts.append(f"n{cfg['train_images']}")
+    if cfg["layers"] != 1 or cfg["activation"] != "relu":
+        parts.append(f"{cfg['activation']}{cfg['layers']}")
+    if cfg["objective"] != "elbo" or cfg["samples"] != 1:
+        parts.append(f"{cfg['objective']}-k{cfg['samples']}")
+    if cfg["lr_schedule"] != "constant":
+        parts.append(cfg["lr_schedule"])
     recipe = {**recipe, "epochs": 10}
     short_names = {"beta": "beta", "kl_warmup": "warmup", "lr": "lr", "batch_size": "b",
-                   "epochs": "e"}
+                   "epochs": "e", "adam_eps": "adameps"}
     for key, short in short_names.items():
         if cfg[key] != recipe[key]:
             parts.append(short + number_text(cfg[key]))
@@ -241,6 +247,10 @@ def save_model(model, path, **extra):
         "components": np.array(arch["components"]),
         "likelihood": np.array(arch["likelihood"]),
         "decoder_sigma": np.array(str(arch["decoder_sigma"])),
+        "layers": np.array(arch["layers"]),
+        "activation": np.array(arch["activation"]),
+        "objective": np.array(arch["objective"]),
+        "samples": np.array(arch["samples"]),
     }
     state = {"state.likelihood." + k: v for k, v in model.likelihood.state.items()}
     extras = {"extra." + k: v for k, v in extra.items()}
@@ -288,8 +298,14 @@ def load_model(path):
         # train.py's model.npz holds the sizes and the parameters only: the standard VAE's
         prior = str(arrays.get("prior", "standard"))
         components = int(arrays.get("components", 0))
-        model = models.build(prior, components, likelihood, sigma,
-                             n_in=n_in, hidden=hidden, latent=latent, dtype=arrays["enc.0.W"].dtype)
+        # files from before these options hold none: one ReLU layer a side, the ELBO
+        layers = int(arrays.get("layers", 1))
+        activation = str(arrays.get("activation", "relu"))
+        objective = str(arrays.get("objective", "elbo"))
+        samples = int(arrays.get("samples", 1))
+        model = models.build(prior, components, likelihood, sigma, n_in=n_in, hidden=hidden,
+                             latent=latent, dtype=arrays["enc.0.W"].dtype, layers=layers,
+                             activation=activation, objective=objective, samples=samples)
         for name, p in model.params().items():
             if arrays[name].shape != p.shape:
                 raise ValueError(f"{name} has shape {arrays[name].shape}, expected {p.shape}")
@@ -341,7 +357,7 @@ def load_checkpoint(path):
             names = [k[len("path_sum."):] for k in extra if k.startswith("path_sum.")]
             state["path_sums"] = {name: {"sum": extra[f"path_sum.{name}"],
                                          "sum_sq": extra[f"path_sum_sq.{name}"]} for name in names}
-        opt = Adam(model.params(), lr=cfg["lr"])
+        opt = Adam(model.params(), lr=cfg["lr"], eps=cfg.get("adam_eps", 1e-8))
         opt.t = int(extra["adam_t"])
         for k in opt.m:
             opt.m[k][...] = extra[f"adam_m.{k}"]

@@ -37,7 +37,9 @@ def new_run(cfg, x_train):
     """The model, its optimizer, and the state that, with the parameters, makes a run resumable."""
     model = models.build(cfg["prior"], cfg["prior_components"], cfg["likelihood"],
                          cfg["decoder_sigma"], n_in=x_train.shape[1], hidden=cfg["hidden"],
-                         latent=cfg["latent"], seed=cfg["seed"])
+                         latent=cfg["latent"], seed=cfg["seed"], layers=cfg["layers"],
+                         activation=cfg["activation"], objective=cfg["objective"],
+                         samples=cfg["samples"])
     cfg["prior_components"] = models.components_of(model) or None
     if cfg["prior"] == "vamp":
         # The pseudo-inputs start as K random training images plus N(0, 0.01^2) noise, as in the
@@ -52,15 +54,29 @@ def new_run(cfg, x_train):
         state[name] = []
     state["gradient_paths"] = {name: [] for name in PATHS}
     state["gradient_paths_per_unit"] = {name: [] for name in PATHS}
-    return model, Adam(model.params(), lr=cfg["lr"]), state
+    return model, Adam(model.params(), lr=cfg["lr"], eps=cfg["adam_eps"]), state
 
+
+def learning_rate(cfg, epoch):
+    """The learning rate of an epoch (counted from 0): --lr, or with --lr-schedule burda (Burda et
+    al. 2016, section 5) --lr * 10^(-i/7) for the 3^i epochs of stage i = 0..7, after the
+    1 + 3 + ... + 3^(i-1) epochs of the stages before it."""
+    if cfg["lr_schedule"] == "constant":
+        return cfg["lr"]
+    stage = 0
+    stage_end = 1                       # the epochs of stages 0..stage: (3^(stage+1) - 1) / 2
+    while epoch >= stage_end and stage < 7:
+        stage += 1
+        stage_end += 3 ** stage
+    return cfg["lr"] * 10 ** (-stage / 7)
 
 def batch(x_train, perm, step, cfg, rng, latent):
     """The step-th batch of the epoch's order and its eps: train.py's batch, or with --binarize
     pixels drawn afresh as Bernoulli(intensity), with --dequantize spread afresh over their bins
     (the same draws in the same order: the pixels' noise first, then eps)."""
     rows = perm[step * cfg["batch_size"]:(step + 1) * cfg["batch_size"]]
-    if not cfg["binarize"] and not cfg["dequantize"]:
+    samples = cfg["samples"]
+    if not cfg["binarize"] and not cfg["dequantize"] and samples == 1:
         return train.batch(x_train, rows, rng, latent)
     images = x_train[rows]
     if cfg["binarize"]:
@@ -69,7 +85,10 @@ def batch(x_train, perm, step, cfg, rng, latent):
         x = mnist.dequantize(images, rng)
     else:
         x = mnist.to_float(images)
-    eps = rng.standard_normal((len(x), latent), dtype=np.float32)
+    # k draws per image for iwae.py's bounds: (k, B, Z); one: (B, Z)
+    eps = rng.standard_normal((samples, len(x), latent), dtype=np.float32)
+    if samples == 1:
+        eps = eps[0]
     return x, eps
 
 
@@ -126,6 +145,7 @@ def train_epoch(model, opt, x_train, state, cfg, stop, progress):
     n_steps = math.ceil(len(x_train) / cfg["batch_size"])
     if state["perm"] is None:
         start_epoch(state, rng, len(x_train), model.latent)
+    opt.lr = learning_rate(cfg, state["epoch"])
     t0 = time.perf_counter()
     for step in range(state["step"], n_steps):
         x, eps = batch(x_train, state["perm"], step, cfg, rng, model.latent)

@@ -85,13 +85,20 @@ def test_model_save_load_round_trip(tmp_path, prior):
     assert loaded.forward(x, eps) == model.forward(x, eps)
 
 
-@pytest.mark.parametrize("prior", ["standard", "mog", "vamp"])
-def test_a_checkpoint_resumes_to_bit_identical_numbers(tmp_path, prior):
+# Burda et al.'s setting, small: the IWAE bound of 3 draws, two tanh layers a side, binary pixels
+# drawn afresh, Adam's epsilon 1e-4 and the learning rate that falls at epoch 2
+PAPER_SETTING = {"objective": "iwae", "samples": 3, "layers": 2, "activation": "tanh",
+                 "binarize": True, "adam_eps": 1e-4, "lr_schedule": "burda"}
+
+
+@pytest.mark.parametrize("prior, options", [("standard", {}), ("mog", {}), ("vamp", {}),
+                                            ("standard", PAPER_SETTING)])
+def test_a_checkpoint_resumes_to_bit_identical_numbers(tmp_path, prior, options):
     # Train 2 epochs straight; then again, stopped at step 5 of epoch 2, saved, loaded, and
     # finished.
     x_train = make_flat_images(300, np.random.default_rng(1))
     cfg = {**command.DEFAULTS, "hidden": 16, "latent": 3, "batch_size": 50, "prior": prior,
-           "prior_components": 3, "epochs": 2}
+           "prior_components": 3, "epochs": 2, **options}
     straight, straight_opt, straight_state = training.new_run(dict(cfg), x_train)
     never = {"requested": False}                        # a stop that is never requested
     for _ in range(2):

@@ -2,12 +2,19 @@
 central finite differences in float64, for the IWAE bound and the mean of k ELBOs, for k = 1, 2, 5;
 and what the bound is: L_1 is the ELBO, L_k rises with k toward log p(x), and its gradient weights
 each draw by its normalised weight."""
+import json
+
 import numpy as np
 import pytest
 
 import iwae
 from autograd import ReLU, Tanh, grad_check
 from test_vae import NETWORK_PARAMS, assert_grads_close
+
+from lab import runs
+from lab import training
+
+from conftest import one_line_error, run_cli
 
 
 def test_log_weights_backward_matches_finite_differences():
@@ -134,3 +141,43 @@ def test_a_kl_weight_is_refused():
     model.forward(x, eps)
     with pytest.raises(ValueError, match="no KL weight"):
         model.backward(0.5)
+
+
+# ---- in the lab: the paper's setting as options --------------------------------------------------
+
+@pytest.mark.usefixtures("no_figures")
+def test_a_run_in_the_papers_setting_trains_measures_and_reloads_as_it_was(tmp_path, data_dir):
+    out = tmp_path / "run"
+    assert run_cli("--data-dir", data_dir, "--hidden", "16", "--latent", "3", "--layers", "2",
+                   "--activation", "tanh", "--objective", "iwae", "--samples", "5",
+                   "--binarize", "--batch-size", "20", "--adam-eps", "1e-4",
+                   "--lr-schedule", "burda", "--epochs", "2", "--iw-samples", "10",
+                   "--gmm-components", "2", "--out", str(out)) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    config = metrics["config"]
+    assert (config["objective"], config["samples"], config["layers"]) == ("iwae", 5, 2)
+    assert metrics["iw_nll"] <= metrics["test_loss"] + 0.5       # the bound of S = 10 is tighter
+    model, _ = runs.load_model(str(out / "model.npz"))
+    assert isinstance(model, iwae.IWAE) and model.samples == 5 and model.activation is Tanh
+    assert len(model.encoder.layers) == 5                         # Linear, tanh, Linear, tanh, Linear
+
+
+@pytest.mark.usefixtures("no_work")
+@pytest.mark.parametrize("flags, message", [
+    (["--objective", "iwae", "--prior", "mog"], "take neither --objective iwae"),
+    (["--layers", "2", "--prior", "vamp"], "take neither --objective iwae"),
+    (["--samples", "5", "--likelihood", "cb"], "written for the Bernoulli likelihood"),
+    (["--objective", "iwae", "--beta", "0.5"], "no KL weight"),
+    (["--objective", "iwae", "--kl-warmup", "2"], "no KL weight"),
+    (["--samples", "0"], "--samples: must be > 0"),
+])
+def test_options_the_bounds_cannot_take_are_refused_in_one_line(capsys, flags, message):
+    assert message in one_line_error(capsys, *flags, code=2)
+
+
+def test_burdas_schedule_gives_stage_i_its_3_to_the_i_epochs_at_lr_times_10_to_the_minus_i_over_7():
+    cfg = {"lr": 1e-3, "lr_schedule": "burda"}
+    stage_of_epoch = {0: 0, 1: 1, 3: 1, 4: 2, 12: 2, 13: 3, 39: 3, 40: 4, 1092: 6, 1093: 7, 3279: 7}
+    for epoch, stage in stage_of_epoch.items():
+        assert training.learning_rate(cfg, epoch) == pytest.approx(1e-3 * 10 ** (-stage / 7))
+    assert training.learning_rate({"lr": 1e-3, "lr_schedule": "constant"}, 500) == 1e-3

@@ -38,6 +38,12 @@ def default_folder(flags):
     ["--hidden", "200"],
     ["--latent", "2"],
     ["--seed", "3"],
+    ["--layers", "2"],
+    ["--activation", "tanh"],
+    ["--objective", "iwae"],
+    ["--samples", "5"],
+    ["--adam-eps", "1e-4"],
+    ["--lr-schedule", "burda"],
 ])
 def test_runs_that_differ_in_a_training_option_never_share_a_default_folder(flags):
     recipe = default_folder([])
