@@ -119,7 +119,7 @@ def download(name, mirrors, dest, checksum, timeout=30):
     folder = os.path.dirname(dest) or "."
     raise DataError(f"could not download {name}; tried: " + "; ".join(tried) +
                     f". Put the archives in {folder} yourself (or point --data-dir at a folder "
-                    f"that has them), or pass --mirror URL")
+                    f"that has them); python -m lab also takes --mirror URL")
 
 
 def read_into(f, data):

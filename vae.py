@@ -103,9 +103,11 @@ def kl_normal_forward(mu, log_var):
 def kl_normal_backward(dkl, cache):
     # KL = 1/2 sum(mu^2 + exp(log_var) - log_var - 1), so:
     mu, var = cache
-    dmu = dkl[:, None] * mu                     # d/dmu [mu^2 / 2] = mu
-    dlog_var = dkl[:, None] * 0.5 * (var - 1.0)     # d/dlog_var [(exp(log_var) - log_var) / 2]
-    return dmu, dlog_var                        #   = (sigma^2 - 1) / 2
+    # d/dmu [mu^2 / 2] = mu
+    dmu = dkl[:, None] * mu
+    # d/dlog_var [(exp(log_var) - log_var) / 2] = (sigma^2 - 1) / 2
+    dlog_var = dkl[:, None] * 0.5 * (var - 1.0)
+    return dmu, dlog_var
 
 
 # ---- the model -----------------------------------------------------------------------------------
@@ -115,8 +117,10 @@ class Bernoulli:
     p(x|z), the mean E[x|z] = sigmoid(l), and a draw. On grey levels x in [0, 1] it is a
     cross-entropy, not a normalised density: likelihoods.py has densities over grey levels."""
 
+    # What every likelihood has, so that the lab handles them alike (likelihoods.py's have more):
+    # skip these on a first reading.
     name = "bernoulli"
-    spec = "bernoulli"      # how --likelihoods names it
+    spec = "bernoulli"      # how the lab's --likelihoods names it
     outputs_per_pixel = 1   # the decoder gives one logit per pixel
 
     def __init__(self):
@@ -203,8 +207,10 @@ class VAE:
         mu, log_var = self.encode(x)
         z, self.z_cache = reparameterize_forward(mu, log_var, eps)  # z = mu + sigma * eps
         logits = self.decode(z)                                     # the parameters of p(x|z)
-        recon, self.recon_cache = self.likelihood.forward(logits, x)    # -log p(x|z)
-        kl = self.kl_forward(mu, log_var, z, eps)                   # KL(q(z|x) || p(z))
+        # -log p(x|z): Bernoulli.forward, that is bernoulli_nll_forward
+        recon, self.recon_cache = self.likelihood.forward(logits, x)
+        # KL(q(z|x) || p(z)): self.kl_forward below, that is kl_normal_forward
+        kl = self.kl_forward(mu, log_var, z, eps)
         recon = float(recon.mean())
         kl = float(kl.mean())
         return recon + kl, recon, kl
@@ -222,7 +228,7 @@ class VAE:
         # the Bernoulli's: (sigmoid(logits) - x) / B (likelihoods.py has the others')
         dlogits = self.likelihood.backward(drecon, self.recon_cache)
         dz = self.decoder.backward(dlogits)
-        # dz; dz * eps * sigma / 2
+        # z = mu + sigma * eps: dmu_rec = dz, dlog_var_rec = dz * eps * sigma / 2
         dmu_rec, dlog_var_rec = reparameterize_backward(dz, self.z_cache)
         # KL(q(z|x) || p(z)) -> (mu, log_var).
         # N(0, I)'s: beta mu / B and beta (sigma^2 - 1) / (2B) (priors.py has the others')
@@ -240,7 +246,8 @@ class VAE:
     # ---- the prior, N(0, I): its KL term, and drawing from it. priors.py replaces these four. ----
 
     def kl_forward(self, mu, log_var, z, eps):
-        """KL(q(z|x) || p(z)) per example: for N(0, I) in closed form, from mu and log_var alone."""
+        """KL(q(z|x) || p(z)) per example: for N(0, I) in closed form, from mu and log_var alone (z
+        and eps are for priors.py's KL, estimated at the sampled z)."""
         kl, self.kl_cache = kl_normal_forward(mu, log_var)
         return kl
 
