@@ -166,7 +166,7 @@ def not_negative(kind):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__,
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=positive(int), default=10, help="default: 10")
     p.add_argument("--batch-size", type=positive(int), default=128, help="default: 128")
@@ -190,16 +190,40 @@ def parse_args(argv):
     return args
 
 
+def written_here(path):
+    """Whether a file of OUTPUTS is one this script writes: model.npz an .npz (a zip) archive, a
+    picture a PNG (its 8-byte signature), not a file of the user's that has the same name."""
+    with open(path, "rb") as f:
+        start = f.read(8)
+    if path.endswith(".npz"):
+        return start[:4] == b"PK\x03\x04"
+    return start == b"\x89PNG\r\n\x1a\n"
+
+
 def check_out(out):
     """A run writes into a new folder, or one that holds only a run of this script: never over
-    anything else."""
+    anything else. The folder is made here, before any training, so that one that cannot be made
+    stops the run at once."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise NotADirectoryError(f"--out {out} is a file, not a folder")
     if os.path.isdir(out):
-        others = sorted(set(os.listdir(out)) - set(OUTPUTS))
+        names = os.listdir(out)
+        others = [f for f in names if f not in OUTPUTS]
+        others += [f for f in names if f in OUTPUTS and not written_here(os.path.join(out, f))]
         if others:
-            raise FileExistsError(f"--out {out} holds other files ({', '.join(others[:3])}): "
+            listed = ", ".join(sorted(others)[:3])
+            if len(others) > 3:
+                listed += f" and {len(others) - 3} more"
+            raise FileExistsError(f"--out {out} holds files this script did not write ({listed}): "
                                   f"choose a new folder")
+    os.makedirs(out, exist_ok=True)
+
+
+def remove_if_empty(out, new_folder, code):
+    """A run that stopped before writing leaves no empty folder that it made; returns code."""
+    if new_folder and os.path.isdir(out) and not os.listdir(out):
+        os.rmdir(out)
+    return code
 
 
 def lab_command(args):
@@ -214,6 +238,7 @@ def lab_command(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    new_folder = not os.path.exists(args.out)
     try:
         check_out(args.out)
         x_train, _, x_test, _ = mnist.load(args.dataset, args.data_dir)
@@ -230,18 +255,17 @@ def main(argv=None):
             test = test_loss(model, x_test, args.seed)
             print(f"epoch {epoch + 1:3d}  train loss {train:7.2f}  test loss {test:7.2f}  "
                   f"({seconds:.1f} s)", flush=True)
-        os.makedirs(args.out, exist_ok=True)
         save_model(model, os.path.join(args.out, "model.npz"))
         save_pictures(model, x_test, args.out, args.seed)
     except NonFiniteLoss as err:
         print(f"error: {err}: training diverged; try a smaller --lr", file=sys.stderr)
-        return 1
+        return remove_if_empty(args.out, new_folder, code=1)
     except (mnist.DataError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return remove_if_empty(args.out, new_folder, code=1)
     except KeyboardInterrupt:
         print("\ninterrupted: nothing written (a run writes its files at its end)", file=sys.stderr)
-        return 130
+        return remove_if_empty(args.out, new_folder, code=130)
     print(f"wrote {', '.join(OUTPUTS)} into {args.out}")
     print(f"measure and draw it in the lab: {lab_command(args)}")
     return 0

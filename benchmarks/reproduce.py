@@ -49,7 +49,10 @@ class PartError(Exception):
 def run_command(command, log):
     """Run a command (a list) from the repository's root; its stdout. Raises PartError."""
     log("  $ " + " ".join(command))
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    try:
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    except OSError as err:              # an interpreter that is not there (--torch-python)
+        raise PartError(f"{command[0]}: {err.strerror}")
     if done.returncode != 0:
         tail = "\n".join((done.stdout + done.stderr).splitlines()[-5:])
         raise PartError(f"{' '.join(command)} exited with {done.returncode}:\n{tail}")
@@ -57,6 +60,18 @@ def run_command(command, log):
 
 
 TRAIN_FLAGS = []       # --train-flags: added to every python -m lab command (the tests' small runs)
+# The options train.py takes, each with a value: the part 'minimal' passes only these of the flags.
+TRAIN_PY_OPTIONS = ("--epochs", "--batch-size", "--lr", "--hidden", "--latent", "--beta",
+                    "--kl-warmup", "--seed")
+
+
+def train_py_flags(flags):
+    """Of the --train-flags, the options (with their values) that train.py takes."""
+    kept = []
+    for flag, value in zip(flags[::2], flags[1::2]):
+        if flag in TRAIN_PY_OPTIONS:
+            kept += [flag, value]
+    return kept
 
 
 def train(data_dir, out, log, *flags):
@@ -127,7 +142,7 @@ def part_minimal(args, work, log):
         # train.py writes into a new folder: a run cut short is started again
         shutil.rmtree(out, ignore_errors=True)
         command = [sys.executable, "train.py", "--dataset", "fashion", "--data-dir",
-                   args.data_dir, "--out", out, *TRAIN_FLAGS]
+                   args.data_dir, "--out", out, *train_py_flags(TRAIN_FLAGS)]
         stdout = run_command(command, log)
         os.makedirs(work, exist_ok=True)
         with open(printed, "w") as f:
@@ -679,13 +694,16 @@ def save_results(results, docs):
     os.replace(tmp, path)
 
 
-def is_current(part, record, fingerprint, docs, train_flags=""):
+def is_current(part, record, fingerprint, docs, train_flags="", data_dir=None):
     """A part is current when its record was made by code that computes what this code does (the
-    same fingerprint), with the same --train-flags (none: the default command's), and its figures
-    are there."""
+    same fingerprint), with the same --train-flags (none: the default command's), on the same data
+    folder (a record from before they were recorded: any), and its figures are there."""
     if record is None or record.get("code") != fingerprint:
         return False
     if record.get("train_flags", "") != train_flags:
+        return False
+    recorded_data = record.get("data_dir")
+    if data_dir and recorded_data and recorded_data != os.path.abspath(data_dir):
         return False
     figures = [os.path.join(docs, "figures", part, name) for name in record.get("figures", [])]
     return all(os.path.exists(path) for path in figures)
@@ -760,7 +778,10 @@ def write_results_page(results, docs):
 def run_part(name, args, results, version, log):
     """Run one part and record it with version: the code commit and the code's fingerprint."""
     function = PARTS[name]["run"]
-    work = os.path.join(args.work, version["code"], name)      # the runs of this code
+    # the runs of this code, on this data, with these --train-flags: never another's to reuse
+    inputs = f"{os.path.abspath(args.data_dir)}\0{args.train_flags}".encode()
+    run_key = hashlib.sha256(inputs).hexdigest()[:8]
+    work = os.path.join(args.work, f"{version['code']}-{run_key}", name)
     t0 = time.perf_counter()
     found = function(args, work, log)
     seconds = time.perf_counter() - t0
@@ -781,6 +802,7 @@ def run_part(name, args, results, version, log):
         copied.append(dest)
     results["parts"][name] = {"commit": measured_at, "code": version["code"],
                               "train_flags": args.train_flags,
+                              "data_dir": os.path.abspath(args.data_dir),
                               "seconds": round(seconds, 1),
                               "numbers": found["numbers"], "tables": found["tables"],
                               "figures": copied,
@@ -861,7 +883,8 @@ def main(argv=None):
         if missing:
             log(f"[{i}/{len(names)}] {name}: skipped, {missing}")
             continue
-        current = is_current(name, record, fingerprint, args.docs, args.train_flags)
+        current = is_current(name, record, fingerprint, args.docs, args.train_flags,
+                             args.data_dir)
         if current and not args.force:
             log(f"[{i}/{len(names)}] {name}: current (code {fingerprint}), skipped")
             continue

@@ -277,7 +277,8 @@ def check_against_data(args, cfg, model, x_train, x_test):
     ]
     for flag, value, limit, why in limits:
         if value > limit:
-            raise UsageError(f"{flag} {value} is out of range: {why}")
+            raise UsageError(f"{flag} {value} is out of range: {why}; pass {flag} {limit} or "
+                             f"less")
     latent = cfg["latent"]
     needed = analysis.codes_needed(args.gmm_components, args.gmm_covariance, latent)
     if codes < needed:
@@ -328,6 +329,17 @@ def continue_command(args, checkpoint):
     if args.data_dir:
         words += ["--data-dir", args.data_dir]
     return command_text(*words)
+
+
+def data_flags(args, cfg):
+    """The options that point a printed command at this run's data: --dataset if not MNIST, and
+    --data-dir if given."""
+    flags = []
+    if cfg["dataset"] != DEFAULTS["dataset"]:
+        flags += ["--dataset", cfg["dataset"]]
+    if args.data_dir:
+        flags += ["--data-dir", args.data_dir]
+    return flags
 
 
 def finish(model, state, cfg, x_train, x_test, y_test, out, args):
@@ -401,7 +413,8 @@ def run(args):
             flags = []
             for k in args.measure_given:
                 flags += ["--" + k.replace("_", "-"), str(getattr(args, k))]
-            again = command_text("--analyze", os.path.join(out, "model.npz"), *flags)
+            data = data_flags(args, cfg)
+            again = command_text("--analyze", os.path.join(out, "model.npz"), *data, *flags)
             print(f"--resume does not measure a finished run again; to measure it with "
                   f"{' '.join(flags)}: {again}")
         return 0, None
@@ -500,18 +513,63 @@ def continue_same_run(args):
     checkpoint = os.path.join(out, "checkpoint.npz")
     if not os.path.isfile(checkpoint):
         return
-    try:
-        _, _, _, saved = runs.load_checkpoint(checkpoint)
-    except runs.ModelFileError:
-        return
-    saved = {**DEFAULTS, **saved}
-    options = [*DEFAULTS, "epochs"]
-    if any(saved.get(k) != cfg[k] for k in options):
+    saved = checkpoint_options(checkpoint)
+    if saved is None or not same_options(saved, cfg):
         return
     print(f"{out} holds this run, interrupted or finished: going on with it, as "
           f"{command_text('--resume', checkpoint)} does")
     args.resume = checkpoint
     args.out = None
+
+
+def same_options(saved, cfg):
+    """Whether a checkpoint's options are cfg's: every training option and the epoch target."""
+    saved = {**DEFAULTS, **saved}
+    return all(saved.get(k) == cfg[k] for k in [*DEFAULTS, "epochs"])
+
+
+def checkpoint_options(path):
+    """The options a checkpoint holds, or None if it cannot be read."""
+    try:
+        _, _, _, saved = runs.load_checkpoint(path)
+    except (runs.ModelFileError, RecordError):
+        return None
+    return saved
+
+
+def continue_extension(args):
+    """--resume CHECKPOINT --epochs N of a finished run, run again after the extension was
+    interrupted: the extension's own checkpoint, in its new folder, is continued, with a line."""
+    if not args.resume or args.epochs is None or args.overwrite:
+        return
+    path = checkpoint_to_resume(args.resume)
+    saved = checkpoint_options(path)
+    if saved is None:
+        return
+    cfg = {**DEFAULTS, **saved, "epochs": args.epochs}
+    out = args.out or runs.default_out(cfg, DEFAULTS)
+    extension = os.path.join(out, "checkpoint.npz")
+    if same_folder(out, folder_of(path)) or not os.path.isfile(extension):
+        return
+    extended = checkpoint_options(extension)
+    if extended is None or not same_options(extended, cfg):
+        return
+    print(f"{out} holds this extension of {path}, interrupted: going on with it, as "
+          f"{command_text('--resume', extension)} does")
+    args.resume = extension
+    args.out = None
+
+
+def check_comparison(out, names, overwrite):
+    """The comparison is written anew from an experiment's runs (names): it may add runs to one an
+    earlier experiment wrote in out, in any order, but never drop one of them (unless
+    --overwrite)."""
+    earlier = runs.compared_runs(os.path.join(out, "comparison.json"))
+    dropped = [str(name) for name in earlier if name not in names]
+    if dropped and not overwrite:
+        raise UsageError(f"{out} holds another experiment's comparison.json, of runs this one "
+                         f"does not train ({runs.few(dropped)}): choose another --out, or "
+                         f"replace it with --overwrite")
 
 
 def experiment(args):
@@ -526,11 +584,7 @@ def experiment(args):
         out = runs.default_out(prepare_config(args), DEFAULTS) + suffix
     settle_measurements(args, {})
     every = experiment_runs(args, out)
-    earlier = runs.compared_runs(os.path.join(out, "comparison.json"))
-    if earlier and earlier != list(every) and not args.overwrite:
-        raise UsageError(f"{out} holds another experiment's comparison.json (of {len(earlier)} "
-                         f"runs: {runs.few([str(name) for name in earlier])}): choose another "
-                         f"--out, or replace it with --overwrite")
+    check_comparison(out, list(every), args.overwrite)
     # what belongs in the experiment's folder: its comparison and its runs' folders
     own = ["comparison.json"] + [os.path.basename(sub.out) for sub in every.values()]
     plans = {}
@@ -565,6 +619,7 @@ def main(argv=None):
         if args.betas or args.likelihoods is not None:
             return experiment(args)
         continue_same_run(args)
+        continue_extension(args)
         code, _ = run(args)
         return code
     except errors as err:

@@ -211,7 +211,7 @@ def given(value):
 
 
 def build_parser(description):
-    p = argparse.ArgumentParser(description=description,
+    p = argparse.ArgumentParser(description=description, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
 
     def one_line_error(message):
@@ -312,7 +312,11 @@ def check_objective(p, args):
 
 
 def check_combinations(p, args):
-    """Options that need another, or that cannot go together."""
+    """Options that need another, or that cannot go together; no path given as empty."""
+    for name in ("data_dir", "mirror", "out", "resume", "analyze"):
+        if getattr(args, name) == "":
+            p.error(f"argument --{name.replace('_', '-')}: is empty; name a file or folder, or "
+                    f"leave the option out")
     if args.benchmark and args.epochs == 0:
         p.error("--benchmark --epochs 0 trains nothing to time: pass --epochs 1 or more")
     if args.decoder_sigma is not None and args.likelihood != "gaussian":

@@ -92,9 +92,10 @@ def check_out(out, fresh, overwrite, own=()):
     held = [f for f in RUN_MARKERS if f not in own and os.path.exists(os.path.join(out, f))]
     if fresh and held and not overwrite:
         checkpoint = os.path.join(out, "checkpoint.npz")
-        resume = command_text("--resume", checkpoint)
-        raise FolderError(f"{out} holds another run ({', '.join(held)}): continue it with "
-                          f"{resume}, choose another --out, or replace it with --overwrite")
+        ways = "choose another --out, or replace it with --overwrite"
+        if os.path.isfile(checkpoint):
+            ways = f"continue it with {command_text('--resume', checkpoint)}, " + ways
+        raise FolderError(f"{out} holds another run ({', '.join(held)}): {ways}")
 
 
 def lock(fd, path):
@@ -224,7 +225,10 @@ def default_out(cfg, recipe):
 def is_complete(out):
     """Whether the run in out is finished: its model saved and its measurements in metrics.json,
     which is written last."""
-    metrics = read_metrics(os.path.join(out, "metrics.json"))
+    try:
+        metrics = read_metrics(os.path.join(out, "metrics.json"))
+    except MetricsError:                # damaged: measured again by the run that finishes it
+        return False
     if "test_loss" not in metrics or "aggregate_posterior" not in metrics:
         return False
     # a missing or damaged model.npz is no finished run's: --resume rebuilds it from the checkpoint
@@ -272,8 +276,10 @@ def recovery(path):
     """What to do about a damaged file: a run's model.npz is rebuilt from the checkpoint beside it
     (its training is kept there); anything else is trained again."""
     checkpoint = os.path.join(os.path.dirname(path), "checkpoint.npz")
-    is_model = os.path.basename(path) == "model.npz"
-    if is_model and zipfile.is_zipfile(checkpoint):
+    name = os.path.basename(path)
+    if name not in ("model.npz", "checkpoint.npz"):
+        return "pass a run's model.npz (or, to --resume, its checkpoint.npz)"
+    if name == "model.npz" and zipfile.is_zipfile(checkpoint):
         return (f"{command_text('--resume', checkpoint)} rebuilds it, and the run's measurements, "
                 f"from the checkpoint beside it")
     return "delete it or train again"
@@ -282,6 +288,8 @@ def recovery(path):
 def load_model(path):
     """(model, extra) from a file written by save_model(). Raises ModelFileError with a one-line
     reason."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise ModelFileError(f"{path}: not a file; {recovery(path)}")
     if not os.path.isfile(path):
         raise ModelFileError(f"{path}: no such file")
     # np.load would take any other file for a pickle, and say so

@@ -111,8 +111,36 @@ def test_train_py_never_writes_into_a_folder_that_holds_other_files(tmp_path, da
     err = capsys.readouterr().err
     assert code == 1
     assert err.startswith("error: ") and err.count("\n") == 1 and "holiday.png" in err
+    assert "reconstructions.png" in err                 # a file of the user's by that name
     assert sorted(os.listdir(photos)) == ["holiday.png", "reconstructions.png"]
     assert (photos / "reconstructions.png").read_bytes() == b"mine too"
+
+
+def test_train_py_never_writes_over_a_users_files_that_bear_its_names(tmp_path, data_dir,
+                                                                      capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "model.npz").write_text("my notes, named like a model")
+    code = train.main(["--data-dir", data_dir, "--epochs", "1", "--out", str(mine)])
+    assert code == 1 and "did not write (model.npz)" in capsys.readouterr().err
+    assert (mine / "model.npz").read_text() == "my notes, named like a model"
+
+
+def test_train_py_runs_again_into_its_own_folder(tmp_path, data_dir):
+    out = tmp_path / "run"
+    flags = ["--data-dir", data_dir, "--epochs", "1", "--hidden", "16", "--latent", "3",
+             "--out", str(out)]
+    assert train.main(flags) == 0
+    assert train.main(flags) == 0
+
+
+def test_a_folder_train_py_cannot_make_stops_it_before_training(tmp_path, data_dir, capsys,
+                                                               monkeypatch):
+    monkeypatch.setattr(train, "train_epoch", lambda *a: pytest.fail("trained"))
+    a_file = tmp_path / "a file"
+    a_file.write_text("")
+    code = train.main(["--data-dir", data_dir, "--out", str(a_file / "run")])
+    assert code == 1 and capsys.readouterr().err.startswith("error: ")
 
 
 def test_a_diverging_train_py_says_so_in_one_line_and_writes_nothing(

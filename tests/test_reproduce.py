@@ -108,3 +108,19 @@ def test_a_part_made_by_a_quick_run_is_not_current_for_the_default_command(tmp_p
     assert reproduce.is_current("holes", record, "abc", str(tmp_path), "--epochs 1")
     assert not reproduce.is_current("holes", record, "abc", str(tmp_path), "")
     assert reproduce.is_current("holes", {**record, "train_flags": ""}, "abc", str(tmp_path))
+
+
+def test_runs_on_other_data_or_with_other_flags_are_never_reused_as_current():
+    record = {"code": "abc", "figures": [], "train_flags": "", "data_dir": "/data/fashion"}
+    assert reproduce.is_current("holes", record, "abc", "/nowhere", "", "/data/fashion")
+    assert not reproduce.is_current("holes", record, "abc", "/nowhere", "", "/data/mnist")
+
+
+def test_the_minimal_part_passes_train_py_only_the_flags_it_takes():
+    flags = ["--train-images", "2000", "--epochs", "1", "--hidden", "32", "--iw-samples", "2"]
+    assert reproduce.train_py_flags(flags) == ["--epochs", "1", "--hidden", "32"]
+
+
+def test_a_missing_interpreter_is_a_parts_error_not_a_traceback(tmp_path):
+    with pytest.raises(reproduce.PartError, match="No such file"):
+        reproduce.run_command([str(tmp_path / "no-python"), "-V"], log=lambda line: None)

@@ -17,11 +17,12 @@ import pytest
 import mnist
 import vae
 
+from lab import command
 from lab import console
 from lab import figures
 from lab import runs
 from lab import training
-from lab.options import parse_args
+from lab.options import UsageError, parse_args
 
 from conftest import SMALL, one_line_error, run_cli
 
@@ -313,7 +314,7 @@ def test_resume_of_a_finished_run_points_new_measurements_to_analyze(data_dir, f
     assert run_cli("--data-dir", data_dir, "--resume", str(finished_run), "--iw-samples", "3") == 0
     printed = capsys.readouterr().out
     model = finished_run / "model.npz"
-    assert f"python -m lab --analyze {model} --iw-samples 3" in printed
+    assert f"python -m lab --analyze {model} --data-dir {data_dir} --iw-samples 3" in printed
 
 
 @pytest.mark.usefixtures("no_work")
@@ -336,3 +337,63 @@ def test_a_warm_up_epochs_beta_is_labelled_the_epochs_mean():
              "decoder_sigma_curve": []}
     assert "mean beta 0.25 (warm-up)" in console.epoch_line(state, 1, 1, 0, 100, warming_up=True)
     assert "  beta 0.25  " in console.epoch_line(state, 1, 1, 0, 100)
+
+
+# ---- what a careless user met next ---------------------------------------------------------------
+
+@pytest.mark.usefixtures("no_work")
+def test_a_file_that_is_no_model_is_never_to_be_deleted(tmp_path, data_dir, capsys):
+    photo = tmp_path / "holiday.png"
+    photo.write_bytes(b"\x89PNG a photo")
+    err = one_line_error(capsys, "--data-dir", data_dir, "--analyze", str(photo))
+    assert "pass a run's model.npz" in err and "delete" not in err
+    assert photo.read_bytes() == b"\x89PNG a photo"
+
+
+@pytest.mark.usefixtures("no_work")
+def test_a_folder_holding_a_model_without_a_checkpoint_is_not_offered_to_resume(
+        tmp_path, data_dir, finished_run, capsys):
+    out = a_copy_of(finished_run, tmp_path)
+    (out / "checkpoint.npz").unlink()                   # as train.py's folders are
+    err = one_line_error(capsys, "--data-dir", data_dir, *SMALL, "--seed", "8", "--out", str(out))
+    assert "holds another run" in err and "--resume" not in err and "--overwrite" in err
+
+
+def test_a_damaged_record_makes_a_run_unfinished_not_unreadable(tmp_path, finished_run):
+    out = a_copy_of(finished_run, tmp_path)
+    assert runs.is_complete(str(out))
+    (out / "metrics.json").write_text('{"config": ')
+    assert not runs.is_complete(str(out))
+
+
+@pytest.mark.usefixtures("no_figures")
+def test_an_interrupted_extension_run_again_goes_on_in_its_own_folder(
+        tmp_path, data_dir, finished_run, capsys, monkeypatch):
+    old = a_copy_of(finished_run, tmp_path, "old")
+    command = ["--data-dir", data_dir, "--resume", str(old / "checkpoint.npz"), "--epochs", "3",
+               "--out", str(tmp_path / "longer")]
+    monkeypatch.setattr(console, "TrainingProgress", stop_at_step_3(signal.SIGINT))
+    assert run_cli(*command) == 130
+    monkeypatch.undo()
+    assert run_cli(*command) == 0
+    assert "holds this extension" in capsys.readouterr().out
+    assert runs.is_complete(str(tmp_path / "longer"))
+
+
+def test_an_experiment_may_add_runs_to_a_comparison_in_any_order_but_never_drop_one(tmp_path):
+    (tmp_path / "comparison.json").write_text(json.dumps([{"run": "beta = 0"},
+                                                          {"run": "beta = 1"}]))
+    command.check_comparison(str(tmp_path), ["beta = 1", "beta = 0", "beta = 3"], False)
+    with pytest.raises(UsageError, match=r"does not train \(beta = 1\)"):
+        command.check_comparison(str(tmp_path), ["beta = 0", "beta = 3"], False)
+    command.check_comparison(str(tmp_path), ["beta = 3"], True)
+
+
+@pytest.mark.usefixtures("no_work")
+@pytest.mark.parametrize("flags, message", [
+    (["--analyze", ""], "argument --analyze: is empty"),
+    (["--out", ""], "argument --out: is empty"),
+    (["--epoch", "0"], "unrecognized arguments: --epoch"),
+])
+def test_empty_paths_and_shortened_flags_are_refused(capsys, flags, message):
+    assert message in one_line_error(capsys, *flags, code=2)
