@@ -40,9 +40,9 @@ def log_weights_forward(logits, x, z, mu, log_var):
 
 
 def log_weights_backward(dlog_w, cache):
-    """The gradients of sum_i,b dlog_w_ib * log w_ib: (dlogits (k, B, D), dz (k, B, Z), dmu, dlog_var
-    (B, Z)), the last two log q's direct paths only; z's path into mu and log_var is the caller's
-    (reparameterize_backward)."""
+    """The gradients of sum_i,b dlog_w_ib * log w_ib: (dlogits (k, B, D), dz (k, B, Z), dmu,
+    dlog_var (B, Z)), the last two log q's direct paths only; z's path into mu and log_var is the
+    caller's (reparameterize_backward)."""
     logits, x, z, mu, log_var, _, _, _ = cache
     d = dlog_w[:, :, None]
     var = np.exp(log_var)
@@ -74,7 +74,7 @@ def iwae_bound_forward(log_w):
 
 
 def iwae_bound_backward(dbound, w_tilde):
-    """dL_k / dlog w_i = w~_i (the softmax's gradient), times the upstream gradient of each image."""
+    """dL_k / dlog w_i = w~_i (the softmax's gradient), times each image's upstream gradient."""
     return w_tilde * dbound
 
 

@@ -159,7 +159,8 @@ def test_a_run_in_the_papers_setting_trains_measures_and_reloads_as_it_was(tmp_p
     assert metrics["iw_nll"] <= metrics["test_loss"] + 0.5       # the bound of S = 10 is tighter
     model, _ = runs.load_model(str(out / "model.npz"))
     assert isinstance(model, iwae.IWAE) and model.samples == 5 and model.activation is Tanh
-    assert len(model.encoder.layers) == 5                         # Linear, tanh, Linear, tanh, Linear
+    # Linear, tanh, Linear, tanh, Linear
+    assert len(model.encoder.layers) == 5
 
 
 @pytest.mark.usefixtures("no_work")
