@@ -84,12 +84,13 @@ def test_overwrite_removes_only_the_runs_own_files_once_the_new_run_has_a_checkp
     # the new run fails before its first checkpoint: the old run is as it was
     def forward_nan(self, x, eps):
         return float("nan"), float("nan"), 0.0
+    real_forward = vae.VAE.forward
     monkeypatch.setattr(vae.VAE, "forward", forward_nan)
     err = one_line_error(capsys, *command)
     assert f"the old run in {out} is as it was" in err
     assert (out / "model.npz").read_bytes() == old_model
     assert (out / "explorer.html").exists() and (out / "metrics.json").exists()
-    monkeypatch.undo()
+    monkeypatch.setattr(vae.VAE, "forward", real_forward)
     assert run_cli(*command) == 0
     assert "--overwrite: removed the old run's" in capsys.readouterr().out
     assert not (out / "explorer.html").exists()         # the old 2-D run's page went with it
@@ -138,18 +139,20 @@ def fail_on_call(count, real):
 def test_a_full_disk_keeps_the_last_checkpoint_and_names_resume(
         tmp_path, data_dir, capsys, monkeypatch):
     out = tmp_path / "run"
-    monkeypatch.setattr(runs, "save_checkpoint", fail_on_call(2, runs.save_checkpoint))
+    real_save = runs.save_checkpoint
+    monkeypatch.setattr(runs, "save_checkpoint", fail_on_call(2, real_save))
     err = one_line_error(capsys, "--data-dir", data_dir, *SMALL, "--epochs", "2",
                          "--out", str(out))
     checkpoint = out / "checkpoint.npz"
     assert "No space left on device" in err and "the last good checkpoint" in err
     resume = shlex.split(err.split("go on with: ")[1])
     assert resume[:5] == ["python", "-m", "lab", "--resume", str(checkpoint)]
-    monkeypatch.undo()
+    monkeypatch.setattr(runs, "save_checkpoint", real_save)
     assert run_cli(*resume[3:]) == 0
     assert runs.is_complete(str(out))
 
 
+@pytest.mark.usefixtures("no_figures")
 def test_a_full_disk_while_drawing_names_the_resume_that_finishes_the_run(
         tmp_path, data_dir, capsys, monkeypatch):
     out = tmp_path / "run"
@@ -272,9 +275,10 @@ def test_sigterm_is_ctrl_c_and_the_printed_command_pastes_into_a_folder_with_a_s
         tmp_path, data_dir, capsys, monkeypatch):
     out = tmp_path / "my run"
     command = ["--data-dir", data_dir, *SMALL, "--epochs", "1", "--out", str(out)]
+    real_progress = console.TrainingProgress
     monkeypatch.setattr(console, "TrainingProgress", stop_at_step_3(signal.SIGTERM))
     assert run_cli(*command) == 130
-    monkeypatch.undo()
+    monkeypatch.setattr(console, "TrainingProgress", real_progress)
     printed = capsys.readouterr().out
     words = shlex.split(printed.split("continue with: ")[1])
     assert words[:5] == ["python", "-m", "lab", "--resume", str(out / "checkpoint.npz")]
@@ -372,9 +376,10 @@ def test_an_interrupted_extension_run_again_goes_on_in_its_own_folder(
     old = a_copy_of(finished_run, tmp_path, "old")
     command = ["--data-dir", data_dir, "--resume", str(old / "checkpoint.npz"), "--epochs", "3",
                "--out", str(tmp_path / "longer")]
+    real_progress = console.TrainingProgress
     monkeypatch.setattr(console, "TrainingProgress", stop_at_step_3(signal.SIGINT))
     assert run_cli(*command) == 130
-    monkeypatch.undo()
+    monkeypatch.setattr(console, "TrainingProgress", real_progress)
     assert run_cli(*command) == 0
     assert "holds this extension" in capsys.readouterr().out
     assert runs.is_complete(str(tmp_path / "longer"))
