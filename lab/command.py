@@ -510,13 +510,17 @@ def continue_same_run(args):
         return
     cfg = prepare_config(args)
     out = args.out or runs.default_out(cfg, DEFAULTS)
-    checkpoint = os.path.join(out, "checkpoint.npz")
+    go_on_with(args, os.path.join(out, "checkpoint.npz"), cfg, "this run, interrupted or finished")
+
+
+def go_on_with(args, checkpoint, cfg, what):
+    """Resume checkpoint instead (args changed, with a line) if it holds a run of cfg's options."""
     if not os.path.isfile(checkpoint):
         return
     saved = checkpoint_options(checkpoint)
     if saved is None or not same_options(saved, cfg):
         return
-    print(f"{out} holds this run, interrupted or finished: going on with it, as "
+    print(f"{folder_of(checkpoint)} holds {what}: going on with it, as "
           f"{command_text('--resume', checkpoint)} does")
     args.resume = checkpoint
     args.out = None
@@ -548,16 +552,9 @@ def continue_extension(args):
         return
     cfg = {**DEFAULTS, **saved, "epochs": args.epochs}
     out = args.out or runs.default_out(cfg, DEFAULTS)
-    extension = os.path.join(out, "checkpoint.npz")
-    if same_folder(out, folder_of(path)) or not os.path.isfile(extension):
-        return
-    extended = checkpoint_options(extension)
-    if extended is None or not same_options(extended, cfg):
-        return
-    print(f"{out} holds this extension of {path}, interrupted: going on with it, as "
-          f"{command_text('--resume', extension)} does")
-    args.resume = extension
-    args.out = None
+    if not same_folder(out, folder_of(path)):
+        go_on_with(args, os.path.join(out, "checkpoint.npz"), cfg,
+                   f"this extension of {path}, interrupted")
 
 
 def check_comparison(out, names, overwrite):
