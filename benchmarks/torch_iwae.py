@@ -147,7 +147,7 @@ def main():
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss) * len(x)
+            total += float(loss.detach()) * len(x)
         seconds = time.perf_counter() - t0
         with torch.no_grad():
             test = float(-bound(encoder, decoder, x_test, 1, "elbo").mean())
