@@ -1,6 +1,6 @@
 """A run's files: its folder (named for its options, checked before any work, locked while in use),
 the model, the training checkpoint, and metrics.json. Each file is written whole or not at all
-(atomic.py).
+(mnist.atomic_path).
 """
 import contextlib
 import json

@@ -3,7 +3,7 @@ stop and go on. Around each step it keeps what the core's loop does not: the epo
 losses and the four gradient paths that meet at the encoder), a progress bar, a Ctrl-C that stops
 after the step in flight, and the state a checkpoint needs to continue mid-epoch to the same
 numbers. For the recipe (no --binarize or --dequantize), each step is train.py's exactly:
-tests/test_core_and_lab.py holds the two equal.
+tests/test_core.py holds the two equal.
 """
 import math
 import os
