@@ -3,6 +3,7 @@ command line run in this process, and the fixtures of the runs that several file
 this folder on sys.path (the tests import the helpers below with `from conftest import ...`), and
 pytest.ini puts the repository's root there too, for the project's modules. test_vae.py, the core's
 gradient suite, uses none of this: it stands alone."""
+import contextlib
 import os
 
 import numpy as np
@@ -142,6 +143,21 @@ def no_figures(monkeypatch):
     faster so)."""
     for name in ("run_figures", "analysis_figures"):
         monkeypatch.setattr(figures, name, draw_nothing)
+
+
+@contextlib.contextmanager
+def drawing_only(*names):
+    """Within: of the figures a run makes, draw and write only the files named. For the fixtures
+    whose tests look at those alone: every figure is still made (its code runs), but drawing a PNG
+    is most of a small run's time. Every figure is drawn in full by finished_run and test_figures."""
+    save = figures.save
+
+    def save_the_named(out, figs):
+        save(out, {name: fig for name, fig in figs.items() if name in names})
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(figures, "save", save_the_named)
+        yield
 
 
 @pytest.fixture

@@ -8,16 +8,19 @@ import pytest
 from lab import report
 from lab import runs
 
-from conftest import SMALL, run_cli
+from conftest import SMALL, drawing_only, run_cli
 
 
 @pytest.fixture(scope="module")
 def kl_weight_experiment(tmp_path_factory, data_dir):
     """The KL-weight experiment with beta 0 and 2, Z = 2: two runs and their comparison."""
     out = tmp_path_factory.mktemp("runs") / "betas"
-    assert run_cli("--data-dir", data_dir, "--hidden", "32", "--latent", "2", "--batch-size", "50",
-                   "--epochs", "2", "--iw-samples", "5", "--gmm-components", "3",
-                   "--betas", "0", "2", "--out", str(out)) == 0
+    drawn = ("kl_weight_samples.png", "kl_weight_latent.png", "samples_three_ways.png",
+             "prior_vs_aggregate.png", "latent_space.png", "latent_manifold.png")
+    with drawing_only(*drawn):
+        assert run_cli("--data-dir", data_dir, "--hidden", "32", "--latent", "2",
+                       "--batch-size", "50", "--epochs", "2", "--iw-samples", "5", "--gmm-components", "3",
+                       "--betas", "0", "2", "--out", str(out)) == 0
     return out
 
 
@@ -45,9 +48,10 @@ def test_a_latent_2d_run_draws_the_plane_and_analyze_merges_new_measurements(kl_
         assert (out / f).stat().st_size > 0, f
     m = json.loads((out / "metrics.json").read_text())
     os.remove(out / "samples_three_ways.png")
-    assert run_cli("--data-dir", data_dir, "--analyze", str(out / "model.npz"), "--iw-samples", "3",
-                   "--gmm-components", "2", "--gmm-covariance", "diag",
-                   "--posterior-image", "3") == 0
+    with drawing_only("samples_three_ways.png"):
+        assert run_cli("--data-dir", data_dir, "--analyze", str(out / "model.npz"),
+                       "--iw-samples", "3", "--gmm-components", "2", "--gmm-covariance", "diag",
+                       "--posterior-image", "3") == 0
     m2 = json.loads((out / "metrics.json").read_text())
     assert m2["train_loss"] == m["train_loss"] and m2["iw_samples"] == 3   # merged, not replaced
     assert m2["aggregate_posterior"]["gmm"]["covariance"] == "diag"
@@ -72,8 +76,9 @@ def likelihood_experiment(tmp_path_factory, data_dir):
     """The likelihood experiment with a learned-sigma Gaussian and the continuous Bernoulli, one
     epoch each."""
     out = tmp_path_factory.mktemp("runs") / "likelihoods"
-    assert run_cli("--data-dir", data_dir, *SMALL, "--epochs", "1",
-                   "--likelihoods", "gaussian:learned", "cb", "--out", str(out)) == 0
+    with drawing_only("samples_mean_and_draw.png", "likelihood_samples.png"):
+        assert run_cli("--data-dir", data_dir, *SMALL, "--epochs", "1",
+                       "--likelihoods", "gaussian:learned", "cb", "--out", str(out)) == 0
     return out
 
 

@@ -19,7 +19,7 @@ from lab import models
 from lab import report
 from lab import resources
 
-from conftest import SMALL, one_line_error, quiet, run_cli, write_dataset
+from conftest import SMALL, drawing_only, one_line_error, quiet, run_cli, write_dataset
 
 SAME_NUMBERS = ("test_loss", "test_recon", "test_kl", "iw_nll", "train_loss")
 
@@ -128,13 +128,15 @@ def test_ctrl_c_in_the_measurements_is_finished_by_resume_to_the_same_numbers(
     real_measure = report.measure_and_draw
     monkeypatch.setattr(report, "measure_and_draw", ctrl_c)
     out = tmp_path / "cut"
-    assert run_cli("--data-dir", data_dir, *SMALL, "--epochs", "2", "--out", str(out)) == 130
+    with drawing_only():
+        assert run_cli("--data-dir", data_dir, *SMALL, "--epochs", "2", "--out", str(out)) == 130
     err = capsys.readouterr().err
     checkpoint = str(out / "checkpoint.npz")
     assert f"python -m lab --resume {checkpoint}" in err
     assert not (out / "metrics.json").exists()
     monkeypatch.setattr(report, "measure_and_draw", real_measure)
-    assert run_cli("--data-dir", data_dir, "--resume", checkpoint) == 0
+    with drawing_only("samples_three_ways.png"):
+        assert run_cli("--data-dir", data_dir, "--resume", checkpoint) == 0
     assert "finishing its measurements" in capsys.readouterr().out
     finished = json.loads((finished_run / "metrics.json").read_text())
     resumed = json.loads((out / "metrics.json").read_text())
@@ -163,13 +165,13 @@ def test_an_interrupted_experiment_run_again_reuses_its_finished_runs_and_compar
     out = tmp_path / "betas"
     command = ["--data-dir", data_dir, *SMALL, "--epochs", "1", "--iw-samples", "2",
                "--betas", "0", "1", "--out", str(out)]
-    interrupt_the_second_run(monkeypatch)
-    assert run_cli(*command) == 130
+    with pytest.MonkeyPatch.context() as patch:     # undone after; no_figures stays
+        interrupt_the_second_run(patch)
+        assert run_cli(*command) == 130
     printed = capsys.readouterr().out
     assert "continue with: python -m lab " + " ".join(command[:2]) in printed
     first_model = (out / "beta-0" / "model.npz").read_bytes()
     assert not (out / "comparison.json").exists()
-    monkeypatch.undo()
     assert run_cli(*command) == 0
     printed = capsys.readouterr().out
     assert "beta-0: finished before, reused" in printed
@@ -337,10 +339,10 @@ def interrupt_at_step_3():
 @pytest.mark.usefixtures("no_figures")
 def test_resume_refuses_to_end_a_run_before_the_epochs_it_was_started_for(
         tmp_path, data_dir, monkeypatch, capsys):
-    monkeypatch.setattr(console, "TrainingProgress", interrupt_at_step_3)
     out = tmp_path / "cut"
-    assert run_cli("--data-dir", data_dir, *SMALL, "--epochs", "2", "--out", str(out)) == 130
-    monkeypatch.undo()
+    with pytest.MonkeyPatch.context() as patch:     # undone after; no_figures stays
+        patch.setattr(console, "TrainingProgress", interrupt_at_step_3)
+        assert run_cli("--data-dir", data_dir, *SMALL, "--epochs", "2", "--out", str(out)) == 130
     capsys.readouterr()
     checkpoint = str(out / "checkpoint.npz")
     err = one_line_error(capsys, "--data-dir", data_dir, "--resume", checkpoint, "--epochs", "1")

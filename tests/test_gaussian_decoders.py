@@ -18,7 +18,7 @@ from lab import options
 from lab import runs
 from lab import training
 
-from conftest import SMALL, direct_log_normal, run_cli, small_vae_batch
+from conftest import SMALL, drawing_only, direct_log_normal, run_cli, small_vae_batch
 
 
 # ---- the optimal sigma ---------------------------------------------------------------------------
@@ -156,8 +156,9 @@ def gaussian_runs(tmp_path_factory, data_dir):
     """The optimal sigma and the sigma per pixel on dequantized pixels, 2 epochs each, as the
     likelihood experiment runs them."""
     out = tmp_path_factory.mktemp("runs") / "gaussians"
-    assert run_cli("--data-dir", data_dir, *SMALL, "--epochs", "2", "--likelihoods",
-                   "gaussian:optimal", "gaussian:per-pixel+dequantize", "--out", str(out)) == 0
+    with drawing_only("decoder_sigma.png", "likelihood_sigma.png"):
+        assert run_cli("--data-dir", data_dir, *SMALL, "--epochs", "2", "--likelihoods",
+                       "gaussian:optimal", "gaussian:per-pixel+dequantize", "--out", str(out)) == 0
     return out
 
 

@@ -70,6 +70,7 @@ def test_a_new_run_never_replaces_another_runs_files_unless_asked(finished_run, 
     assert (other / "metrics.json").read_text() == "{}"
 
 
+@pytest.mark.usefixtures("no_figures")
 def test_overwrite_replaces_the_old_run_whole(finished_run, tmp_path, data_dir):
     out = tmp_path / "run"
     shutil.copytree(finished_run, out)
@@ -84,9 +85,7 @@ def test_overwrite_replaces_the_old_run_whole(finished_run, tmp_path, data_dir):
 
 LOCK_HOLDER = """import sys
 import time
-from lab import command
 from lab import runs
-from lab import command
 with runs.claim(sys.argv[1], True, False):
     print("locked", flush=True)
     time.sleep(60)

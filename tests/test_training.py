@@ -17,7 +17,7 @@ from lab import console
 from lab import runs
 from lab import training
 
-from conftest import SMALL, one_line_error, run_cli
+from conftest import SMALL, drawing_only, one_line_error, run_cli
 
 
 def test_training_on_generated_data_lowers_the_loss_and_writes_every_output(finished_run):
@@ -36,18 +36,19 @@ def test_training_on_generated_data_lowers_the_loss_and_writes_every_output(fini
 
 # ---- Ctrl-C and --resume -------------------------------------------------------------------------
 
+@pytest.mark.usefixtures("no_figures")
 def test_ctrl_c_saves_a_checkpoint_and_resume_gives_the_uninterrupted_numbers(
-        tmp_path, data_dir, finished_run, monkeypatch):
+        tmp_path, data_dir, finished_run):
     def interrupt_at_step_7_of_epoch_2(state, n_steps, seen):
         if state["epoch"] == 1 and state["step"] == 7:
             signal.raise_signal(signal.SIGINT)          # a real Ctrl-C, through the lab's handler
     def training_progress():                                # stands in for console.TrainingProgress
         return interrupt_at_step_7_of_epoch_2
-    monkeypatch.setattr(console, "TrainingProgress", training_progress)
     out = tmp_path / "cut"
-    assert run_cli("--data-dir", data_dir, *SMALL, "--epochs", "2", "--out", str(out)) == 130
+    with pytest.MonkeyPatch.context() as patch:     # undone after; no_figures stays
+        patch.setattr(console, "TrainingProgress", training_progress)
+        assert run_cli("--data-dir", data_dir, *SMALL, "--epochs", "2", "--out", str(out)) == 130
     assert (out / "checkpoint.npz").exists() and not (out / "model.npz").exists()
-    monkeypatch.undo()
     checkpoint = str(out / "checkpoint.npz")
     assert run_cli("--data-dir", data_dir, "--epochs", "2", "--resume", checkpoint) == 0
     a = json.loads((finished_run / "metrics.json").read_text())
@@ -158,9 +159,10 @@ def binary_warmup_run(tmp_path_factory, data_dir):
     """A small VampPrior run on dynamically binarized images, with a KL warm-up of 1 epoch and beta
     0.5."""
     out = tmp_path_factory.mktemp("runs") / "binary"
-    assert run_cli("--data-dir", data_dir, *SMALL, "--prior", "vamp", "--prior-components", "5",
-                   "--binarize", "--beta", "0.5", "--kl-warmup", "1", "--epochs", "2",
-                   "--gmm-components", "3", "--out", str(out)) == 0
+    with drawing_only("gradient_paths.png"):
+        assert run_cli("--data-dir", data_dir, *SMALL, "--prior", "vamp", "--prior-components", "5",
+                       "--binarize", "--beta", "0.5", "--kl-warmup", "1", "--epochs", "2",
+                       "--gmm-components", "3", "--out", str(out)) == 0
     return out
 
 
