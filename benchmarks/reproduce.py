@@ -1,7 +1,8 @@
 """Regenerate every number and figure the README shows, from one command and one version of the
 code.
 
-    python benchmarks/reproduce.py --data-dir /usr/share/datasets/fashion-mnist
+    python benchmarks/reproduce.py --data-dir DIR          # MNIST (../shared/get-mnist DIR)
+    python benchmarks/reproduce.py --data-dir DIR --dataset fashion   # Fashion-MNIST
     python benchmarks/reproduce.py --data-dir DIR --only recipe       # one part
     python benchmarks/reproduce.py --data-dir DIR --torch-python /work/torchenv/bin/python
 
@@ -60,6 +61,8 @@ def run_command(command, log):
 
 
 TRAIN_FLAGS = []       # --train-flags: added to every python -m lab command (the tests' small runs)
+DATASET = ["mnist"]    # --dataset: the dataset every command trains on
+DATASET_NAMES = {"mnist": "MNIST", "fashion": "Fashion-MNIST"}
 # The options train.py takes, each with a value: the part 'minimal' passes only these of the flags.
 TRAIN_PY_OPTIONS = ("--epochs", "--batch-size", "--lr", "--hidden", "--latent", "--beta",
                     "--kl-warmup", "--seed")
@@ -75,8 +78,8 @@ def train_py_flags(flags):
 
 
 def train(data_dir, out, log, *flags):
-    """python -m lab on Fashion-MNIST into out: a finished run there is reused, an interrupted one
-    resumed."""
+    """python -m lab on the dataset (--dataset) into out: a finished run there is reused, an
+    interrupted one resumed."""
     metrics_path = os.path.join(out, "metrics.json")
     checkpoint = os.path.join(out, "checkpoint.npz")
     if complete(metrics_path):
@@ -84,7 +87,7 @@ def train(data_dir, out, log, *flags):
     if os.path.exists(checkpoint):
         command = [sys.executable, "-m", "lab", "--data-dir", data_dir, "--resume", checkpoint]
     else:
-        command = [sys.executable, "-m", "lab", "--dataset", "fashion", "--data-dir", data_dir,
+        command = [sys.executable, "-m", "lab", "--dataset", DATASET[0], "--data-dir", data_dir,
                    "--out", out, *flags, *TRAIN_FLAGS]
     run_command(command, log)
     return read_json(metrics_path)
@@ -141,7 +144,7 @@ def part_minimal(args, work, log):
     if not os.path.exists(printed):
         # train.py writes into a new folder: a run cut short is started again
         shutil.rmtree(out, ignore_errors=True)
-        command = [sys.executable, "train.py", "--dataset", "fashion", "--data-dir",
+        command = [sys.executable, "train.py", "--dataset", DATASET[0], "--data-dir",
                    args.data_dir, "--out", out, *train_py_flags(TRAIN_FLAGS)]
         stdout = run_command(command, log)
         os.makedirs(work, exist_ok=True)
@@ -227,7 +230,7 @@ def part_holes(args, work, log):
     numbers = {}
     for covariance, components in models:
         out = os.path.join(work, f"{covariance}-{components}")
-        command = [sys.executable, "-m", "lab", "--dataset", "fashion", "--data-dir", args.data_dir,
+        command = [sys.executable, "-m", "lab", "--dataset", DATASET[0], "--data-dir", args.data_dir,
                    "--analyze", os.path.join(model_dir, "model.npz"), "--out", out,
                    "--gmm-covariance", covariance, "--gmm-components", str(components),
                    *TRAIN_FLAGS]
@@ -272,7 +275,7 @@ def part_priors(args, work, log):
 
 def experiment(args, out, log, *flags):
     """An experiment (--betas or --likelihoods) into out; its comparison rows."""
-    command = [sys.executable, "-m", "lab", "--dataset", "fashion", "--data-dir", args.data_dir,
+    command = [sys.executable, "-m", "lab", "--dataset", DATASET[0], "--data-dir", args.data_dir,
                "--out", out, *flags, *TRAIN_FLAGS]
     if not os.path.exists(os.path.join(out, "comparison.json")):
         run_command(command, log)
@@ -312,8 +315,8 @@ def part_binarize(args, work, log):
     metrics = train(args.data_dir, os.path.join(work, "binary"), log, "--binarize",
                     "--iw-samples", "1000")
     row = run_row(metrics)
-    table = markdown_table(["binarized Fashion-MNIST", "test negative ELBO", "`iw_nll` (S = 1000)"],
-                           [["seed 0", f"{row['test_loss']:.2f}", f"{row['iw_nll']:.2f}"]])
+    header = [f"binarized {DATASET_NAMES[DATASET[0]]}", "test negative ELBO", "`iw_nll` (S = 1000)"]
+    table = markdown_table(header, [["seed 0", f"{row['test_loss']:.2f}", f"{row['iw_nll']:.2f}"]])
     return {"numbers": row, "tables": {"binarize": table}, "figures": {}}
 
 
@@ -346,7 +349,7 @@ def part_likelihoods(args, work, log):
 def train_until_it_fails(data_dir, out, log, *flags):
     """A run expected to stop at a non-finite loss: (its error line, the training state of its last
     good checkpoint, or None). A run that finishes instead raises PartError."""
-    command = [sys.executable, "-m", "lab", "--dataset", "fashion", "--data-dir", data_dir, "--out",
+    command = [sys.executable, "-m", "lab", "--dataset", DATASET[0], "--data-dir", data_dir, "--out",
                out, "--overwrite", *flags, *TRAIN_FLAGS]
     log("  $ " + " ".join(command) + "   (expected to fail)")
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
@@ -412,26 +415,26 @@ def lag_runs(args, work, log):
     return lag, full
 
 
-def garment_and_background_sigma(folder, data_dir, n_images=1000):
+def shapes_and_background_sigma(folder, data_dir, n_images=1000):
     """The median sigma of a per-pixel decoder over the pixels of the first n_images dequantized
-    test images (its run's test set), decoded at their posterior means: inside the garments (x >
-    0.2) and in the background (pixel 0)."""
+    test images (its run's test set), decoded at their posterior means: inside the shapes (x >
+    0.2: the strokes of a digit, a garment) and in the background (pixel 0)."""
     import numpy as np
     import mnist
     from lab import runs
     model, _ = runs.load_model(os.path.join(folder, "model.npz"))
-    _, _, pixels, _ = mnist.load("fashion", data_dir)
+    _, _, pixels, _ = mnist.load(DATASET[0], data_dir)
     pixels = pixels[:n_images]
     x = mnist.dequantize(pixels, np.random.default_rng(mnist.TEST_DEQUANTIZATION_SEED))
     mu, _ = model.encode(x)
     sigma = model.likelihood.sigma(model.decode(mu))
-    return {"garment": float(np.median(sigma[x > 0.2])),
+    return {"shapes": float(np.median(sigma[x > 0.2])),
             "background": float(np.median(sigma[pixels == 0]))}
 
 
 def failure_table(runaway, per_pixel_full, spread):
     """How far each per-pixel run got, its last training loss, smallest sigma, bits/dim, and (for
-    the full run) its median sigma inside the garments and in the background."""
+    the full run) its median sigma inside the shapes and in the background."""
     raw_sigma = runaway["curves"]["raw pixels"]["smallest_sigma"][-1]
     dequantized = runaway["dequantized"]
     rows = [
@@ -444,10 +447,10 @@ def failure_table(runaway, per_pixel_full, spread):
         ["dequantized, 60,000 images", "10 epochs", f"{per_pixel_full['train_loss'][-1]:.0f}",
          f"{per_pixel_full['decoder_sigma']['smallest']:.1g}",
          f"{per_pixel_full['bits_per_dim']:.2f}",
-         f"{spread['garment']:.2g} / {spread['background']:.2g}"],
+         f"{spread['shapes']:.2g} / {spread['background']:.2g}"],
     ]
     header = ["a sigma per pixel, trained on", "ran", "last train loss", "smallest sigma",
-              "bits/dim", "median sigma: garment / background"]
+              "bits/dim", "median sigma: x > 0.2 / background"]
     return markdown_table(header, rows), rows
 
 
@@ -475,7 +478,7 @@ def part_gaussian(args, work, log):
                          "sigma_lag.png": figures.sigma_curves(lag)})
     per_pixel_run = os.path.join(os.path.dirname(work), "likelihoods", "all",
                                  "gaussian-sigma-per-pixel-dequantized")
-    spread = garment_and_background_sigma(per_pixel_run, args.data_dir)
+    spread = shapes_and_background_sigma(per_pixel_run, args.data_dir)
     failure, failure_rows = failure_table(runaway, full["per-pixel-dequantized"], spread)
     numbers = {"failure": failure_rows, "lag": lag, "raw_full_error": runaway["full_error"],
                "raw_2000_error": runaway["raw_error"], "median_sigma": spread}
@@ -528,7 +531,7 @@ def part_speed(args, work, log):
     are kept in the part's folder: run again, the part rebuilds its table from them."""
     data = args.data_dir
     commands = {
-        "numpy": f"{sys.executable} -m lab --dataset fashion --data-dir {data} --benchmark "
+        "numpy": f"{sys.executable} -m lab --dataset {DATASET[0]} --data-dir {data} --benchmark "
                  f"--epochs 10",
         "torch": f"{args.torch_python} benchmarks/torch_vae.py {data} --epochs 10",
         "torch-flush": f"{args.torch_python} benchmarks/torch_vae.py {data} --epochs 10 "
@@ -694,11 +697,14 @@ def save_results(results, docs):
     os.replace(tmp, path)
 
 
-def is_current(part, record, fingerprint, docs, train_flags="", data_dir=None):
+def is_current(part, record, fingerprint, docs, train_flags="", data_dir=None, dataset="mnist"):
     """A part is current when its record was made by code that computes what this code does (the
-    same fingerprint), with the same --train-flags (none: the default command's), on the same data
-    folder (a record from before they were recorded: any), and its figures are there."""
+    same fingerprint), with the same --train-flags (none: the default command's), on the same
+    dataset (a record from before it was recorded: Fashion-MNIST) from the same data folder (a
+    record from before it was recorded: any), and its figures are there."""
     if record is None or record.get("code") != fingerprint:
+        return False
+    if record.get("dataset", "fashion") != dataset:
         return False
     if record.get("train_flags", "") != train_flags:
         return False
@@ -779,7 +785,7 @@ def run_part(name, args, results, version, log):
     """Run one part and record it with version: the code commit and the code's fingerprint."""
     function = PARTS[name]["run"]
     # the runs of this code, on this data, with these --train-flags: never another's to reuse
-    inputs = f"{os.path.abspath(args.data_dir)}\0{args.train_flags}".encode()
+    inputs = f"{os.path.abspath(args.data_dir)}\0{args.train_flags}\0{args.dataset}".encode()
     run_key = hashlib.sha256(inputs).hexdigest()[:8]
     work = os.path.join(args.work, f"{version['code']}-{run_key}", name)
     t0 = time.perf_counter()
@@ -803,6 +809,7 @@ def run_part(name, args, results, version, log):
     results["parts"][name] = {"commit": measured_at, "code": version["code"],
                               "train_flags": args.train_flags,
                               "data_dir": os.path.abspath(args.data_dir),
+                              "dataset": args.dataset,
                               "seconds": round(seconds, 1),
                               "numbers": found["numbers"], "tables": found["tables"],
                               "figures": copied,
@@ -839,7 +846,9 @@ def output_paths(args, log):
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", required=True, help="the four Fashion-MNIST archives")
+    p.add_argument("--data-dir", required=True, help="the dataset's four archives")
+    p.add_argument("--dataset", choices=["mnist", "fashion"], default="mnist",
+                   help="the dataset in --data-dir (default: mnist)")
     p.add_argument("--only", choices=sorted(PARTS), action="append",
                    help="run this part (repeatable)")
     p.add_argument("--torch-python",
@@ -866,6 +875,7 @@ def main(argv=None):
         print(f"error: {err}", file=sys.stderr)
         return 2
     TRAIN_FLAGS[:] = shlex.split(args.train_flags)
+    DATASET[0] = args.dataset
     args.work = os.path.abspath(args.work)
     args.docs = os.path.abspath(args.docs)
     commit = code_commit()
@@ -884,7 +894,7 @@ def main(argv=None):
             log(f"[{i}/{len(names)}] {name}: skipped, {missing}")
             continue
         current = is_current(name, record, fingerprint, args.docs, args.train_flags,
-                             args.data_dir)
+                             args.data_dir, args.dataset)
         if current and not args.force:
             log(f"[{i}/{len(names)}] {name}: current (code {fingerprint}), skipped")
             continue

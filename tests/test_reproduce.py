@@ -104,16 +104,24 @@ def test_a_quick_run_writes_a_scratch_folder_and_the_default_one_the_repositorys
 
 
 def test_a_part_made_by_a_quick_run_is_not_current_for_the_default_command(tmp_path):
-    record = {"code": "abc", "figures": [], "train_flags": "--epochs 1"}
+    record = {"code": "abc", "figures": [], "train_flags": "--epochs 1", "dataset": "mnist"}
     assert reproduce.is_current("holes", record, "abc", str(tmp_path), "--epochs 1")
     assert not reproduce.is_current("holes", record, "abc", str(tmp_path), "")
     assert reproduce.is_current("holes", {**record, "train_flags": ""}, "abc", str(tmp_path))
 
 
 def test_runs_on_other_data_or_with_other_flags_are_never_reused_as_current():
-    record = {"code": "abc", "figures": [], "train_flags": "", "data_dir": "/data/fashion"}
-    assert reproduce.is_current("holes", record, "abc", "/nowhere", "", "/data/fashion")
-    assert not reproduce.is_current("holes", record, "abc", "/nowhere", "", "/data/mnist")
+    record = {"code": "abc", "figures": [], "train_flags": "", "data_dir": "/data/fashion",
+              "dataset": "fashion"}
+    assert reproduce.is_current("holes", record, "abc", "/nowhere", "", "/data/fashion", "fashion")
+    assert not reproduce.is_current("holes", record, "abc", "/nowhere", "", "/data/mnist",
+                                    "fashion")
+    # the same folder read as another dataset; a record from before datasets were recorded
+    assert not reproduce.is_current("holes", record, "abc", "/nowhere", "", "/data/fashion",
+                                    "mnist")
+    older = {key: value for key, value in record.items() if key != "dataset"}
+    assert reproduce.is_current("holes", older, "abc", "/nowhere", "", "/data/fashion", "fashion")
+    assert not reproduce.is_current("holes", older, "abc", "/nowhere", "", "/data/fashion")
 
 
 def test_the_minimal_part_passes_train_py_only_the_flags_it_takes():
