@@ -563,6 +563,109 @@ def part_speed(args, work, log):
     return {"numbers": result, "tables": {"speed": table}, "figures": {}, "reused": reused}
 
 
+# Burda, Grosse & Salakhutdinov, Importance Weighted Autoencoders (ICLR 2016), Table 1, MNIST, one
+# stochastic layer: the test -log p(x) (bounded with 5,000 draws) after the full schedule of 3,280
+# epochs.
+PAPER_TABLE_1 = {"VAE k = 1": 86.76, "VAE k = 5": 86.47, "IWAE k = 5": 85.54, "IWAE k = 50": 84.78}
+IWAE_RUNS = {"VAE k = 1": ("elbo", 1), "VAE k = 5": ("elbo", 5), "IWAE k = 5": ("iwae", 5),
+             "IWAE k = 50": ("iwae", 50)}
+# The paper's setting, as the lab's options (docs/iwae.md)
+BURDA_FLAGS = ["--binarize", "--hidden", "200", "--latent", "50", "--layers", "2",
+               "--activation", "tanh", "--batch-size", "20", "--adam-eps", "1e-4",
+               "--lr-schedule", "burda"]
+IWAE_EPOCHS = 4           # stages i = 0 and 1 of the schedule's 3^i epochs (1 + 3)
+IWAE_NLL_SAMPLES = 5000   # the paper's S
+STEP_SAMPLES = (1, 5, 50)
+STEP_IMAGES = 2000        # the training images of a timed run: 100 steps of 20 an epoch
+STEP_ROUNDS = 3
+MEDIAN_EPOCH = re.compile(r"median epoch ([\d.]+) s")
+
+
+def iwae_runs(args, work, log):
+    """The four runs of the paper's table in the lab, and VAE k = 1 in PyTorch, at IWAE_EPOCHS."""
+    runs = {}
+    for name, (objective, k) in IWAE_RUNS.items():
+        out = os.path.join(work, f"{objective}-k{k}")
+        metrics = train(args.data_dir, out, log, *BURDA_FLAGS, "--epochs", str(IWAE_EPOCHS),
+                        "--objective", objective, "--samples", str(k),
+                        "--iw-samples", str(IWAE_NLL_SAMPLES))
+        runs[name] = {"nll": metrics["iw_nll"], "test_elbo": metrics["test_loss"],
+                      "active_units": metrics["aggregate_posterior"]["active_units"],
+                      "curve": metrics["test_loss_curve"]}
+    saved = os.path.join(work, "torch-vae-k1.json")
+    if not os.path.exists(saved):
+        command = [args.torch_python, "benchmarks/torch_iwae.py", args.data_dir,
+                   "--objective", "elbo", "--samples", "1", "--epochs", str(IWAE_EPOCHS),
+                   "--iw-samples", str(IWAE_NLL_SAMPLES)]
+        result = json.loads(run_command(command, log).strip().splitlines()[-1])
+        with open(saved, "w") as f:
+            json.dump(result, f)
+    torch_run = read_json(saved)
+    runs["PyTorch VAE k = 1"] = {"nll": torch_run["test_nll"], "test_elbo": None,
+                                 "active_units": torch_run["active_units"],
+                                 "curve": torch_run["curve"]}
+    return runs
+
+
+def iwae_step_times(args, work, log):
+    """The median time of a training step for k = 1, 5, 50 (the IWAE bound), this code and PyTorch
+    alternated round by round: {k: {"numpy": [ms per round], "torch": [ms per round]}}. NumPy's
+    step is its median epoch over STEP_IMAGES images (--benchmark, 2 epochs) / 100 steps, all of
+    the loop's work; PyTorch's the median of 100 timed steps (torch_iwae.py --time-steps)."""
+    saved = os.path.join(work, "steps.json")
+    if os.path.exists(saved):
+        return read_json(saved)
+    steps_per_epoch = STEP_IMAGES // 20
+    times = {str(k): {"numpy": [], "torch": []} for k in STEP_SAMPLES}
+    for _ in range(STEP_ROUNDS):
+        for k in STEP_SAMPLES:
+            numpy_command = [sys.executable, "-m", "lab", "--dataset", DATASET[0], "--data-dir",
+                             args.data_dir, *BURDA_FLAGS, "--objective", "iwae", "--samples",
+                             str(k), "--benchmark", "--epochs", "2", "--train-images",
+                             str(STEP_IMAGES), "--iw-samples", "2", "--gmm-components", "2"]
+            epoch_s = float(MEDIAN_EPOCH.search(run_command(numpy_command, log)).group(1))
+            times[str(k)]["numpy"].append(1e3 * epoch_s / steps_per_epoch)
+            torch_command = [args.torch_python, "benchmarks/torch_iwae.py", args.data_dir,
+                             "--objective", "iwae", "--samples", str(k), "--time-steps", "100"]
+            result = json.loads(run_command(torch_command, log).strip().splitlines()[-1])
+            times[str(k)]["torch"].append(result["step_ms_median"])
+    with open(saved, "w") as f:
+        json.dump(times, f)
+    return times
+
+
+def part_iwae(args, work, log):
+    """Burda et al.'s Table 1 (one stochastic layer) beside this code's runs of its setting, cut at
+    IWAE_EPOCHS of the 3,280 epochs, with PyTorch's VAE k = 1 at the same epochs; the test bound
+    against epochs; and a training step's time against k, NumPy against PyTorch."""
+    from lab import figures
+    os.makedirs(work, exist_ok=True)
+    runs = iwae_runs(args, work, log)
+    rows = []
+    for name, run in runs.items():
+        elbo = "-" if run["test_elbo"] is None else f"{run['test_elbo']:.2f}"
+        paper = PAPER_TABLE_1.get(name.replace("PyTorch ", ""))
+        rows.append([name, f"{run['nll']:.2f}", elbo, run["active_units"], f"{paper:.2f}"])
+    header = ["one stochastic layer, binarized MNIST",
+              f"test -log p(x) <=, S = {IWAE_NLL_SAMPLES:,}, after {IWAE_EPOCHS} epochs", "test -ELBO",
+              "active units (of 50)", "the paper's -log p(x), after 3,280 epochs"]
+    table = markdown_table(header, rows)
+    times = iwae_step_times(args, work, log)
+    speed_rows = []
+    for k, measured in times.items():
+        ratios = [a / b for a, b in zip(measured["numpy"], measured["torch"])]
+        speed_rows.append([k, summary_text(measured["numpy"]), summary_text(measured["torch"]),
+                           summary_text(ratios)])
+    speed_table = markdown_table(["k", "this code, ms per step", "PyTorch, ms per step",
+                                  "this code / PyTorch (per round)"], speed_rows)
+    drawn = os.path.join(work, "figures")
+    os.makedirs(drawn, exist_ok=True)
+    figures.save(drawn, {"iwae_bounds.png": figures.bound_curves(runs, PAPER_TABLE_1)})
+    return {"numbers": {"runs": runs, "step_ms": times, "epochs": IWAE_EPOCHS},
+            "tables": {"iwae": table, "iwae_speed": speed_table},
+            "figures": {"iwae_bounds.png": os.path.join(drawn, "iwae_bounds.png")}}
+
+
 # Each part: its function, whether it needs torch, the figures it writes into docs/figures/<part>/
 # and the tables it writes into the README and the pages of DOC_PAGES (a test holds them to these
 # lists).
@@ -593,11 +696,13 @@ PARTS = {
     "walks": {"run": part_walks, "torch": False, "tables": ["walks"],
               "figures": ["interpolations.png", "traversals.png"]},
     "speed": {"run": part_speed, "torch": True, "tables": ["speed"], "figures": []},
+    "iwae": {"run": part_iwae, "torch": True, "mnist_only": True,
+             "tables": ["iwae", "iwae_speed"], "figures": ["iwae_bounds.png"]},
 }
 
 
 # The pages of docs/ that show tables between markers, as the README does.
-DOC_PAGES = ("latent-space.md", "likelihoods.md")
+DOC_PAGES = ("latent-space.md", "likelihoods.md", "iwae.md")
 
 
 def part_summary(name):
@@ -888,6 +993,9 @@ def main(argv=None):
         record = results["parts"].get(name)
         if needs_torch and not args.torch_python:
             log(f"[{i}/{len(names)}] {name}: skipped, it needs --torch-python")
+            continue
+        if PARTS[name].get("mnist_only") and args.dataset != "mnist":
+            log(f"[{i}/{len(names)}] {name}: skipped, its paper's table is on MNIST")
             continue
         missing = PARTS[name].get("browser") and explorer_browser_missing()
         if missing:

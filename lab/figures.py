@@ -180,6 +180,36 @@ def runaway(curves):
     return fig
 
 
+def bound_curves(runs, paper, paper_epochs=3280):
+    """A paper's table against epochs. runs: {name: {"curve": the test bound each epoch, "nll": the
+    -log p(x) bound at the last epoch}}; paper: {name: its -log p(x) after paper_epochs}. Each run's
+    curve on a log axis of epochs, its last bound a dot, and the paper's number a star in the same
+    colour (a name's "PyTorch " prefix aside), so each run is seen heading toward its star."""
+    fig = new_figure(figsize=(8, 4.6))
+    ax = fig.subplots()
+    colours = {}
+    for name, run in runs.items():
+        paper_name = name.replace("PyTorch ", "")
+        epochs = np.arange(1, len(run["curve"]) + 1)
+        style = ":" if name != paper_name else "-"
+        line, = ax.plot(epochs, run["curve"], style, marker=".", color=colours.get(paper_name),
+                        label=name)
+        colours.setdefault(paper_name, line.get_color())
+        ax.plot(epochs[-1], run["nll"], "o", color=line.get_color())
+    for name, nll in paper.items():
+        ax.plot(paper_epochs, nll, "*", ms=12, color=colours.get(name, "black"),
+                label=f"{name}, the paper")
+    ax.set_xscale("log")
+    ax.set_xlabel("epoch (log scale)")
+    ax.set_ylabel("nats per test image")
+    ax.set_title("lines: the test -ELBO each epoch (PyTorch's: the bound of one draw); dots: the "
+                 "bound of\n5,000 draws on -log p(x) at the last epoch; stars: the paper's after "
+                 "the full schedule", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2, loc="center")
+    return fig
+
+
 PATH_STYLES = {  # label, colour, line style
     "recon_mu": ("reconstruction -> mu", "tab:blue", "-"),
     "kl_mu": ("KL -> mu", "tab:red", "-"),
