@@ -61,3 +61,26 @@ def test_the_marginals_figure_keeps_its_labels_in_the_image_and_its_titles_clear
     width_inches, height_inches = fig.get_size_inches()
     assert width == round(80 * width_inches)
     assert height == round(80 * height_inches)
+
+
+def test_the_paper_figure_puts_each_run_and_its_papers_star_in_one_colour_at_their_epochs():
+    runs = {"VAE k = 1": {"curve": [120.0, 110.0, 108.0, 107.0], "nll": 106.5},
+            "IWAE k = 5": {"curve": [121.0, 111.0, 109.0, 108.0], "nll": 103.8},
+            "PyTorch VAE k = 1": {"curve": [121.5, 111.0, 108.5, 107.5], "nll": 107.3}}
+    paper = {"VAE k = 1": 86.76, "IWAE k = 5": 85.54}
+    fig = figures.bound_curves(runs, paper, paper_epochs=3280)
+    ax = fig.axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    for name, nll in paper.items():
+        curve, star = lines[name], lines[f"{name}, the paper"]
+        assert star.get_color() == curve.get_color(), name
+        assert list(star.get_xdata()) == [3280] and list(star.get_ydata()) == [nll]
+        assert list(curve.get_xdata()) == [1, 2, 3, 4]
+        assert list(curve.get_ydata()) == runs[name]["curve"]
+    torch_line = lines["PyTorch VAE k = 1"]
+    assert torch_line.get_color() == lines["VAE k = 1"].get_color()   # the same row, by PyTorch
+    assert torch_line.get_linestyle() == ":" and lines["VAE k = 1"].get_linestyle() == "-"
+    dots = [line for line in ax.get_lines() if line.get_marker() == "o"]
+    assert sorted(float(dot.get_ydata()[0]) for dot in dots) == [103.8, 106.5, 107.3]
+    assert all(list(dot.get_xdata()) == [4] for dot in dots)       # each at its last epoch
+    assert ax.get_xscale() == "log"

@@ -132,3 +132,14 @@ def test_the_minimal_part_passes_train_py_only_the_flags_it_takes():
 def test_a_missing_interpreter_is_a_parts_error_not_a_traceback(tmp_path):
     with pytest.raises(reproduce.PartError, match="No such file"):
         reproduce.run_command([str(tmp_path / "no-python"), "-V"], log=lambda line: None)
+
+
+def test_the_papers_table_is_run_on_mnist_only(tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- commit -->\n<!-- /commit -->\n")
+    options = ["--data-dir", str(tmp_path), "--dataset", "fashion", "--only", "iwae",
+               "--torch-python", sys.executable, "--docs", str(tmp_path / "docs"),
+               "--readme", str(readme), "--work", str(tmp_path / "work")]
+    assert reproduce.main(options) == 0
+    assert "iwae: skipped, its paper's table is on MNIST" in capsys.readouterr().out
+    assert not (tmp_path / "work").exists()
