@@ -1,13 +1,16 @@
 """The importance-weighted autoencoder (Burda, Grosse & Salakhutdinov, ICLR 2016): the VAE's model
 with a tighter bound on log p(x) as its objective. It replaces the loss of vae.py (VAE.forward and
-VAE.backward: -log p(x|z) + KL in closed form, one z per image) and nothing else.
+VAE.backward: -log p(x|z) + KL in closed form, one z per image); the encoder, the decoder and the
+reparameterization are vae.py's. It fixes the likelihood to the Bernoulli and the prior to N(0, I),
+and it takes k draws of eps per image, (k, B, Z), which the lab draws (lab/training.py: batch).
 
 With k draws per image, z_i = mu + sigma * eps_i, eps_i ~ N(0, I), i = 1..k, each has a weight
     log w_i = log p(x|z_i) + log p(z_i) - log q(z_i|x)        (Burda et al. eq. 5)
 and the objectives are, per image,
-    IWAE:             L_k = log (1/k) sum_i w_i                (eq. 8: L_1 <= L_k <= log p(x))
+    IWAE:             L_k = log (1/k) sum_i w_i                (eq. 8)
     VAE, k samples:   L_k^VAE = (1/k) sum_i log w_i           (the mean of k ELBOs)
-For k = 1 both are the ELBO, estimated at one z with the KL sampled (K&W eq. 6) where vae.py has
+Each is an estimate from the k draws; in expectation E L_1 <= E L_k <= log p(x) (Theorem 1), though
+one draw of L_k may exceed log p(x). For k = 1 both are the ELBO, estimated at one z with the KL sampled (K&W eq. 6) where vae.py has
 it in closed form: the same in expectation. The gradient of L_k weights each sample's gradient of
 log w_i by its normalised weight w~_i = w_i / sum_j w_j = softmax_i(log w_i), held fixed (eq. 14);
 the VAE's weights are all 1/k.
@@ -15,8 +18,11 @@ the VAE's weights are all 1/k.
 Unlike the closed-form KL, log q(z_i|x) is evaluated at the sampled z_i, so it has gradient paths of
 its own: into z_i (and on through the reparameterization into mu and log_var) and straight into mu
 and log_var. The two paths into mu cancel exactly (z - mu does not move when mu does, eps held
-fixed); into log_var they sum to -1/2 per unit, the entropy's. The backward below writes each path
-on its own line, so that the cancellation is there to see rather than assumed.
+fixed); into log_var they sum to d log q / d log_var = -1/2 per unit (log q(z_i|x) = -1/2 sum
+(log 2 pi + log_var + eps_i^2) with eps_i held fixed), so the -log q in log w_i raises the bound by
+1/2 per unit of log_var, the entropy's gradient, and the loss -L_k gets -1/2 (times w~_i). The
+backward below writes each path on its own line, so that the cancellation is there to see rather
+than assumed. (Signs: the pieces below differentiate log w_i; the loss is -L_k.)
 """
 import math
 
@@ -93,7 +99,8 @@ def vae_bound_backward(dbound, k):
 
 class IWAE(VAE):
     """The VAE trained on -L_k, the IWAE bound (objective='iwae') or the mean of k ELBOs
-    (objective='vae'), with k = samples draws per image. forward takes eps (k, B, Z) (or (B, Z)
+    (objective='vae': the lab's --objective elbo with --samples 2 or more; with one draw the lab
+    trains vae.VAE itself, the KL in closed form), with k = samples draws per image. forward takes eps (k, B, Z) (or (B, Z)
     for k = 1). The Bernoulli likelihood and the N(0, I) prior only."""
 
     def __init__(self, n_in=784, hidden=400, latent=20, seed=0, dtype=np.float32, layers=1,

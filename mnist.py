@@ -193,7 +193,7 @@ TEST_BINARIZATION_SEED = 2015
 def binarize(images, rng):
     """Each pixel drawn as Bernoulli(x / 255): 255 with that probability, else 0 (uint8 in, uint8
     out). Drawn afresh every time an image is used, this is dynamic binarization (Burda et al.
-    2015)."""
+    2016)."""
     u = rng.random(images.shape, dtype=np.float32)
     on = u * 255 < images                           # P(on) = pixel / 255
     return on.astype(np.uint8) * np.uint8(255)

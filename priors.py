@@ -207,7 +207,7 @@ class VampPriorVAE(MixturePriorVAE):
         super().__init__(n_in, hidden, latent, seed, dtype, components, likelihood)
         self.pseudo_encoder = encoder_twin(self.encoder)    # the same weights, caches of its own
 
-    def new_prior_params(self, rng, dtype):     # u = clip(w); train.py starts w at training images
+    def new_prior_params(self, rng, dtype):  # u = clip(w); the lab starts w at training images
         w = rng.uniform(0, 1, (self.components, self.n_in)).astype(dtype)
         return {"w": w}
 

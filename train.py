@@ -9,7 +9,8 @@ noise eps ~ N(0, I), the forward pass (the negative ELBO), the backward pass (it
 Adam step. The test loss follows each epoch. At the end the model is saved, with three pictures of
 what it learned:
     reconstructions.png   test images and their reconstructions, decoded at z = mu(x)
-    samples_prior.png     z ~ p(z) = N(0, I), decoded: new images, the whole data distribution
+    samples_prior.png     z ~ p(z) = N(0, I), decoded: new images from all over the data (a draw
+                          where no image's posterior lies decodes to a blend: README.md)
     samples_posterior.png z ~ q(z|x) of one test image, decoded: variations of that image
 This file imports vae.py, autograd.py and mnist.py, and nothing else of the project. The lab
 (python -m lab) trains with this file's step and adds resumable runs, measurements, more figures,

@@ -1,7 +1,7 @@
 """Regenerate every number and figure the README shows, from one command and one version of the
 code.
 
-    python benchmarks/reproduce.py --data-dir DIR          # MNIST (../shared/get-mnist DIR)
+    python benchmarks/reproduce.py --data-dir data/mnist   # MNIST (python train.py downloads it)
     python benchmarks/reproduce.py --data-dir DIR --dataset fashion   # Fashion-MNIST
     python benchmarks/reproduce.py --data-dir DIR --only recipe       # one part
     python benchmarks/reproduce.py --data-dir DIR --torch-python /work/torchenv/bin/python

@@ -103,7 +103,7 @@ def log_normal(z, mu, log_var):
 
 
 def iw_nll(vae, x, S, rows=20000):
-    """-log (1/S) sum_s p(x|z_s) p(z_s) / q(z_s|x), z_s ~ q(z|x) (Burda et al. 2015), averaged
+    """-log (1/S) sum_s p(x|z_s) p(z_s) / q(z_s|x), z_s ~ q(z|x) (Burda et al. 2016), averaged
     over the images. A chunk of images decodes about `rows` codes at once, so memory stays bounded
     for any S."""
     total = 0.0

@@ -3,7 +3,7 @@ posterior sits against its prior. Each function returns numbers (report.py recor
 
     negative_elbo   -ELBO = -log p(x|z) + KL(q(z|x) || p(z)): the test loss, at beta = 1
     iw_nll          -log p(x) ~ -log (1/S) sum_s p(x|z_s) p(z_s) / q(z_s|x), importance weighting
-                    (Burda et al. 2015)
+                    (Burda et al. 2016)
     q(z) = (1/N) sum_n q(z|x_n), the aggregated posterior: the codes of all the images together
     elbo_surgery    mean_n KL(q(z|x_n) || p(z)) = I(x; z) + KL(q(z) || p(z))
                     (Hoffman & Johnson 2016)
@@ -80,7 +80,7 @@ def aggregate_posterior_moments(mu, log_var, threshold=0.01):
     units.
 
     E[z] = mean_n mu_n;  Var[z] = mean_n (mu_n^2 + sigma_n^2) - E[z]^2   (the law of total variance)
-    active: Cov_x(E_q[z|x]) = Var_n(mu_n) > threshold (Burda et al. 2015)."""
+    active: Cov_x(E_q[z|x]) = Var_n(mu_n) > threshold (Burda et al. 2016)."""
     mu = np.asarray(mu, np.float64)
     var = np.exp(np.asarray(log_var, np.float64))
     mean = mu.mean(axis=0)
@@ -192,7 +192,7 @@ def iw_nll(model, images, n_samples, rng, eps=None, batch_size=25, progress=None
         z_s = mu + sigma * eps_s
 
     An upper bound on -log p(x) in expectation (Jensen: E log mean_s w_s <= log E w_s = log p(x))
-    that falls towards it as S grows (Burda et al. 2015, who call S 'k'); for S = 1 it is the
+    that falls towards it as S grows (Burda et al. 2016, who call S 'k'); for S = 1 it is the
     negative ELBO with the KL estimated at the one z. images: uint8 pixels, or intensities already
     in [0, 1] (float). eps (S, len(images), Z) may be given; progress: a function of the fraction
     done.
