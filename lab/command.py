@@ -220,6 +220,13 @@ def prepare(args):
                              f"metrics.json beside it); {command_text('--resume', checkpoint)} "
                              f"finishes them with the run's own options")
         cfg = {**DEFAULTS, **beside, **architecture_of(model, beside, metrics_path)}
+        trained_on = beside.get("dataset")
+        into_its_folder = not args.out or os.path.abspath(args.out) == os.path.abspath(
+            folder_of(path))
+        if trained_on and args.dataset and args.dataset != trained_on and into_its_folder:
+            raise UsageError(f"--analyze {path}: the run was trained on {mnist.TITLES[trained_on]}; "
+                             f"measuring it on {mnist.TITLES[args.dataset]} would replace its own "
+                             f"measurements: add --out NEW_FOLDER")
         for k in ("dataset", "seed", "binarize"):
             if getattr(args, k) is not None:
                 cfg[k] = getattr(args, k)
@@ -585,8 +592,10 @@ def experiment(args):
     # what belongs in the experiment's folder: its comparison and its runs' folders
     own = ["comparison.json"] + [os.path.basename(sub.out) for sub in every.values()]
     plans = {}
+    # the command that continues the experiment: its own, less --overwrite (which would start over)
+    continuing = command_text(*[word for word in args.words if word != "--overwrite"])
     for name, sub in every.items():
-        sub.experiment_command = args.command
+        sub.experiment_command = continuing
         plans[name] = reuse_or_resume(sub)
         prepare(sub)                    # every run's folder is checked before the first one trains
     with runs.claim(out, True, args.overwrite, own=own):
@@ -609,6 +618,7 @@ def experiment(args):
 def main(argv=None):
     args = parse_args(argv, __doc__)
     given = sys.argv[1:] if argv is None else argv
+    args.words = list(given)
     args.command = command_text(*given)
     errors = (mnist.DataError, runs.FolderError, runs.ModelFileError, runs.MetricsError,
               runs.WriteError, NonFiniteLoss, RecordError, UsageError)

@@ -26,7 +26,8 @@ FIGURE_FILES = ("reconstructions.png", "samples_prior.png", "samples_posterior.p
                 "prior_vs_aggregate.png", "samples_three_ways.png", "samples_mean_and_draw.png",
                 "interpolations.png", "traversals.png", "latent_space.png", "latent_manifold.png",
                 "kl_weight_samples.png", "kl_weight_latent.png", "kl_weight_sigma.png",
-                "likelihood_samples.png", "likelihood_latent.png", "likelihood_sigma.png")
+                "likelihood_samples.png", "likelihood_latent.png", "likelihood_sigma.png",
+                "samples_measured.png")
 RUN_FILES = RUN_MARKERS + FIGURE_FILES + ("explorer.html",)
 # A file being written: atomic_path's temporary name, <file>.tmp-<the writer's process id>.
 TEMPORARY = re.compile(r"\.tmp-(\d+)$")
@@ -90,6 +91,9 @@ def check_out(out, fresh, overwrite, own=()):
                               f"({few(foreign)}): a run writes only into a new folder, an empty "
                               f"one, or a run's; choose another --out")
     held = [f for f in RUN_MARKERS if f not in own and os.path.exists(os.path.join(out, f))]
+    if fresh and "comparison.json" in held:
+        raise FolderError(f"{out} holds an experiment (comparison.json): a single run never "
+                          f"replaces one, with or without --overwrite; choose another --out")
     if fresh and held and not overwrite:
         checkpoint = os.path.join(out, "checkpoint.npz")
         ways = "choose another --out, or replace it with --overwrite"

@@ -5,6 +5,7 @@ import gzip
 import io
 import json
 import os
+import shlex
 import shutil
 import signal
 
@@ -181,6 +182,24 @@ def test_an_interrupted_experiment_run_again_reuses_its_finished_runs_and_compar
     assert [row["beta"] for row in rows] == [0.0, 1.0]
     assert run_cli(*command) == 0                       # a third time: all reused, compared again
     assert "training epochs" not in capsys.readouterr().out
+
+
+@pytest.mark.usefixtures("no_figures")
+def test_an_experiment_interrupted_is_continued_by_its_command_without_overwrite(
+        tmp_path, data_dir, capsys):
+    out = tmp_path / "betas"
+    command = ["--data-dir", data_dir, *SMALL, "--epochs", "1", "--iw-samples", "2",
+               "--betas", "0", "1", "--out", str(out), "--overwrite"]
+    with pytest.MonkeyPatch.context() as patch:
+        interrupt_the_second_run(patch)
+        assert run_cli(*command) == 130
+    printed = capsys.readouterr().out
+    continuing = printed.split("continue with: ")[1].splitlines()[0]
+    assert "--overwrite" not in continuing                  # it would start the experiment over
+    first_model = (out / "beta-0" / "model.npz").read_bytes()
+    assert run_cli(*shlex.split(continuing)[3:]) == 0
+    assert "beta-0: finished before, reused" in capsys.readouterr().out
+    assert (out / "beta-0" / "model.npz").read_bytes() == first_model
 
 
 # ---- a finished run is never replaced silently ------------------------------------------------

@@ -402,3 +402,31 @@ def test_an_experiment_may_add_runs_to_a_comparison_in_any_order_but_never_drop_
 ])
 def test_empty_paths_and_shortened_flags_are_refused(capsys, flags, message):
     assert message in one_line_error(capsys, *flags, code=2)
+
+
+# ---- found by a careless user's review ------------------------------------------------------------
+
+@pytest.mark.usefixtures("no_work")
+def test_analyze_on_another_dataset_never_replaces_the_runs_own_measurements(finished_run,
+                                                                             data_dir, capsys,
+                                                                             tmp_path):
+    before = (finished_run / "metrics.json").read_bytes()
+    err = one_line_error(capsys, "--analyze", str(finished_run), "--dataset", "fashion",
+                         "--data-dir", data_dir)
+    assert "the run was trained on MNIST" in err and "--out NEW_FOLDER" in err
+    err = one_line_error(capsys, "--analyze", str(finished_run), "--dataset", "fashion",
+                         "--data-dir", data_dir, "--out", str(finished_run))
+    assert "the run was trained on MNIST" in err              # its own folder, named
+    assert (finished_run / "metrics.json").read_bytes() == before
+
+
+@pytest.mark.usefixtures("no_work")
+def test_a_single_run_never_replaces_an_experiment_even_with_overwrite(tmp_path, data_dir,
+                                                                       capsys):
+    experiment = tmp_path / "betas"
+    (experiment / "beta-0").mkdir(parents=True)
+    (experiment / "comparison.json").write_text("[]")
+    err = one_line_error(capsys, "--data-dir", data_dir, *SMALL, "--epochs", "1", "--out",
+                         str(experiment), "--overwrite")
+    assert "holds an experiment (comparison.json)" in err
+    assert (experiment / "comparison.json").read_text() == "[]"
