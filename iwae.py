@@ -10,10 +10,10 @@ and the objectives are, per image,
     IWAE:             L_k = log (1/k) sum_i w_i                (eq. 8)
     VAE, k samples:   L_k^VAE = (1/k) sum_i log w_i           (the mean of k ELBOs)
 Each is an estimate from the k draws; in expectation E L_1 <= E L_k <= log p(x) (Theorem 1), though
-one draw of L_k may exceed log p(x). For k = 1 both are the ELBO, estimated at one z with the KL sampled (K&W eq. 6) where vae.py has
-it in closed form: the same in expectation. The gradient of L_k weights each sample's gradient of
-log w_i by its normalised weight w~_i = w_i / sum_j w_j = softmax_i(log w_i), held fixed (eq. 14);
-the VAE's weights are all 1/k.
+one draw of L_k may exceed log p(x). For k = 1 both are the ELBO, estimated at one z with the KL
+sampled (K&W eq. 6) where vae.py has it in closed form: the same in expectation. The gradient of
+L_k weights each sample's gradient of log w_i by its normalised weight
+w~_i = w_i / sum_j w_j = softmax_i(log w_i), held fixed (eq. 14); the VAE's weights are all 1/k.
 
 Unlike the closed-form KL, log q(z_i|x) is evaluated at the sampled z_i, so it has gradient paths of
 its own: into z_i (and on through the reparameterization into mu and log_var) and straight into mu
@@ -100,8 +100,8 @@ def vae_bound_backward(dbound, k):
 class IWAE(VAE):
     """The VAE trained on -L_k, the IWAE bound (objective='iwae') or the mean of k ELBOs
     (objective='vae': the lab's --objective elbo with --samples 2 or more; with one draw the lab
-    trains vae.VAE itself, the KL in closed form), with k = samples draws per image. forward takes eps (k, B, Z) (or (B, Z)
-    for k = 1). The Bernoulli likelihood and the N(0, I) prior only."""
+    trains vae.VAE itself, the KL in closed form), with k = samples draws per image. forward takes
+    eps (k, B, Z) (or (B, Z) for k = 1). The Bernoulli likelihood and the N(0, I) prior only."""
 
     def __init__(self, n_in=784, hidden=400, latent=20, seed=0, dtype=np.float32, layers=1,
                  activation=None, objective="iwae", samples=1):

@@ -13,13 +13,13 @@ code's fingerprint and its wall time in docs/results.json. The fingerprint hashe
 computes (its syntax trees without comments and docstrings): a part whose record has the current
 fingerprint, and whose figures exist, is skipped, so that the command run again after an
 interruption goes on where it stopped, and a change of comments alone reruns nothing. Then the
-tables of the README and of docs/latent-space.md and docs/likelihoods.md, between
+tables of the README and of docs/latent-space.md, docs/likelihoods.md and docs/iwae.md, between
 <!-- table:NAME --> and <!-- /table --> markers, and the README's line that names the commit they
 are of, are written from the records, and docs/results.md with every part's tables and figures.
-The parts that need PyTorch (torch, speed) run with --torch-python, an interpreter that imports
-torch (never a dependency of the project), and the part that needs a browser (explorer) with
-playwright and Chromium; each is skipped, with a line, without them. About 25 minutes on 2 cores
-for all parts (docs/results.json has each part's time).
+The parts that need PyTorch (torch, speed, iwae) run with --torch-python, an interpreter that
+imports torch (never a dependency of the project), and the part that needs a browser (explorer) with
+playwright and Chromium; each is skipped, with a line, without them. About 90 minutes on 2 cores
+for all parts, 45 of them the paper's table (docs/results.json has each part's time).
 """
 import argparse
 import ast
@@ -288,11 +288,13 @@ def part_kl_weight(args, work, log):
     betas = ["0", "0.1", "0.3", "1", "3"]
     rows = experiment(args, os.path.join(work, "z20"), log, "--betas", *betas)
     experiment(args, os.path.join(work, "z2"), log, "--betas", *betas, "--latent", "2")
-    table = markdown_table(
-        ["beta", "recon", "KL", "test -ELBO", "active units", "KL(q(z) \\|\\| p(z))", "holes"],
-        [[r["beta"], f"{r['recon']:.2f}", f"{r['kl']:.2f}", f"{r['negative_elbo']:.2f}",
-          r["active_units"], f"{r['kl_aggregate_prior']:.2f}", f"{r['prior_hole_fraction']:.1%}"]
-         for r in rows])
+    header = ["beta", "recon", "KL", "test -ELBO", "active units", "KL(q(z) \\|\\| p(z))", "holes",
+              "Frechet: prior / fitted q(z)", "classes TV: prior"]
+    table = markdown_table(header, [
+        [r["beta"], f"{r['recon']:.2f}", f"{r['kl']:.2f}", f"{r['negative_elbo']:.2f}",
+         r["active_units"], f"{r['kl_aggregate_prior']:.2f}", f"{r['prior_hole_fraction']:.1%}",
+         f"{r['frechet'][0]:.1f} / {r['frechet'][1]:.1f}", f"{r['class_tv_prior']:.3f}"]
+        for r in rows])
     figures = {"kl_weight_samples.png": os.path.join(work, "z20", "kl_weight_samples.png"),
                "kl_weight_latent.png": os.path.join(work, "z2", "kl_weight_latent.png")}
     return {"numbers": rows, "tables": {"kl_weight": table}, "figures": figures}
@@ -525,6 +527,65 @@ def part_walks(args, work, log):
     return {"numbers": numbers, "tables": {"walks": table}, "figures": figures}
 
 
+# The rows of the samplers' table: (its name, the run, the sampler of means, the sampler of draws)
+SAMPLER_ROWS = [
+    ("held-out real images (the floor)", "recipe", "real, held out", None),
+    ("N(0, I), the prior", "recipe", "prior, mean", "prior, draw"),
+    ("the mixture fitted to q(z) after training", "recipe", "fitted q(z), mean",
+     "fitted q(z), draw"),
+    ("N(0, I): the draws in holes of q(z)", "recipe", "prior in holes, mean", None),
+    ("N(0, I): the draws not in holes", "recipe", "prior not in holes, mean", None),
+    ("a learned prior: mixture of Gaussians", "mog", "prior, mean", "prior, draw"),
+    ("a learned prior: VampPrior", "vamp", "prior, mean", "prior, draw"),
+    ("pixels each Bernoulli(its mean) (a ceiling)", "recipe", "pixels Bernoulli(mean)", None),
+]
+
+
+def run_seconds(metrics):
+    """A run's training, measurements and sample measures, in seconds (its figures aside)."""
+    analysis_seconds = sum(metrics["analysis_seconds"].values())
+    return sum(metrics["epoch_seconds"]) + analysis_seconds + metrics["samples"]["seconds"]
+
+
+def part_samples(args, work, log):
+    """Does sampling from the prior work? The samples of every sampler measured on the images with a
+    classifier (the recipe and the learned priors, seed 0): the Frechet distance of its features to
+    the test images', the classes covered, the unsure share; held-out real images are the floor."""
+    base = os.path.dirname(work)
+    found = {"recipe": train(args.data_dir, os.path.join(base, "recipe", "seed-0"), log,
+                             "--seed", "0")}
+    for prior in ("mog", "vamp"):
+        found[prior] = train(args.data_dir, os.path.join(base, "priors", f"{prior}-seed-0"), log,
+                             "--prior", prior, "--seed", "0")
+    rows = []
+    numbers = {"rows": {}}
+    for name, run, means, draws in SAMPLER_ROWS:
+        samplers = found[run]["samples"]["samplers"]
+        m = samplers[means]
+        drawn = f"{samplers[draws]['frechet']:.2f}" if draws else "-"
+        rows.append([name, f"{m['frechet']:.2f}", drawn, f"{m['class_tv']:.3f}",
+                     f"{m['class_kl']:.3f}", f"{m['unsure']:.1%}", f"{m['n']:,}"])
+        numbers["rows"][name] = {"means": m, "draws": samplers[draws] if draws else None}
+    header = ["sampler", "Frechet: means of p(x\\|z)", "Frechet: draws x ~ p(x\\|z)",
+              "classes: TV from uniform", "classes: KL from uniform", "unsure (max p < 0.5)",
+              "samples"]
+    table = markdown_table(header, rows)
+    recipe = found["recipe"]
+    classifier_record = recipe["samples"]["classifier"]
+    cost = {"classifier_seconds": classifier_record["seconds"],
+            "measure_seconds": recipe["samples"]["seconds"], "run_seconds": run_seconds(recipe)}
+    numbers.update({"classifier": classifier_record, "cost": cost})
+    cost_table = markdown_table(
+        ["classifier's test accuracy", "its training (once per dataset)",
+         "the measures, per run", "share of the recipe's run"],
+        [[f"{classifier_record['test_accuracy']:.2%}", f"{cost['classifier_seconds']:.1f} s",
+          f"{cost['measure_seconds']:.1f} s",
+          f"{cost['measure_seconds'] / cost['run_seconds']:.1%}"]])
+    seed_0 = os.path.join(base, "recipe", "seed-0")
+    return {"numbers": numbers, "tables": {"samplers": table, "samplers_cost": cost_table},
+            "figures": {"samples_measured.png": os.path.join(seed_0, "samples_measured.png")}}
+
+
 def part_speed(args, work, log):
     """The full default run's epochs (10) against plain PyTorch and against PyTorch with subnormals
     flushed to zero, alternated round by round (benchmarks/alternate.py). The rounds' raw numbers
@@ -696,6 +757,8 @@ PARTS = {
                  "figures": ["runaway.png", "sigma_lag.png", "decoder_sigma.png"]},
     "walks": {"run": part_walks, "torch": False, "tables": ["walks"],
               "figures": ["interpolations.png", "traversals.png"]},
+    "samples": {"run": part_samples, "torch": False, "tables": ["samplers", "samplers_cost"],
+                "figures": ["samples_measured.png"]},
     "speed": {"run": part_speed, "torch": True, "tables": ["speed"], "figures": []},
     "iwae": {"run": part_iwae, "torch": True, "mnist_only": True,
              "tables": ["iwae", "iwae_speed"], "figures": ["iwae_bounds.png"]},

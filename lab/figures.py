@@ -180,6 +180,30 @@ def runaway(curves):
     return fig
 
 
+def samples_measured(drawn, samples, per_row=12):
+    """A row of images from each sampler (quality.sample_quality), labelled with its Frechet
+    distance to the test images, its classes' total variation from uniform and its share of unsure
+    images; then the prior's means the classifier is least sure of, and those it is surest of."""
+    rows = []
+    for name, m in samples["samplers"].items():
+        label = (f"{name}: Frechet {m['frechet']:.1f}, classes TV {m['class_tv']:.2f}, unsure "
+                 f"{m['unsure']:.0%}")
+        rows.append((label, drawn["images"][name]))
+    ordered = drawn["prior_by_confidence"]
+    rows.append(("prior means the classifier is least sure of", ordered[:per_row]))
+    rows.append(("prior means it is surest of", ordered[-per_row:]))
+    fig = new_figure(figsize=(per_row * 0.75, 1.05 * len(rows)))
+    for ax, (label, images) in zip(fig.subplots(len(rows), 1), rows):
+        pixels = np.asarray(images[:per_row], dtype=np.float64)
+        if np.issubdtype(np.asarray(images).dtype, np.integer):
+            pixels = pixels / 255                       # real images, uint8
+        image_grid(ax, pixels, rows=1)
+        ax.set_title(label, loc="left", fontsize=8)
+    fig.suptitle(f"samples against the {samples['reference']}: lower is better in every number",
+                 fontsize=9)
+    return fig
+
+
 def bound_curves(runs, paper, paper_epochs=3280):
     """A paper's table against epochs. runs: {name: {"curve": the test bound each epoch, "nll": the
     -log p(x) bound at the last epoch}}; paper: {name: its -log p(x) after paper_epochs}. Each run's

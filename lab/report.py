@@ -10,10 +10,12 @@ import mnist
 from autograd import ReLU
 
 from lab import analysis
+from lab import classifier
 from lab import codes
 from lab import console
 from lab import explorer
 from lab import figures
+from lab import quality
 from lab import runs
 
 
@@ -30,10 +32,12 @@ def measure_and_draw(model, metrics, cfg, x_train, x_test, y_test, out, args):
                                        args.gmm_components, args.gmm_covariance,
                                        log=lambda line: print(line, flush=True),
                                        progress=console.progress_line, dequantized=dequantized)
+    measured["samples"], drawn = measure_samples(model, found, cfg, args)
     print("drawing the latent space", flush=True)
     class_names = mnist.CLASS_NAMES[cfg["dataset"]]
     figs = figures.analysis_figures(model, x_test, y_test, found, args.posterior_image, cfg["seed"],
                                     class_names)
+    figs["samples_measured.png"] = figures.samples_measured(drawn, measured["samples"])
     figures.save(out, figs)
     # explorer.html: the plane, decoded live in a browser by the recipe's one ReLU layer
     one_relu_layer = model.layers == 1 and model.activation is ReLU
@@ -47,6 +51,26 @@ def measure_and_draw(model, metrics, cfg, x_train, x_test, y_test, out, args):
     written = "metrics.json and figures" if args.analyze else "model.npz, metrics.json and figures"
     print(f"wrote {written} to {out}")
     return {"model": model, "metrics": metrics, "x_test": x_test, "y_test": y_test}
+
+
+def measure_samples(model, found, cfg, args):
+    """The samples of every sampler measured on the images (quality.py), with the dataset's
+    classifier: trained on its first use and kept in the data folder."""
+    def say(line):
+        print(line, flush=True)
+
+    def quiet(line):
+        """mnist.load's lines were printed when the run loaded its data."""
+
+    x_train, y_train, x_test, y_test = mnist.load(cfg["dataset"], args.data_dir, args.mirror,
+                                                  log=quiet)
+    data_dir = args.data_dir or os.path.join("data", cfg["dataset"])
+    say(f"the samples of every sampler against the {len(x_test)} test images: the Frechet distance "
+        f"on a classifier's features, the classes they cover")
+    ruler, record, held_out = classifier.for_dataset(x_train, y_train, x_test, y_test, data_dir,
+                                                     say)
+    return quality.sample_quality(model, found, ruler, record, x_test, held_out, x_train,
+                                  cfg["seed"], say)
 
 
 # ---- a comparison of runs ------------------------------------------------------------------------
@@ -66,6 +90,9 @@ COMPARISON_COLUMNS = [  # title, key in a row, format (or "sigma_cell": that fun
     ("paths in holes: linear / spherical", "path_holes", "{0[0]:.1%} / {0[1]:.1%}"),
     ("sigma", "decoder_sigma", "sigma_cell"),
     ("pull on mu: recon / KL", "pulls_on_mu", "{0[0]:.3g} / {0[1]:.3g}"),
+    ("Frechet: prior / fitted q(z)", "frechet", "{0[0]:.1f} / {0[1]:.1f}"),
+    ("classes TV: prior", "class_tv_prior", "{:.3f}"),
+    ("unsure: prior", "unsure_prior", "{:.1%}"),
 ]
 
 
@@ -82,6 +109,11 @@ def comparison_row(name, metrics):
     if "interpolation" in metrics:       # between test codes
         walks = metrics["interpolation"]["codes"]
         path_holes = [walks["linear"]["hole_fraction"], walks["spherical"]["hole_fraction"]]
+    samplers = metrics.get("samples", {}).get("samplers")    # none in a run from before them
+    prior = fitted = {}
+    if samplers:
+        prior, fitted = samplers["prior, mean"], samplers["fitted q(z), mean"]
+    frechet = [prior["frechet"], fitted["frechet"]] if samplers else None
     config = metrics["config"]
     return {"run": name,
             "beta": config["beta"],
@@ -98,7 +130,10 @@ def comparison_row(name, metrics):
             "kl_aggregate_prior": a["kl_aggregate_prior"],
             "mutual_information": a["mutual_information"],
             "prior_hole_fraction": a["prior_hole_fraction"],
-            "path_holes": path_holes}
+            "path_holes": path_holes,
+            "frechet": frechet,
+            "class_tv_prior": prior.get("class_tv"),
+            "unsure_prior": prior.get("unsure")}
 
 
 def sigma_cell(sigma):

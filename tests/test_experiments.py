@@ -19,7 +19,8 @@ def kl_weight_experiment(tmp_path_factory, data_dir):
              "prior_vs_aggregate.png", "latent_space.png", "latent_manifold.png")
     with drawing_only(*drawn):
         assert run_cli("--data-dir", data_dir, "--hidden", "32", "--latent", "2",
-                       "--batch-size", "50", "--epochs", "2", "--iw-samples", "5", "--gmm-components", "3",
+                       "--batch-size", "50", "--epochs", "2", "--iw-samples", "5",
+                       "--gmm-components", "3",
                        "--betas", "0", "2", "--out", str(out)) == 0
     return out
 
@@ -33,6 +34,11 @@ def test_the_kl_weight_experiment_trains_one_run_per_beta_and_compares_them(kl_w
         m = json.loads((out / folders[row["beta"]] / "metrics.json").read_text())
         assert m["config"]["beta"] == row["beta"] and row["negative_elbo"] == m["test_loss"]
         assert row["prior_hole_fraction"] == m["aggregate_posterior"]["prior_hole_fraction"]
+        samplers = m["samples"]["samplers"]
+        assert row["frechet"] == [samplers["prior, mean"]["frechet"],
+                                  samplers["fitted q(z), mean"]["frechet"]]
+        assert row["class_tv_prior"] == samplers["prior, mean"]["class_tv"]
+        assert row["unsure_prior"] == samplers["prior, mean"]["unsure"]
     by_beta = {row["beta"]: row for row in rows}
     # Without the KL term the posteriors drift from the prior.
     assert by_beta[0]["kl"] > by_beta[2]["kl"]
@@ -63,12 +69,14 @@ def test_the_comparison_table_shows_every_column_of_every_row():
            "bits_per_dim": None, "active_units": 12, "variance_range": [0.25, 1.5],
            "kl_aggregate_prior": 2.0, "mutual_information": 7.5, "prior_hole_fraction": 0.125,
            "decoder_sigma": {"sigma": 0.0812}, "pulls_on_mu": [5.7, 0.77],
-           "path_holes": [0.25, 0.0625]}
+           "path_holes": [0.25, 0.0625], "frechet": [12.34, 5.5], "class_tv_prior": 0.0625,
+           "unsure_prior": 0.25}
     lines = report.comparison_table([row]).splitlines()
     assert lines[0].startswith("| run | recon | KL | test -ELBO | iw_nll | bits/dim |")
     assert len(lines) == 3
     assert lines[2] == ("| beta = 0.3 | 230.00 | 9.50 | 239.50 | 237.25 | - | 12 | 0.25-1.50 | "
-                        "2.00 | 7.50 | 12.5% | 25.0% / 6.2% | 0.0812 | 5.7 / 0.77 |")
+                        "2.00 | 7.50 | 12.5% | 25.0% / 6.2% | 0.0812 | 5.7 / 0.77 | 12.3 / 5.5 | "
+                        "0.062 | 25.0% |")
 
 
 @pytest.fixture(scope="module")
