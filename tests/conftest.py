@@ -149,7 +149,8 @@ def no_figures(monkeypatch):
 def drawing_only(*names):
     """Within: of the figures a run makes, draw and write only the files named. For the fixtures
     whose tests look at those alone: every figure is still made (its code runs), but drawing a PNG
-    is most of a small run's time. Every figure is drawn in full by finished_run and test_figures."""
+    is most of a small run's time. Every figure is drawn in full by finished_run and
+    test_figures."""
     save = figures.save
 
     def save_the_named(out, figs):
