@@ -38,16 +38,18 @@ def psd_sqrt(matrix):
     return (vectors * roots) @ vectors.T
 
 
-def frechet_from_moments(m_a, c_a, m_b, c_b):
+def frechet_from_moments(m_a, c_a, m_b, c_b, root_a=None):
     """d^2 = |m_a - m_b|^2 + Tr(C_a) + Tr(C_b) - 2 Tr((C_a C_b)^(1/2)).
 
     C_a C_b is not symmetric, and a general matrix square root of it (scipy's sqrtm) can return
     complex parts from rounding. Its trace is taken in the symmetric form instead: C_a C_b is
     similar to M = C_a^(1/2) C_b C_a^(1/2) (conjugate by C_a^(1/2)), which is symmetric positive
     semi-definite, so Tr((C_a C_b)^(1/2)) = Tr(M^(1/2)) = sum_i sqrt(eigenvalue_i of M), each
-    eigenvalue from eigh, real, and clipped at 0."""
+    eigenvalue from eigh, real, and clipped at 0. root_a: C_a^(1/2), if known (the reference's,
+    computed once for every sampler)."""
     difference = m_a - m_b
-    root_a = psd_sqrt(c_a)
+    if root_a is None:
+        root_a = psd_sqrt(c_a)
     middle = root_a @ c_b @ root_a
     middle = (middle + middle.T) / 2                    # symmetric to the last bit for eigh
     trace_of_root = np.sqrt(np.clip(np.linalg.eigvalsh(middle), 0, None)).sum()
@@ -55,12 +57,14 @@ def frechet_from_moments(m_a, c_a, m_b, c_b):
     return float(max(d2, 0.0))
 
 
+def gaussian_of(features):
+    """The mean and covariance of a set of features (N, F)."""
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
 def frechet_distance(features_a, features_b):
     """The Frechet distance between two sets of features (N_a, F) and (N_b, F)."""
-    moments = []
-    for features in (features_a, features_b):
-        moments += [features.mean(axis=0), np.cov(features, rowvar=False)]
-    return frechet_from_moments(*moments)
+    return frechet_from_moments(*gaussian_of(features_a), *gaussian_of(features_b))
 
 
 def class_coverage(probabilities):
@@ -77,9 +81,14 @@ def class_coverage(probabilities):
     return {"class_tv": tv, "class_kl": kl, "unsure": unsure, "shares": shares.tolist()}
 
 
-def measure(classifier, images, reference_features):
-    """The Frechet distance of these images to the reference's features, and their classes."""
-    measured = {"frechet": frechet_distance(classifier.features(images), reference_features)}
+def measure(classifier, images, reference):
+    """The Frechet distance of these images to the reference (its features' mean, covariance and
+    the covariance's square root), and their classes."""
+    reference_mean, reference_covariance, reference_root = reference
+    mean, covariance = gaussian_of(classifier.features(images))
+    frechet = frechet_from_moments(reference_mean, reference_covariance, mean, covariance,
+                                   root_a=reference_root)
+    measured = {"frechet": frechet}
     measured.update(class_coverage(classifier.probabilities(images)))
     measured["n"] = len(images)
     return measured
@@ -127,7 +136,8 @@ def sample_quality(model, found, classifier, record, x_test, x_held_out, x_train
     t0 = time.perf_counter()
     rng = np.random.default_rng([seed, 11])
     n = len(x_test)
-    reference = classifier.features(x_test)
+    reference_mean, reference_covariance = gaussian_of(classifier.features(x_test))
+    reference = (reference_mean, reference_covariance, psd_sqrt(reference_covariance))
     drawn = samplers(model, found, x_held_out, x_train, n, rng)
     measured = {}
     for name, images in drawn.items():

@@ -80,6 +80,11 @@ def test_frechet_distance_is_zero_for_one_gaussian_and_unchanged_by_a_rotation()
     q, _ = np.linalg.qr(rng.standard_normal((5, 5)))                 # an orthogonal matrix
     rotated = quality.frechet_from_moments(q @ m_a, q @ a @ q.T, q @ m_b, q @ b @ q.T)
     assert rotated == pytest.approx(quality.frechet_from_moments(m_a, a, m_b, b), rel=1e-9)
+    root = quality.psd_sqrt(a)
+    np.testing.assert_allclose(root @ root, a, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(root, root.T)                          # the symmetric root
+    given = quality.frechet_from_moments(m_a, a, m_b, b, root_a=root)   # as the runs pass it
+    assert given == pytest.approx(quality.frechet_from_moments(m_a, a, m_b, b), rel=1e-12)
 
 
 def test_frechet_distance_of_two_samples_estimates_their_gaussians():
@@ -142,7 +147,8 @@ def test_real_images_measure_better_than_the_pixel_ceiling():
     x_test, y_test = make_images(300, rng)
     model = classifier.train_classifier(x_train.reshape(900, 784), y_train, epochs=4)
     flat_test = x_test.reshape(300, 784)
-    reference = model.features(flat_test)
+    mean, covariance = quality.gaussian_of(model.features(flat_test))
+    reference = (mean, covariance, quality.psd_sqrt(covariance))
     real = quality.measure(model, make_flat_images(300, rng), reference)
     pixel_mean = x_train.reshape(900, 784).mean(axis=0) / 255
     ceiling = (rng.random((300, 784)) < pixel_mean).astype(np.float32)
