@@ -11,6 +11,7 @@ import pytest
 
 import mnist
 
+from lab import classifier
 from lab import command
 from lab import figures
 from lab import models
@@ -119,6 +120,17 @@ def fail_if_loaded(*args, **kwargs):
 def fail_if_trained(*args):
     """Stands in for training.train_epoch where the command must stop before training."""
     pytest.fail("trained before checking the options")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def small_classifier():
+    """The classifier that measures every run's samples is 784-32-10 in the tests (784-512-10 in
+    the lab): its 10 generated classes need no more, and the Frechet distance's eigendecomposition
+    of a 32 x 32 covariance, not 512 x 512, keeps each small run fast. What the tests check, the
+    measures' formulas on known answers and their place in a run, does not depend on its size."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(classifier, "HIDDEN", 32)
+        yield
 
 
 @pytest.fixture(scope="session")
