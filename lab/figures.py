@@ -180,6 +180,11 @@ def runaway(curves):
     return fig
 
 
+def sample_figures(drawn, samples):
+    """The samples of every sampler, measured (quality.sample_quality): samples_measured.png."""
+    return {"samples_measured.png": samples_measured(drawn, samples)}
+
+
 def samples_measured(drawn, samples, per_row=12):
     """A row of images from each sampler (quality.sample_quality), labelled with its Frechet
     distance to the test images, its classes' total variation from uniform and its share of unsure

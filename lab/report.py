@@ -37,7 +37,7 @@ def measure_and_draw(model, metrics, cfg, x_train, x_test, y_test, out, args):
     class_names = mnist.CLASS_NAMES[cfg["dataset"]]
     figs = figures.analysis_figures(model, x_test, y_test, found, args.posterior_image, cfg["seed"],
                                     class_names)
-    figs["samples_measured.png"] = figures.samples_measured(drawn, measured["samples"])
+    figs.update(figures.sample_figures(drawn, measured["samples"]))
     figures.save(out, figs)
     # explorer.html: the plane, decoded live in a browser by the recipe's one ReLU layer
     one_relu_layer = model.layers == 1 and model.activation is ReLU

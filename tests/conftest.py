@@ -153,7 +153,7 @@ def finished_run(tmp_path_factory, data_dir):
 def no_figures(monkeypatch):
     """Draw nothing: for tests of files and folders, which do not look at the figures (and run
     faster so)."""
-    for name in ("run_figures", "analysis_figures"):
+    for name in ("run_figures", "analysis_figures", "sample_figures"):
         monkeypatch.setattr(figures, name, draw_nothing)
 
 

@@ -166,14 +166,17 @@ def test_an_interrupted_experiment_run_again_reuses_its_finished_runs_and_compar
     out = tmp_path / "betas"
     command = ["--data-dir", data_dir, *SMALL, "--epochs", "1", "--iw-samples", "2",
                "--betas", "0", "1", "--out", str(out)]
+    out.mkdir()                                     # started with --overwrite, over nothing
     with pytest.MonkeyPatch.context() as patch:     # undone after; no_figures stays
         interrupt_the_second_run(patch)
-        assert run_cli(*command) == 130
+        assert run_cli(*command, "--overwrite") == 130
     printed = capsys.readouterr().out
-    assert "continue with: python -m lab " + " ".join(command[:2]) in printed
+    continuing = printed.split("continue with: ")[1].splitlines()[0]
+    # the experiment's own command, less --overwrite, which would start it over
+    assert continuing == "python -m lab " + shlex.join(command)
     first_model = (out / "beta-0" / "model.npz").read_bytes()
     assert not (out / "comparison.json").exists()
-    assert run_cli(*command) == 0
+    assert run_cli(*shlex.split(continuing)[3:]) == 0
     printed = capsys.readouterr().out
     assert "beta-0: finished before, reused" in printed
     assert "beta-1/checkpoint.npz: continuing this run of the experiment" in printed
@@ -182,24 +185,6 @@ def test_an_interrupted_experiment_run_again_reuses_its_finished_runs_and_compar
     assert [row["beta"] for row in rows] == [0.0, 1.0]
     assert run_cli(*command) == 0                       # a third time: all reused, compared again
     assert "training epochs" not in capsys.readouterr().out
-
-
-@pytest.mark.usefixtures("no_figures")
-def test_an_experiment_interrupted_is_continued_by_its_command_without_overwrite(
-        tmp_path, data_dir, capsys):
-    out = tmp_path / "betas"
-    command = ["--data-dir", data_dir, *SMALL, "--epochs", "1", "--iw-samples", "2",
-               "--betas", "0", "1", "--out", str(out), "--overwrite"]
-    with pytest.MonkeyPatch.context() as patch:
-        interrupt_the_second_run(patch)
-        assert run_cli(*command) == 130
-    printed = capsys.readouterr().out
-    continuing = printed.split("continue with: ")[1].splitlines()[0]
-    assert "--overwrite" not in continuing                  # it would start the experiment over
-    first_model = (out / "beta-0" / "model.npz").read_bytes()
-    assert run_cli(*shlex.split(continuing)[3:]) == 0
-    assert "beta-0: finished before, reused" in capsys.readouterr().out
-    assert (out / "beta-0" / "model.npz").read_bytes() == first_model
 
 
 # ---- a finished run is never replaced silently ------------------------------------------------
