@@ -356,7 +356,8 @@ def train_until_it_fails(data_dir, out, log, *flags):
     log("  $ " + " ".join(command) + "   (expected to fail)")
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     error = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ""
-    if done.returncode != 1 or "the loss became" not in error:
+    stopped = "the loss became" in error or "the test loss became" in error
+    if done.returncode != 1 or not stopped:
         raise PartError(f"{' '.join(command)} was to stop at a non-finite loss; it exited with "
                         f"{done.returncode}: {error}")
     checkpoint = os.path.join(out, "checkpoint.npz")
@@ -368,9 +369,13 @@ def train_until_it_fails(data_dir, out, log, *flags):
 
 
 def where_it_failed(error):
-    """'epoch E, step S' from the lab's non-finite-loss error line."""
+    """Where a run stopped, from the lab's non-finite-loss error line: in training (epoch E, step
+    S), or in the test loss at an epoch's end."""
     found = re.search(r"epoch (\d+), step (\d+)", error)
-    return f"NaN at epoch {found.group(1)}, step {found.group(2)}"
+    if found:
+        return f"NaN at epoch {found.group(1)}, step {found.group(2)}"
+    found = re.search(r"the test loss became \S+ after epoch (\d+)", error)
+    return f"NaN in the test loss after epoch {found.group(1)}"
 
 
 def runaway_curve(record, stopped):
@@ -537,6 +542,8 @@ SAMPLER_ROWS = [
     ("N(0, I): the draws not in holes", "recipe", "prior not in holes, mean", None),
     ("a learned prior: mixture of Gaussians", "mog", "prior, mean", "prior, draw"),
     ("a learned prior: VampPrior", "vamp", "prior, mean", "prior, draw"),
+    ("VampPrior: the draws in holes of q(z)", "vamp", "prior in holes, mean", None),
+    ("VampPrior: the draws not in holes", "vamp", "prior not in holes, mean", None),
     ("pixels each Bernoulli(its mean) (a ceiling)", "recipe", "pixels Bernoulli(mean)", None),
 ]
 
