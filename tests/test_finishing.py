@@ -208,6 +208,7 @@ def test_extending_a_finished_run_writes_a_new_folder_and_leaves_the_old_one(
     assert after == before
 
 
+@pytest.mark.usefixtures("no_figures")
 def test_analyze_takes_a_runs_folder_and_refuses_a_checkpoint(tmp_path, data_dir, finished_run,
                                                               capsys):
     checkpoint = str(finished_run / "checkpoint.npz")

@@ -183,6 +183,7 @@ def test_a_binarized_run_is_tested_on_one_fixed_binarization_and_reports_the_tru
     assert m["config"]["beta"] == 0.5 and m["kl_weight"][1] == 0.5
 
 
+@pytest.mark.usefixtures("no_figures")
 def test_analyze_into_a_new_folder_takes_the_runs_options_from_beside_the_model(
         binary_warmup_run, data_dir, tmp_path):
     assert run_cli("--data-dir", data_dir, "--analyze", str(binary_warmup_run / "model.npz"),
