@@ -224,9 +224,10 @@ def prepare(args):
         into_its_folder = not args.out or os.path.abspath(args.out) == os.path.abspath(
             folder_of(path))
         if trained_on and args.dataset and args.dataset != trained_on and into_its_folder:
-            raise UsageError(f"--analyze {path}: the run was trained on {mnist.TITLES[trained_on]}; "
-                             f"measuring it on {mnist.TITLES[args.dataset]} would replace its own "
-                             f"measurements: add --out NEW_FOLDER")
+            raise UsageError(f"--analyze {path}: the run was trained on "
+                             f"{mnist.TITLES[trained_on]}; measuring it on "
+                             f"{mnist.TITLES[args.dataset]} would replace its own measurements: "
+                             f"add --out NEW_FOLDER")
         for k in ("dataset", "seed", "binarize"):
             if getattr(args, k) is not None:
                 cfg[k] = getattr(args, k)

@@ -404,7 +404,7 @@ def test_empty_paths_and_shortened_flags_are_refused(capsys, flags, message):
     assert message in one_line_error(capsys, *flags, code=2)
 
 
-# ---- found by a careless user's review ------------------------------------------------------------
+# ---- found by a careless user's review -----------------------------------------------------
 
 @pytest.mark.usefixtures("no_work")
 def test_analyze_on_another_dataset_never_replaces_the_runs_own_measurements(finished_run,
