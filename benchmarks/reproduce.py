@@ -1029,7 +1029,7 @@ def parse_args(argv):
     p.add_argument("--only", choices=sorted(PARTS), action="append",
                    help="run this part (repeatable)")
     p.add_argument("--torch-python",
-                   help="a Python that imports torch, for the parts torch and speed")
+                   help="a Python that imports torch, for the parts torch, speed and iwae")
     p.add_argument("--rounds", type=int, default=5, help="rounds of the speed part (default: 5)")
     p.add_argument("--force", action="store_true",
                    help="run the parts even if their record is current")

@@ -185,6 +185,7 @@ def for_dataset(x_train, y_train, x_test, y_test, data_dir, log=print):
     if path:
         try:
             save_classifier(model, record, path)
+            log(f"  kept as {path}, for every run on this training set")
         except OSError as err:
             log(f"  not kept ({path}: {err.strerror}): it is trained again next time")
     return model, record, x_train[held_out_rows]

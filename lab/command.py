@@ -626,8 +626,10 @@ def main(argv=None):
     try:
         if args.betas or args.likelihoods is not None:
             return experiment(args)
+        resume_given = args.resume is not None
         continue_same_run(args)
-        continue_extension(args)
+        if resume_given:                # a --resume the command gave, not one found above
+            continue_extension(args)
         code, _ = run(args)
         return code
     except errors as err:

@@ -145,6 +145,26 @@ def test_ctrl_c_in_the_measurements_is_finished_by_resume_to_the_same_numbers(
     assert (out / "samples_three_ways.png").exists()
 
 
+@pytest.mark.usefixtures("no_figures")
+def test_a_runs_command_run_again_finishes_its_own_folder_beside_a_finished_twin(
+        tmp_path, data_dir, monkeypatch, capsys):
+    # the same options finished in the default folder, and cut in its measurements in another:
+    # the command run again finishes the other, and never takes the twin for an extension of it
+    monkeypatch.chdir(tmp_path)
+    command = ["--data-dir", data_dir, *SMALL, "--epochs", "1"]
+    assert run_cli(*command) == 0
+    out = tmp_path / "other"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(report, "measure_and_draw", ctrl_c)
+        assert run_cli(*command, "--out", str(out)) == 130
+    assert not (out / "metrics.json").exists()
+    capsys.readouterr()
+    assert run_cli(*command, "--out", str(out)) == 0
+    printed = capsys.readouterr().out
+    assert "extension" not in printed and "finishing its measurements" in printed
+    assert (out / "metrics.json").exists()
+
+
 def interrupt_the_second_run(monkeypatch):
     """Ctrl-C at step 3 of the second training run of an experiment."""
     started = []

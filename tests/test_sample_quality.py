@@ -127,6 +127,8 @@ def test_the_classifier_learns_the_generated_classes_and_is_kept_beside_the_data
     np.testing.assert_array_equal(held_out, x_train[500:])            # the last sixth, unseen
     assert model.accuracy(x_test, y_test) == record["test_accuracy"]
     assert any("test accuracy" in line for line in lines)
+    assert any(f"kept as {classifier.cache_path(str(tmp_path), x_train, y_train)}" in line
+               for line in lines)                              # where it went, said
 
     def fail(*args, **kwargs):
         pytest.fail("trained again")
