@@ -197,6 +197,35 @@ def architecture_of(model, recorded, where):
     return arch
 
 
+def analyze_config(args):
+    """--analyze: (the model's path, the model, the run's options), which come from the
+    metrics.json beside the model; --dataset, --seed and --binarize may change them, but another
+    dataset never into the run's own folder, whose measurements it would replace."""
+    path = model_to_analyze(args.analyze)
+    args.analyze = path
+    model, _ = runs.load_model(path)
+    metrics_path = os.path.join(folder_of(path), "metrics.json")
+    recorded = runs.read_metrics(metrics_path)
+    beside = check_record(recorded.get("config", {}), metrics_path, "config.")
+    checkpoint = os.path.join(folder_of(path), "checkpoint.npz")
+    if not beside and os.path.isfile(checkpoint):
+        raise UsageError(f"--analyze {path}: the run's measurements never finished (no "
+                         f"metrics.json beside it); {command_text('--resume', checkpoint)} "
+                         f"finishes them with the run's own options")
+    cfg = {**DEFAULTS, **beside, **architecture_of(model, beside, metrics_path)}
+    trained_on = beside.get("dataset")
+    into_its_folder = not args.out or same_folder(args.out, folder_of(path))
+    if trained_on and args.dataset and args.dataset != trained_on and into_its_folder:
+        raise UsageError(f"--analyze {path}: the run was trained on "
+                         f"{mnist.TITLES[trained_on]}; measuring it on "
+                         f"{mnist.TITLES[args.dataset]} would replace its own measurements: "
+                         f"add --out NEW_FOLDER")
+    for k in ("dataset", "seed", "binarize"):
+        if getattr(args, k) is not None:
+            cfg[k] = getattr(args, k)
+    return path, model, cfg
+
+
 def prepare(args):
     """(cfg, model, opt, state, out, fresh) from the options and files alone: every check that needs
     no data, before any download or training. model is None for a new run; fresh: the output folder
@@ -206,31 +235,8 @@ def prepare(args):
     state = None
     extends = False
     path = args.analyze or args.resume
-    # the run's options come from the metrics.json beside the model
     if args.analyze:
-        path = model_to_analyze(path)
-        args.analyze = path
-        model, _ = runs.load_model(path)
-        metrics_path = os.path.join(folder_of(path), "metrics.json")
-        recorded = runs.read_metrics(metrics_path)
-        beside = check_record(recorded.get("config", {}), metrics_path, "config.")
-        checkpoint = os.path.join(folder_of(path), "checkpoint.npz")
-        if not beside and os.path.isfile(checkpoint):
-            raise UsageError(f"--analyze {path}: the run's measurements never finished (no "
-                             f"metrics.json beside it); {command_text('--resume', checkpoint)} "
-                             f"finishes them with the run's own options")
-        cfg = {**DEFAULTS, **beside, **architecture_of(model, beside, metrics_path)}
-        trained_on = beside.get("dataset")
-        into_its_folder = not args.out or os.path.abspath(args.out) == os.path.abspath(
-            folder_of(path))
-        if trained_on and args.dataset and args.dataset != trained_on and into_its_folder:
-            raise UsageError(f"--analyze {path}: the run was trained on "
-                             f"{mnist.TITLES[trained_on]}; measuring it on "
-                             f"{mnist.TITLES[args.dataset]} would replace its own measurements: "
-                             f"add --out NEW_FOLDER")
-        for k in ("dataset", "seed", "binarize"):
-            if getattr(args, k) is not None:
-                cfg[k] = getattr(args, k)
+        path, model, cfg = analyze_config(args)
     # the epoch target it was started with, unless --epochs is given
     elif args.resume:
         path = checkpoint_to_resume(path)
